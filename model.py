@@ -1,0 +1,419 @@
+"""
+A hand-written decoder-only transformer for the Llama, Mistral, Qwen2 and Qwen3 families.
+
+It loads Hugging Face checkpoints (config.json + safetensors, sharded or not) with the same parameter
+names, so loading is a 1:1 mapping, and saves folders that transformers and vLLM load back unchanged.
+
+    model = Transformer.from_pretrained("path/to/Qwen2.5-1.5B-Instruct", device="cuda", dtype=torch.bfloat16)
+    logits = model(input_ids)                                   # (B, T, vocab), float32
+    hidden = model(input_ids, return_hidden=True)               # (B, T, dim): for the fused log-prob path
+    logits = model(packed_ids, position_ids=pos, cu_seqlens=cu) # several documents in one row, no cross-talk
+    model.save_pretrained("out/")
+
+The family differences are all small switches on one block:
+  Llama/Mistral: no biases, optional "llama3" rope scaling (Llama-3.1/3.2)
+  Qwen2:         bias on q/k/v projections
+  Qwen3:         RMSNorm over each head of q and k before rope, explicit head_dim
+This file never imports torch.distributed: the training scripts wrap a plain model.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kernels.attention import attention
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ModelConfig:
+    architecture: str = "Qwen2ForCausalLM"
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 2
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 always; Llama/Qwen3 when attention_bias (then o_proj too)
+    o_bias: bool = False
+    qk_norm: bool = False  # Qwen3
+    torch_dtype: str = "bfloat16"
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    extra: dict = field(default_factory=dict)  # other config.json fields, written back unchanged
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+
+    @property
+    def model_type(self):
+        return SUPPORTED_ARCHITECTURES[self.architecture]
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        """Reads a Hugging Face config dict; refuses, naming the field, what this model does not implement."""
+        archs = hf.get("architectures") or []
+        if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"{source}: field 'architectures' is {archs}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+        arch = archs[0]
+        refuse = lambda name, why: ValueError(f"{source}: field '{name}' = {hf.get(name)!r} is not supported ({why})")
+        if hf.get("use_sliding_window") or (arch == "MistralForCausalLM" and hf.get("sliding_window") is not None):
+            raise refuse("use_sliding_window" if "use_sliding_window" in hf else "sliding_window", "sliding-window attention")
+        if any(t != "full_attention" for t in hf.get("layer_types") or []):
+            raise refuse("layer_types", "only full_attention layers")
+        for moe_field in ("num_experts", "num_local_experts", "n_routed_experts"):
+            if hf.get(moe_field):
+                raise refuse(moe_field, "mixture-of-experts")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise refuse("hidden_act", "only silu (SwiGLU)")
+        if hf.get("mlp_bias"):
+            raise refuse("mlp_bias", "MLP without bias only")
+        # transformers 5 writes rope settings as rope_parameters; earlier versions as rope_theta + rope_scaling
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise refuse("rope_scaling", f"rope_type {rope_type!r}; supported: default, llama3")
+        attention_bias = bool(hf.get("attention_bias", False))
+        known = {f.name for f in fields(cls)} | {
+            "architectures", "model_type", "rope_parameters", "attention_bias", "dtype", "transformers_version"
+        }
+        return cls(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim") or 0,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
+            o_bias=arch != "Qwen2ForCausalLM" and attention_bias,
+            qk_norm=arch == "Qwen3ForCausalLM",
+            torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            extra={k: v for k, v in hf.items() if k not in known},
+        )
+
+    def to_hf(self) -> dict:
+        hf = dict(self.extra)
+        hf.update(
+            architectures=[self.architecture],
+            model_type=self.model_type,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            hidden_act="silu",
+            torch_dtype=self.torch_dtype,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+        )
+        if self.architecture != "Qwen2ForCausalLM":
+            hf["attention_bias"] = self.qkv_bias
+        return hf
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 as the reference implementations do, then cast back before the weight
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with Llama-3.x's wavelength-dependent scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling:  # "llama3": keep high frequencies, divide low ones by factor, interpolate between
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_context / wavelen - low) / (high - low)
+        interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        is_medium = (wavelen <= old_context / low) & (wavelen >= old_context / high)
+        inv_freq = torch.where(is_medium, interpolated, inv_freq)
+    return inv_freq
+
+
+def rope_cos_sin(position_ids, inv_freq, dtype):
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, T, head_dim)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys and values for the sampler: per layer (slots, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, config: ModelConfig, slots: int, max_len: int, device, dtype):
+        shape = (slots, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+
+    @staticmethod
+    def bytes_needed(config: ModelConfig, slots: int, max_len: int, dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_hidden_layers * slots * config.num_key_value_heads * max_len * config.head_dim * element
+
+    def copy_slot(self, source: int, targets: torch.Tensor):
+        """The n samples of one prompt share its prefill: copy the cached rows instead of recomputing."""
+        for k, v in zip(self.k, self.v):
+            k[targets] = k[source]
+            v[targets] = v[source]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        dim = config.hidden_size
+        self.q_proj = nn.Linear(dim, self.n_head * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, dim, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            y = attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
+        else:
+            y = self.cached_attention(q, k, v, cache)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.o_proj(y)
+
+    def cached_attention(self, q, k, v, cache):
+        """Writes this step's keys/values at their positions in each row's slot, then attends to the slot's
+        prefix. Positions past a row's own length may hold stale values; the mask never lets a query see them,
+        and a later step overwrites them before they become visible."""
+        kv, slots, positions = cache["kv"], cache["slots"], cache["positions"]  # slots (B,), positions (B, T)
+        k_cache, v_cache = kv.k[self.layer_index], kv.v[self.layer_index]
+        k_cache[slots[:, None], :, positions] = k.transpose(1, 2)  # (B, T, kv_heads, head_dim)
+        v_cache[slots[:, None], :, positions] = v.transpose(1, 2)
+        key_len = cache["key_len"]
+        keys, values = k_cache[slots, :, :key_len], v_cache[slots, :, :key_len]  # (B, kv_heads, key_len, head_dim)
+        visible = torch.arange(key_len, device=q.device) <= positions[:, :, None]  # (B, T, key_len)
+        return attention(q, keys, values, causal=False, attn_mask=visible[:, None])
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.Module()  # "model." prefix: Hugging Face parameter names map 1:1
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each block in the backward: long traces need it
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache=None, return_hidden=False):
+        """input_ids (B, T). position_ids (B, T) default 0..T-1. cu_seqlens (n_docs + 1,) int32 prefix sums of
+        document lengths for a packed row (B must be 1). cache: the sampler's dict (kv, slots, positions,
+        key_len). Returns float32 logits (B, T, vocab), or the final normed hidden states (B, T, dim)."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = cache["positions"] if cache else torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)  # (B, T, dim)
+        cos, sin = rope_cos_sin(position_ids, rope_inv_freq(self.config, x.device), x.dtype)
+        for block in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, cu_seqlens, cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cu_seqlens, cache)
+        x = self.model.norm(x)
+        if return_hidden:
+            return x
+        return F.linear(x, self.lm_head_weight).float()
+
+    # ---- checkpoint I/O -------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None) -> "Transformer":
+        """Builds on the meta device and assigns the checkpoint's tensors, so no second copy is made."""
+        config_file = os.path.join(path, "config.json")
+        with open(config_file) as f:
+            config = ModelConfig.from_hf(json.load(f), source=config_file)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {name: p.shape for name, p in model.state_dict().items()}
+        state = {}
+        for file in checkpoint_files(path):
+            with safe_open(file, framework="pt", device=str(device or "cpu")) as f:
+                for name in f.keys():
+                    if name == "lm_head.weight" and config.tie_word_embeddings:
+                        continue  # some tied checkpoints store the shared matrix twice
+                    state[name] = f.get_tensor(name)
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong_shape = [f"{n}: checkpoint {tuple(state[n].shape)}, model {tuple(expected[n])}"
+                       for n in expected if n in state and state[n].shape != expected[n]]
+        if missing or unexpected or wrong_shape:
+            raise ValueError(f"checkpoint {path} does not match its config: missing tensors {missing}, "
+                             f"unexpected tensors {unexpected}, wrong shapes {wrong_shape}")
+        if dtype is not None:
+            state = {name: t.to(dtype) for name, t in state.items()}
+        model.load_state_dict(state, assign=True)
+        return model
+
+    def save_pretrained(self, path, max_shard_bytes=5 * 1024**3):
+        """config.json + model.safetensors, or shards with model.safetensors.index.json above max_shard_bytes."""
+        os.makedirs(path, exist_ok=True)
+        self.config.torch_dtype = str(self.lm_head_weight.dtype).removeprefix("torch.")
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(self.config.to_hf(), f, indent=2)
+        state = {n: t.detach().contiguous().cpu() for n, t in self.state_dict().items()}
+        shards, current, current_bytes = [], {}, 0
+        for name, tensor in state.items():
+            size = tensor.numel() * tensor.element_size()
+            if current and current_bytes + size > max_shard_bytes:
+                shards.append(current)
+                current, current_bytes = {}, 0
+            current[name], current_bytes = tensor, current_bytes + size
+        shards.append(current)
+        for old in os.listdir(path):  # a stale shard from an earlier, larger save would be loaded too
+            if old.startswith("model") and old.endswith((".safetensors", ".safetensors.index.json")):
+                os.remove(os.path.join(path, old))
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+            weight_map.update({tensor_name: name for tensor_name in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def checkpoint_files(path) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def init_weights(model: Transformer, std=0.02, seed=0):
+    """Random initialisation for models trained from scratch (the demo); checkpoints overwrite all of it."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+    return model

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random-weight Hugging Face checkpoints written by transformers (the reference), and the
+path to ../shared when it is present."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def write_hf_checkpoint(path, family="qwen2", seed=0, **overrides):
+    """Writes a random-weight transformers checkpoint of the given family to `path` and returns the HF model."""
+    import transformers
+
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[family]
+    kwargs = dict(TINY, **overrides)
+    if family == "mistral":
+        kwargs.setdefault("sliding_window", None)
+    torch.manual_seed(seed)
+    hf_model = model_class(config_class(**kwargs)).eval()
+    with torch.no_grad():  # transformers initialises norms to 1 and biases to 0: randomise them so they are tested
+        for name, p in hf_model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    hf_model.save_pretrained(path)
+    return hf_model
+
+
+def requires_shared(*parts):
+    path = os.path.join(SHARED, *parts)
+    return pytest.mark.skipif(not os.path.exists(path), reason=f"{path} is absent (../shared is not in this checkout)")

@@ -1,0 +1,164 @@
+# python -m pytest tests/test_model.py -q
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import SHARED, requires_shared, write_hf_checkpoint
+from model import ModelConfig, Transformer
+
+FAMILIES = {
+    "llama": dict(family="llama"),
+    "llama-tied": dict(family="llama", tie_word_embeddings=True),
+    "llama3-rope-scaling": dict(family="llama", rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)),
+    "llama-attention-bias": dict(family="llama", attention_bias=True),
+    "qwen2": dict(family="qwen2"),
+    "qwen2-tied": dict(family="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(family="qwen3", head_dim=32),
+    "qwen3-untied": dict(family="qwen3", tie_word_embeddings=False),
+    "mistral": dict(family="mistral"),
+}
+
+
+def hf_logits(hf_model, ids):
+    with torch.no_grad():
+        return hf_model(ids).logits.float()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_logits_match_transformers(tmp_path, name):
+    hf_model = write_hf_checkpoint(tmp_path, **FAMILIES[name])
+    model = Transformer.from_pretrained(tmp_path)
+    ids = torch.randint(0, 300, (3, 97), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(ids)
+    assert ours.dtype == torch.float32 and ours.shape == (3, 97, 300)
+    assert (ours - hf_logits(hf_model, ids)).abs().max() < 1e-4
+
+
+def test_round_trip_through_transformers(tmp_path):
+    import transformers
+
+    hf_model = write_hf_checkpoint(tmp_path / "src", family="qwen2")
+    model = Transformer.from_pretrained(tmp_path / "src")
+    model.save_pretrained(tmp_path / "ours")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    ids = torch.randint(0, 300, (2, 70))
+    assert (hf_logits(reloaded, ids) - hf_logits(hf_model, ids)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_sharded_save_and_load(tmp_path, family):
+    import transformers
+
+    write_hf_checkpoint(tmp_path / "src", family=family, tie_word_embeddings=True)
+    model = Transformer.from_pretrained(tmp_path / "src")
+    model.save_pretrained(tmp_path / "sharded", max_shard_bytes=40_000)
+    shards = [f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors")]
+    assert len(shards) > 2 and os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
+    ours = Transformer.from_pretrained(tmp_path / "sharded")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").eval()
+    ids = torch.randint(0, 300, (1, 40))
+    with torch.no_grad():
+        assert torch.equal(ours(ids), model(ids))
+    assert (hf_logits(hf, ids) - ours(ids).detach()).abs().max() < 1e-4
+
+
+def test_from_pretrained_dtype_and_hidden_path(tmp_path):
+    write_hf_checkpoint(tmp_path, family="qwen2")
+    model = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    ids = torch.randint(0, 300, (2, 9))
+    hidden = model(ids, return_hidden=True)
+    assert hidden.shape == (2, 9, 64)
+    assert torch.allclose(model(ids), (hidden @ model.lm_head_weight.T).float())
+
+
+def test_missing_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    write_hf_checkpoint(tmp_path, family="qwen2")
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensors \['model.layers.1.mlp.up_proj.weight'\]"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_wrong_shape_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    write_hf_checkpoint(tmp_path, family="llama")
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(7, 64)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj.weight: checkpoint \(7, 64\)"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    write_hf_checkpoint(tmp_path, family="llama")
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.extra.weight"] = torch.zeros(2)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"unexpected tensors \['model.extra.weight'\]"):
+        Transformer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("architectures", ["GPT2LMHeadModel"], "architectures"),
+    ("use_sliding_window", True, "use_sliding_window"),
+    ("num_experts", 8, "num_experts"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "yarn"),
+    ("hidden_act", "gelu", "hidden_act"),
+])
+def test_unsupported_config_is_refused(tmp_path, field, value, message):
+    write_hf_checkpoint(tmp_path, family="qwen2")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_parameters" if field == "rope_scaling" else field, None)
+    config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_packed_sequences_equal_separate_forwards(tmp_path):
+    write_hf_checkpoint(tmp_path, family="qwen3")
+    model = Transformer.from_pretrained(tmp_path)
+    lengths = [5, 1, 23]
+    docs = [torch.randint(0, 300, (1, n)) for n in lengths]
+    packed = torch.cat(docs, dim=1)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu_seqlens = torch.tensor([0, 5, 6, 29], dtype=torch.int32)
+    with torch.no_grad():
+        together = model(packed, position_ids=position_ids, cu_seqlens=cu_seqlens)
+        apart = torch.cat([model(d) for d in docs], dim=1)
+    assert (together - apart).abs().max() < 1e-5
+
+
+def test_gradient_checkpointing_gives_same_gradients(tmp_path):
+    write_hf_checkpoint(tmp_path, family="llama")
+    ids = torch.randint(0, 300, (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model = Transformer.from_pretrained(tmp_path).train()
+        model.gradient_checkpointing = checkpointing
+        model(ids).logsumexp(-1).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@requires_shared("assets", "configs")
+@pytest.mark.parametrize("name", ["qwen2.5-1.5b-instruct.json", "deepseek-r1-distill-qwen-7b.json",
+                                  "llama-3.2-1b-instruct.json", "qwen3-1.7b.json"])
+def test_real_configs_build_on_meta_without_memory(name):
+    with open(os.path.join(SHARED, "assets", "configs", name)) as f:
+        config = ModelConfig.from_hf(json.load(f), source=name)
+    with torch.device("meta"):
+        model = Transformer(config)
+    assert all(p.is_meta for p in model.parameters())
+    assert model.num_parameters() > 1e9
