@@ -1,0 +1,983 @@
+"""
+Math answer verifier: is a model's final answer equal to the gold answer?
+
+    verify(completion, gold) -> bool
+    grade(completion, gold) -> Verdict(status, answer, reason)    status: correct | incorrect | no_answer |
+                                                                           unparseable | timeout
+    verify_batch([(completion, gold), ...], workers=None, timeout=1.0) -> list[Verdict]
+    math_reward(completion, gold) -> 1.0 | 0.0;  format_reward(completion) -> 1.0 | 0.0
+
+The reward of train_grpo.py and every number of eval.py come from here. Design rules:
+  1. Extraction reads the text after the last </think>: the last brace-matched \\boxed{} / \\fbox{}, else
+     "final answer"/"the answer is"/"Answer:"/"####" markers, else the last math span or number of the last
+     sentence. Scans are linear and capped at the tail of the text.
+  2. Hedging is wrong: two different boxed answers, "x or y", a list for a scalar gold, ± when the gold has none.
+  3. Model output is never executed: no eval, no sympify, no parse_latex. A small recursive-descent parser builds
+     sympy objects through their constructors, after hard limits on length, depth, node count, exponents and
+     factorials. Anything beyond them is "unparseable", which counts as wrong.
+  4. Integers and fractions compare exactly (3 is not 300), decimals at the gold's written precision, other
+     numbers to 30 significant digits, expressions by evaluation at fixed points plus sympy simplification,
+     intervals with closedness, sets unordered, tuples and matrices in order, equations up to a factor.
+  5. Time is bounded by the parent: the sympy work runs in pre-started worker processes with a wall-clock
+     deadline per item; a stuck worker is killed and replaced and the item is "timeout". No signal.alarm, so any
+     thread may call it. Exact strings, integers and fractions are decided in the caller without a process hop.
+This file imports no torch.
+"""
+
+import json
+import math
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+
+import sympy
+
+MAX_TEXT_TAIL = 4000  # characters of the completion (after </think>) that extraction scans
+MAX_ANSWER_CHARS = 400  # a longer "answer" is not an answer
+MAX_DEPTH = 30  # parser recursion
+MAX_NODES = 400  # parsed operations per answer
+MAX_RESULT_DIGITS = 2000  # a number with more digits is refused before it is computed
+MAX_FACTORIAL = 500
+
+
+@dataclass
+class Verdict:
+    status: str  # correct | incorrect | no_answer | unparseable | timeout
+    answer: str | None
+    reason: str
+
+    @property
+    def correct(self) -> bool:
+        return self.status == "correct"
+
+
+class ParseError(ValueError):
+    pass
+
+
+# -----------------------------------------------------------------------------
+# 1. extraction
+
+
+def _match_brace(text: str, open_index: int) -> int | None:
+    """Index just past the brace that closes text[open_index] == '{', or None if it is never closed."""
+    depth = 0
+    for i in range(open_index, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
+def boxed_answers(text: str) -> list[str]:
+    """Contents of every \\boxed{...} / \\fbox{...} (also "\\boxed 5" and an unterminated last one), in order."""
+    answers = []
+    for match in re.finditer(r"\\(?:boxed|fbox)\s*", text):
+        start = match.end()
+        if start < len(text) and text[start] == "{":
+            end = _match_brace(text, start)
+            answers.append(text[start + 1:] if end is None else text[start + 1: end - 1])
+        else:
+            word = re.match(r"[^\s$.,]+", text[start:])
+            if word:
+                answers.append(word.group(0))
+    return [a.strip() for a in answers if a.strip()]
+
+
+_MARKERS = re.compile(r"(?:final answer\s*(?:is)?\s*:?|the answer is\s*:?|answer\s*:|####)", re.IGNORECASE)
+
+
+def answer_region(text: str) -> str | None:
+    """The part of a completion that holds the final answer: after the last </think>, capped at the tail.
+    A completion that opened a think block and never closed it has not answered."""
+    close = text.rfind("</think>")
+    if close >= 0:
+        text = text[close + len("</think>"):]
+    elif "<think>" in text:
+        return None
+    return text[-MAX_TEXT_TAIL:]
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer as written (not normalised), or None. Several different boxed answers are joined with
+    ' ; ' so that grading sees the hedge."""
+    region = answer_region(text)
+    if region is None:
+        return None
+    boxed = boxed_answers(region)
+    if boxed:
+        distinct = list(dict.fromkeys(boxed))
+        return distinct[0] if len(distinct) == 1 else " ; ".join(distinct)
+    markers = list(_MARKERS.finditer(region))
+    if markers:
+        rest = region[markers[-1].end():].strip()
+        line = rest.split("\n")[0].strip()
+        line = re.sub(r"^\$+|\$+$|^\\\(|\\\)$|^\\\[|\\\]$", "", line.strip()).strip()
+        line = re.sub(r"\.\s*$", "", line).strip()
+        return line or None
+    return _last_math_in_final_sentence(region)
+
+
+def _last_math_in_final_sentence(region: str) -> str | None:
+    stripped = region.strip().rstrip(".")
+    sentence = re.split(r"(?<=[.!?])\s+(?=[A-Z\\$])|\n", stripped)[-1] if stripped else ""
+    spans = re.findall(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", sentence)
+    if spans:
+        span = next(s for s in spans[-1] if s)
+        return span.split("=")[-1].strip()
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?", sentence)
+    return numbers[-1].rstrip(",") if numbers else None
+
+
+# -----------------------------------------------------------------------------
+# 2. normalisation (strings in, strings out)
+
+_UNICODE = {
+    "π": r"\pi ", "∞": r"\infty ", "√": r"\sqrt ", "×": r"\times ", "÷": r"\div ", "·": r"\cdot ", "⋅": r"\cdot ",
+    "−": "-", "–": "-", "≤": r"\le ", "≥": r"\ge ", "≠": r"\ne ", "∪": r"\cup ", "±": r"\pm ", "°": r"^\circ ",
+    "²": "^2", "³": "^3", "½": "(1/2)", "⅓": "(1/3)", "⅔": "(2/3)", "¼": "(1/4)", "¾": "(3/4)", "⅕": "(1/5)",
+    "⅙": "(1/6)", "⅛": "(1/8)", "θ": r"\theta ", "α": r"\alpha ", "β": r"\beta ", "\u2009": " ", "\u00a0": " ",
+}
+_UNITS = (
+    "degrees?|cents?|dollars?|units?|square|sq|cubic|inches|inch|feet|foot|ft|yards?|miles?|meters?|metres?|"
+    "centimeters?|cm|mm|km|m|kg|grams?|g|seconds?|sec|minutes?|min|hours?|hrs?|days?|weeks?|months?|years?|mph|"
+    "liters?|litres?|ml|l|pounds?|lbs?|ounces?|oz|points?|people|persons?|students?|apples?|eggs?|marbles?|"
+    "percent|pages?|boxes|books?|cookies?|games?|tickets?|times|ways?|numbers?|integers?|values?|solutions?|"
+    "cups?|gallons?|bags?|hats?|pieces?|songs?|trees?|flowers?|dogs?|cats?|cars?"
+)
+_NUMBER_WORDS = {w: i for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+_NUMBER_WORDS.update({"thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80,
+                      "ninety": 90, "hundred": 100, "thousand": 1000})
+
+
+def _unwrap_text_commands(s: str) -> str:
+    """\\text{...}, \\mathrm{...}, \\mbox{...}, \\textbf{...} -> their content (brace-matched)."""
+    pattern = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mathit|mbox|operatorname)\s*\{")
+    while True:
+        match = pattern.search(s)
+        if not match:
+            return s
+        end = _match_brace(s, match.end() - 1) or len(s) + 1
+        s = s[: match.start()] + " " + s[match.end(): end - 1] + " " + s[end:]
+
+
+def _number_word(s: str):
+    words = s.lower().replace("-", " ").split()
+    if not words or any(w not in _NUMBER_WORDS for w in words):
+        return None
+    total, current = 0, 0
+    for w in words:
+        value = _NUMBER_WORDS[w]
+        if value in (100, 1000):
+            current = max(current, 1) * value
+            if value == 1000:
+                total, current = total + current, 0
+        else:
+            current += value
+    return str(total + current)
+
+
+def normalize(s: str) -> str:
+    """Canonical spelling of an answer: LaTeX noise, units, currency, degrees, percent and unicode removed."""
+    s = s.strip()
+    for char, replacement in _UNICODE.items():
+        s = s.replace(char, replacement)
+    s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)
+    s = re.sub(r"(?<!\\)\\(?:displaystyle|!|,|;|:|quad|qquad| )(?![a-zA-Z])|~", " ", s)
+    s = re.sub(r"^(-?\d+(?:\.\d+)?)e([-+]?\d+)$", r"\1\\times10^{\2}", s)  # 1.5e3
+    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
+    s = s.replace(r"\$", "").replace("$", "").replace(r"\%", "").replace("%", "")
+    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree", "", s)
+    s = _unwrap_text_commands(s)
+    s = re.sub(r"\\(?:mathbb|boldsymbol|bm)\s*\{([^{}]*)\}", r"\1", s)
+    s = re.sub(rf"(?<![a-zA-Z\\])(?:{_UNITS})(?:\s*\^\s*\{{?[23]\}}?)?(?![a-zA-Z])", " ", s) \
+        if re.search(r"\d", s) else s  # units only follow numbers; a text answer keeps its words
+    s = re.sub(r"\s+", " ", s).strip()
+    s = re.sub(r"^(?:[a-zA-Z]\s*(?:=|\\in)\s*)(?=[^=]+$)", "", s)  # "x = 5", "x \in [2, 3]"
+    s = re.sub(r"[.\s]+$", "", s)
+    s = re.sub(r"(\d)\.$", r"\1", s)
+    mixed = re.fullmatch(r"(-?)(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}", s)  # 137 \frac{1}{2}: a mixed number
+    if mixed and int(mixed.group(4)) != 0:
+        sign, whole, num, den = mixed.group(1), *map(int, mixed.groups()[1:])
+        s = f"{sign}\\frac{{{whole * den + num}}}{{{den}}}"
+    word = _number_word(s)
+    return word if word is not None else s
+
+
+def _strip_thousands(s: str) -> str:
+    """'10,080' -> '10080' only when every group after the first has exactly three digits."""
+    return re.sub(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?![\d])", lambda m: m.group(0).replace(",", ""), s)
+
+
+_PLAIN_NUMBER = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
+_PLAIN_FRACTION = re.compile(r"^(-?)\s*(?:\\frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(\d+)\s*\}|(\d+)\s*/\s*(\d+))$")
+
+
+def plain_number(s: str):
+    """Fraction for integers, decimals and simple fractions (the cheap path); None for anything else."""
+    s = _strip_thousands(s.replace(" ", "")) if re.fullmatch(r"-?[\d,. ]+", s) else s.strip()
+    if _PLAIN_NUMBER.match(s):
+        return Fraction(s)
+    match = _PLAIN_FRACTION.match(s)
+    if match:
+        sign, num, den = match.group(1), match.group(2) or match.group(4), match.group(3) or match.group(5)
+        if int(den) == 0:
+            return None
+        value = Fraction(int(num), int(den))
+        return -value if sign else value
+    return None
+
+
+def decimal_places(s: str):
+    """Written precision of a plain decimal gold ('3.21' -> 2), else None."""
+    match = re.fullmatch(r"-?\d*\.(\d+)", s.replace(",", ""))
+    return len(match.group(1)) if match else None
+
+
+# -----------------------------------------------------------------------------
+# 3. parsing into sympy objects (no eval: a recursive-descent parser calling constructors)
+
+_TOKEN = re.compile(r"\s*(\\[a-zA-Z]+|\\\{|\\\}|\d+\.\d*|\.\d+|\d+|[a-zA-Z]|[-+*/^_!(){}\[\]|,=<>'])")
+_FUNCTIONS = {
+    "sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "cot": sympy.cot, "sec": sympy.sec, "csc": sympy.csc,
+    "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan, "sinh": sympy.sinh, "cosh": sympy.cosh,
+    "tanh": sympy.tanh, "ln": sympy.log, "exp": sympy.exp,
+}
+_GREEK = set("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi rho sigma "
+             "tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Sigma Phi Psi Omega".split())
+_ATOM_COMMANDS = {"frac", "sqrt", "pi", "infty", "binom", "lfloor", "lceil", "log"} | set(_FUNCTIONS) | _GREEK
+
+
+def _tokenize(s: str) -> list[str]:
+    tokens, position = [], 0
+    s = s.strip()
+    while position < len(s):
+        match = _TOKEN.match(s, position)
+        if not match:
+            raise ParseError(f"unexpected character {s[position]!r}")
+        tokens.append(match.group(1))
+        position = match.end()
+    return tokens
+
+
+class _Parser:
+    """expr := term (('+'|'-') term)* ; term := unary (('*'|'/'|implicit) factor)* ; unary := '-' unary | factor ;
+    factor := postfix ('^' argument)? ; postfix := atom ('!')* ; atom := number | letter | group | command."""
+
+    def __init__(self, text: str):
+        self.tokens = _tokenize(text)
+        self.position = 0
+        self.depth = 0
+        self.nodes = 0
+        self.abs_depth = 0
+
+    def peek(self):
+        return self.tokens[self.position] if self.position < len(self.tokens) else None
+
+    def take(self, expected=None):
+        token = self.peek()
+        if token is None or (expected is not None and token != expected):
+            raise ParseError(f"expected {expected!r}, found {token!r}")
+        self.position += 1
+        return token
+
+    def count(self):
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise ParseError("expression too large")
+
+    def parse(self):
+        value = self.expr()
+        if self.peek() is not None:
+            raise ParseError(f"unexpected {self.peek()!r}")
+        return value
+
+    def expr(self):
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise ParseError("expression nested too deeply")
+        value = self.term()
+        while self.peek() in ("+", "-"):
+            op = self.take()
+            right = self.term()
+            self.count()
+            value = sympy.Add(value, right if op == "+" else -right)
+        self.depth -= 1
+        return value
+
+    def starts_atom(self, token):
+        if token is None:
+            return False
+        if token == "|":
+            return self.abs_depth == 0
+        if token.startswith("\\"):
+            return token[1:] in _ATOM_COMMANDS
+        return token[0].isdigit() or token[0] == "." or token.isalpha() or token in ("(", "{", "[")
+
+    def term(self):
+        value = self.unary()
+        while True:
+            token = self.peek()
+            if token in ("*", "/", r"\cdot", r"\times", r"\div"):
+                self.take()
+                right = self.unary()
+                self.count()
+                value = value * right if token != "/" and token != r"\div" else value / _nonzero(right)
+            elif self.starts_atom(token):
+                right = self.factor()
+                self.count()
+                value = value * right
+            else:
+                return value
+
+    def unary(self):
+        if self.peek() == "-":
+            self.take()
+            return -self.unary()
+        if self.peek() == "+":
+            self.take()
+            return self.unary()
+        return self.factor()
+
+    def factor(self):
+        base = self.postfix()
+        if self.peek() == "^":
+            self.take()
+            exponent = self.argument(signed=True)
+            self.count()
+            return _power(base, exponent)
+        return base
+
+    def postfix(self):
+        value = self.atom()
+        while self.peek() == "!":
+            self.take()
+            if not (value.is_Integer and 0 <= value <= MAX_FACTORIAL):
+                raise ParseError("factorial argument too large or not an integer")
+            value = sympy.factorial(value)
+        while self.peek() == "'":
+            raise ParseError("derivative notation")
+        return value
+
+    def argument(self, signed=False):
+        """A \\frac/\\sqrt/^ argument: a braced group, or a single digit, letter or command (\\frac43)."""
+        token = self.peek()
+        if token == "{":
+            return self.group("{", "}")
+        if signed and token == "-":
+            self.take()
+            return -self.argument()
+        if token is not None and token[0].isdigit() and len(token) > 1 and "." not in token:
+            self.tokens[self.position] = token[1:]  # split '43' into '4' and '3'
+            return sympy.Integer(int(token[0]))
+        return self.postfix()
+
+    def group(self, opening, closing):
+        self.take(opening)
+        value = self.expr()
+        self.take(closing)
+        return value
+
+    def atom(self):
+        token = self.peek()
+        if token is None:
+            raise ParseError("unexpected end")
+        if token[0].isdigit() or token[0] == ".":
+            self.take()
+            return sympy.Rational(Fraction(token)) if "." in token else sympy.Integer(int(token))
+        if token in ("(", "{", "["):
+            return self.group(token, {"(": ")", "{": "}", "[": "]"}[token])
+        if token == "|":
+            self.take()
+            self.abs_depth += 1
+            value = self.expr()
+            self.abs_depth -= 1
+            self.take("|")
+            return sympy.Abs(value)
+        if token.isalpha():
+            self.take()
+            return self.subscripted(token)
+        if token.startswith("\\"):
+            return self.command(self.take()[1:])
+        raise ParseError(f"unexpected {token!r}")
+
+    def subscripted(self, name):
+        if self.peek() == "_":
+            self.take()
+            subscript = self.take()
+            if subscript == "{":
+                subscript = self.take()
+                self.take("}")
+            name = f"{name}_{subscript}"
+        if name == "i":
+            return sympy.I
+        if name == "e":
+            return sympy.E
+        return sympy.Symbol(name)
+
+    def command(self, name):
+        if name == "frac":
+            numerator = self.argument()
+            return numerator / _nonzero(self.argument())
+        if name == "sqrt":
+            index = None
+            if self.peek() == "[":
+                index = self.group("[", "]")
+            radicand = self.argument()
+            return sympy.sqrt(radicand) if index is None else sympy.root(radicand, _small_integer(index))
+        if name == "pi":
+            return sympy.pi
+        if name == "infty":
+            return sympy.oo
+        if name == "binom":
+            n, k = self.argument(), self.argument()
+            if not (n.is_Integer and k.is_Integer and 0 <= n <= MAX_FACTORIAL):
+                raise ParseError("binomial arguments")
+            return sympy.binomial(n, k)
+        if name in ("lfloor", "lceil"):
+            inner = self.expr()
+            self.take(r"\rfloor" if name == "lfloor" else r"\rceil")
+            return sympy.floor(inner) if name == "lfloor" else sympy.ceiling(inner)
+        if name == "log":
+            base = None
+            if self.peek() == "_":
+                self.take()
+                base = self.argument()
+            argument = self.function_argument()
+            return sympy.log(argument) if base is None else sympy.log(argument, base)
+        if name in _FUNCTIONS:
+            power = None
+            if self.peek() == "^":  # \sin^2 x
+                self.take()
+                power = self.argument(signed=True)
+            value = _FUNCTIONS[name](self.function_argument())
+            return value if power is None else _power(value, power)
+        if name in _GREEK:
+            return self.subscripted(name)
+        raise ParseError(f"unsupported command \\{name}")
+
+    def function_argument(self):
+        if self.peek() in ("(", "{"):
+            return self.atom()
+        return self.factor()
+
+
+def _nonzero(value):
+    if value == 0:
+        raise ParseError("division by zero")
+    return value
+
+
+def _small_integer(value):
+    if not (value.is_Integer and 1 <= value <= 100):
+        raise ParseError("root index")
+    return int(value)
+
+
+def _power(base, exponent):
+    """Pow with limits checked before sympy evaluates it: 9^{9^{9^9}} is refused, not computed."""
+    if exponent.is_number and not exponent.is_finite:
+        raise ParseError("infinite exponent")
+    if exponent.is_Rational:
+        if abs(exponent) > 10_000:
+            raise ParseError("exponent too large")
+        if base.is_number and base.is_Rational and base not in (0, 1, -1):
+            digits = abs(float(exponent)) * max(math.log10(abs(base.p)) + 1, math.log10(base.q) + 1)
+            if digits > MAX_RESULT_DIGITS:
+                raise ParseError("power too large")
+    elif exponent.is_number:
+        magnitude = abs(complex(exponent.evalf(15)))
+        if magnitude > 10_000:
+            raise ParseError("exponent too large")
+    return sympy.Pow(base, exponent)
+
+
+def parse_expression(s: str):
+    if len(s) > MAX_ANSWER_CHARS:
+        raise ParseError("answer too long")
+    return _Parser(s).parse()
+
+
+def _split_top_level(s: str, separator: str) -> list[str]:
+    parts, depth, current, i = [], 0, [], 0
+    while i < len(s):
+        if s.startswith(separator, i) and depth == 0:
+            parts.append("".join(current))
+            current = []
+            i += len(separator)
+            continue
+        char = s[i]
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        current.append(char)
+        i += 1
+    parts.append("".join(current))
+    return [p.strip() for p in parts]
+
+
+def _enclosed(s: str, opening: str, closing: str) -> bool:
+    """True when s is one bracketed unit: the first bracket closes at the very end."""
+    if not (s.startswith(opening) and s.endswith(closing)):
+        return False
+    depth = 0
+    for i, char in enumerate(s):
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if depth == 0 and i < len(s) - 1:
+            return False
+    return True
+
+
+def parse_answer(s: str):
+    """Structured value of a normalised answer:
+    ("expr", e) | ("tuple", [v]) | ("interval", lo, hi, lo_closed, hi_closed) | ("union", [intervals]) |
+    ("set", [v]) | ("matrix", [[e]]) | ("equation", e) | ("text", s)."""
+    s = s.strip()
+    if not s:
+        raise ParseError("empty")
+    if len(s) > MAX_ANSWER_CHARS:
+        raise ParseError("answer too long")
+    matrix = re.fullmatch(r"\\begin\{[pbv]?matrix\}(.*)\\end\{[pbv]?matrix\}", s, re.S)
+    if matrix:
+        rows = [r for r in re.split(r"\\\\", matrix.group(1)) if r.strip()]
+        return ("matrix", [[parse_expression(_strip_thousands(c)) for c in row.split("&")] for row in rows])
+    if r"\cup" in s:
+        parts = _split_top_level(s, r"\cup")
+        return ("union", [parse_answer(p) for p in parts])
+    if r"\pm" in s and s.count(r"\pm") == 1:
+        return ("set", [parse_answer(s.replace(r"\pm", sign)) for sign in "+-"], "pm")
+    if _enclosed(s, r"\{", r"\}"):
+        return ("set", [parse_answer(p) for p in _split_top_level(s[2:-2], ",")])
+    for opening in "([":
+        for closing in ")]":
+            if _enclosed(s, opening, closing):
+                inner = _split_top_level(s[1:-1], ",")
+                if len(inner) == 2:
+                    return ("interval", parse_expression(inner[0]), parse_expression(inner[1]),
+                            opening == "[", closing == "]")
+                if len(inner) > 2 and opening == "(" and closing == ")":
+                    return ("tuple", [parse_answer(p) for p in inner])
+    grouped = _strip_thousands(s)
+    items = _split_top_level(grouped, ",")
+    if len(items) > 1:
+        return ("set", [parse_answer(p) for p in items])
+    comparison = _inequality(grouped)
+    if comparison:
+        return comparison
+    sides = _split_top_level(grouped, "=")
+    if len(sides) == 2:
+        return ("equation", parse_expression(sides[0]) - parse_expression(sides[1]))
+    if len(sides) > 2:
+        raise ParseError("several equals signs")
+    if re.fullmatch(r"[A-Za-z][A-Za-z ]*[A-Za-z]|\(?[A-Ea-e]\)?", grouped):
+        return ("text", grouped.lower().strip("()"))
+    base = re.fullmatch(r"(\d+)_\{?(\d+)\}?", grouped)  # 52_8: compare the digits as written
+    if base:
+        return ("expr", sympy.Integer(int(base.group(1))))
+    return ("expr", parse_expression(grouped))
+
+
+_COMPARATORS = {"<": "<", ">": ">", r"\lt": "<", r"\gt": ">", r"\le": "<=", r"\leq": "<=", r"\ge": ">=",
+                r"\geq": ">="}
+
+
+def _inequality(s: str):
+    """'x > 3' -> (3, oo); '-2 \\le x \\le 7' -> [-2, 7]; other comparisons are not answers we grade."""
+    parts = re.split(r"(\\leq|\\geq|\\le|\\ge|\\lt|\\gt|<|>)", s)
+    if len(parts) == 1:
+        return None
+    values = [p.strip() for p in parts[0::2]]
+    ops = [_COMPARATORS[o] for o in parts[1::2]]
+    variable = [i for i, v in enumerate(values) if re.fullmatch(r"[a-zA-Z]", v)]
+    if len(variable) != 1:
+        raise ParseError("inequality without one variable")
+    if len(values) == 2:
+        bound = parse_expression(values[1 - variable[0]])
+        op = ops[0] if variable[0] == 0 else {"<": ">", ">": "<", "<=": ">=", ">=": "<="}[ops[0]]
+        if op.startswith("<"):
+            return ("interval", -sympy.oo, bound, False, op == "<=")
+        return ("interval", bound, sympy.oo, op == ">=", False)
+    if len(values) == 3 and variable[0] == 1 and ops[0][0] == ops[1][0] == "<":
+        return ("interval", parse_expression(values[0]), parse_expression(values[2]), ops[0] == "<=", ops[1] == "<=")
+    raise ParseError("unsupported inequality")
+
+
+# -----------------------------------------------------------------------------
+# 4. equivalence
+
+_PROBE_POINTS = (sympy.Rational(37, 100), sympy.Rational(123, 100), sympy.Rational(-271, 100))
+
+
+def _numeric(expression, substitution):
+    value = complex(expression.subs(substitution).evalf(30)) if substitution else complex(expression.evalf(30))
+    return value
+
+
+def _close(a: complex, b: complex) -> bool:
+    return abs(a - b) <= 1e-12 * max(1.0, abs(a), abs(b))
+
+
+def expressions_equal(answer, gold, gold_places=None) -> bool:
+    if answer == gold:
+        return True
+    if answer.has(sympy.oo, -sympy.oo, sympy.zoo) or gold.has(sympy.oo, -sympy.oo, sympy.zoo):
+        return False
+    symbols = answer.free_symbols | gold.free_symbols
+    if not symbols:
+        if answer.is_Rational and gold.is_Rational:
+            if gold_places is None:
+                return False  # exact numbers: no tolerance
+            return round(Fraction(answer.p, answer.q), gold_places) == Fraction(gold.p, gold.q)
+        try:
+            a, g = _numeric(answer, None), _numeric(gold, None)
+        except (TypeError, ValueError):
+            return False
+        if gold_places is not None and abs(a.imag) < 1e-12:
+            return round(a.real, gold_places) == round(g.real, gold_places)
+        if not gold.is_Rational and answer.is_Rational:
+            return False  # a decimal approximation of an exact irrational answer is not the answer
+        return _close(a, g)
+    # equal values at three fixed irregular points decide it; sympy's simplify (slow) is only for expressions
+    # that cannot be evaluated there
+    ordered = sorted(symbols, key=str)
+    evaluated = 0
+    for shift, point in enumerate(_PROBE_POINTS):
+        substitution = {s: point + sympy.Rational(k * 7, 13) for k, s in enumerate(ordered, start=shift)}
+        try:
+            if not _close(_numeric(answer, substitution), _numeric(gold, substitution)):
+                return False
+            evaluated += 1
+        except (TypeError, ValueError, ZeroDivisionError):
+            continue
+    return evaluated == len(_PROBE_POINTS) or sympy.simplify(answer - gold) == 0
+
+
+def _equations_equal(answer, gold) -> bool:
+    """Equal up to a non-zero constant factor: 2x + 2y = 2 is x + y = 1."""
+    symbols = sorted(answer.free_symbols | gold.free_symbols, key=str)
+    ratio = None
+    for shift, point in enumerate(_PROBE_POINTS):
+        substitution = {s: point + sympy.Rational(k * 7, 13) for k, s in enumerate(symbols, start=shift)}
+        a, g = _numeric(answer, substitution), _numeric(gold, substitution)
+        if abs(g) < 1e-12:
+            if abs(a) > 1e-12:
+                return False
+            continue
+        if ratio is None:
+            ratio = a / g
+            if abs(ratio) < 1e-12:
+                return False
+        elif not _close(a, ratio * g):
+            return False
+    return ratio is not None
+
+
+def values_equal(answer, gold, gold_places=None) -> bool:
+    kind = gold[0]
+    if answer[0] == "expr" and kind == "equation" or answer[0] == "equation" and kind == "expr":
+        return False
+    if kind == "set" and answer[0] == "set":
+        if len(answer[1]) != len(gold[1]):
+            return False
+        remaining = list(answer[1])
+        for item in gold[1]:
+            match = next((i for i, a in enumerate(remaining) if values_equal(a, item)), None)
+            if match is None:
+                return False
+            remaining.pop(match)
+        return True
+    if answer[0] != kind:
+        if kind == "tuple" and answer[0] == "set" or kind == "set" and answer[0] == "tuple":
+            return values_equal(("set", answer[1]), ("set", gold[1]))
+        return False
+    if kind == "expr":
+        return expressions_equal(answer[1], gold[1], gold_places)
+    if kind == "text":
+        return answer[1] == gold[1]
+    if kind == "equation":
+        return _equations_equal(answer[1], gold[1])
+    if kind == "interval":
+        return answer[3:] == gold[3:] and expressions_equal(answer[1], gold[1]) and \
+            expressions_equal(answer[2], gold[2])
+    if kind in ("tuple", "union"):
+        return len(answer[1]) == len(gold[1]) and all(values_equal(a, g) for a, g in zip(answer[1], gold[1]))
+    if kind == "matrix":
+        shape = lambda m: [len(row) for row in m]
+        return shape(answer[1]) == shape(gold[1]) and all(
+            expressions_equal(a, g) for ra, rg in zip(answer[1], gold[1]) for a, g in zip(ra, rg))
+    return False
+
+
+# -----------------------------------------------------------------------------
+# 5. grading
+
+
+def normalize_gold(gold: str) -> str:
+    gold = str(gold)
+    if "####" in gold:  # a GSM8K solution: the answer is after the marker
+        gold = gold.split("####")[-1]
+    if r"\boxed" in gold:  # a MATH solution
+        gold = (boxed_answers(gold) or [gold])[-1]
+    return normalize(gold)
+
+
+def _hedge_reason(answer: str, gold: str) -> str | None:
+    if re.search(r"(?<![a-zA-Z])or(?![a-zA-Z])", answer) and not re.search(r"(?<![a-zA-Z])or(?![a-zA-Z])", gold):
+        return "hedged with 'or'"
+    if r"\pm" in answer and r"\pm" not in gold:
+        return "± where the gold has none"
+    return None
+
+
+def cheap_grade(answer: str, gold: str):
+    """Decides exact strings, integers, decimals and simple fractions without sympy; None when it cannot."""
+    if answer == gold:
+        return Verdict("correct", answer, "identical after normalisation")
+    if " ; " in answer:
+        return None
+    a, g = plain_number(answer), plain_number(gold)
+    if g is None:
+        return None
+    if a is None:
+        return None
+    if a == g:
+        return Verdict("correct", answer, "equal numbers")
+    places = decimal_places(gold)
+    if places is not None and round(a, places) == g and decimal_places(answer.replace(" ", "")) is not None \
+            and decimal_places(answer.replace(" ", "")) >= places:
+        return Verdict("correct", answer, f"equal at the gold's {places} decimal places")
+    return Verdict("incorrect", answer, "different number")
+
+
+@lru_cache(maxsize=4096)
+def _parsed_gold(gold: str):
+    return parse_answer(gold)
+
+
+def symbolic_grade(answer: str, gold: str) -> Verdict:
+    """The sympy path (run inside a worker process when called through verify_batch)."""
+    if " ; " in answer:  # several boxed answers: right only if every one of them is
+        verdicts = [symbolic_grade(part, gold) for part in answer.split(" ; ")]
+        if all(v.correct for v in verdicts):
+            return Verdict("correct", answer, "every boxed answer is equivalent")
+        return Verdict("incorrect", answer, "several different boxed answers")
+    try:
+        gold_value = _parsed_gold(gold)
+    except (ParseError, TypeError, ValueError, ZeroDivisionError, RecursionError, AttributeError) as error:
+        return Verdict("correct", answer, "same text") if answer.lower() == gold.lower() else \
+            Verdict("unparseable", answer, f"gold not parseable: {error}")
+    try:
+        answer_value = parse_answer(answer)
+    except (ParseError, TypeError, ValueError, ZeroDivisionError, RecursionError, AttributeError) as error:
+        return Verdict("unparseable", answer, f"answer not parseable: {error}")
+    if answer_value[0] == "set" and gold_value[0] not in ("set", "tuple", "interval"):
+        return Verdict("incorrect", answer, "a list of answers for a single gold")
+    try:
+        equal = values_equal(answer_value, gold_value, decimal_places(gold))
+    except (TypeError, ValueError, ZeroDivisionError, RecursionError, AttributeError, OverflowError) as error:
+        return Verdict("incorrect", answer, f"comparison failed: {type(error).__name__}")
+    return Verdict("correct" if equal else "incorrect", answer, "equivalent" if equal else "not equivalent")
+
+
+def _prepare(completion: str, gold: str):
+    """Extraction and the cheap checks, in the caller: returns a Verdict, or (answer, gold) for the sympy path."""
+    raw = extract_answer(completion)
+    if raw is None:
+        return Verdict("no_answer", None, "no final answer found")
+    if len(raw) > MAX_ANSWER_CHARS:
+        return Verdict("unparseable", raw[:80], "answer too long")
+    answer, gold = " ; ".join(normalize(part) for part in raw.split(" ; ")), normalize_gold(gold)
+    hedge = _hedge_reason(answer, gold)
+    if hedge:
+        return Verdict("incorrect", raw, hedge)
+    verdict = cheap_grade(answer, gold)
+    if verdict is not None:
+        verdict.answer = raw
+        return verdict
+    return (raw, answer, gold)
+
+
+def grade(completion: str, gold: str, timeout: float | None = 1.0) -> Verdict:
+    """One item. The sympy path runs in the shared worker pool with a deadline; timeout=None runs it here."""
+    if timeout is None:
+        prepared = _prepare(completion, gold)
+        if isinstance(prepared, Verdict):
+            return prepared
+        raw, answer, gold = prepared
+        verdict = symbolic_grade(answer, gold)
+        verdict.answer = raw
+        return verdict
+    return verify_batch([(completion, gold)], timeout=timeout)[0]
+
+
+def verify(completion: str, gold: str) -> bool:
+    return grade(completion, gold).correct
+
+
+# -----------------------------------------------------------------------------
+# 6. the worker pool: wall-clock deadlines enforced by the parent
+
+
+class WorkerPool:
+    """Pre-started `python verifier.py --worker` processes speaking JSON lines over pipes. Not multiprocessing:
+    a worker never re-imports the training script (and torch), and killing one cannot corrupt a shared queue."""
+
+    def __init__(self, workers: int):
+        self.size = workers
+        self.lock = threading.Lock()  # one batch at a time per pool; callers from any thread queue here
+        self.processes = [self._launch() for _ in range(workers)]
+        for process in self.processes:
+            self._wait_ready(process)
+
+    @staticmethod
+    def _launch():
+        return subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+
+    @staticmethod
+    def _wait_ready(process):
+        """Deadlines start once sympy is imported, so a fresh worker's start-up never times an item out."""
+        if process.stdout.readline() != b"ready\n":
+            raise RuntimeError("verifier worker failed to start")
+
+    def _start(self):
+        process = self._launch()
+        self._wait_ready(process)
+        return process
+
+    def _replace(self, index):
+        self.processes[index].kill()
+        self.processes[index].wait()
+        self.processes[index] = self._start()
+
+    def run(self, jobs: list[tuple[str, str]], timeout: float) -> list[Verdict]:
+        """jobs: (normalised answer, normalised gold). Each gets `timeout` seconds of wall clock once started."""
+        with self.lock:
+            results = [None] * len(jobs)
+            pending = list(range(len(jobs)))[::-1]
+            busy = {}  # worker index -> (job index, deadline, buffer)
+            while pending or busy:
+                for w in range(self.size):
+                    if w not in busy and pending:
+                        job = pending.pop()
+                        line = json.dumps({"answer": jobs[job][0], "gold": jobs[job][1]}) + "\n"
+                        try:
+                            self.processes[w].stdin.write(line.encode())
+                        except (BrokenPipeError, OSError):
+                            self._replace(w)
+                            self.processes[w].stdin.write(line.encode())
+                        busy[w] = (job, time.monotonic() + timeout, b"")
+                wait = max(0.0, min(deadline for _, deadline, _ in busy.values()) - time.monotonic())
+                fds = {self.processes[w].stdout.fileno(): w for w in busy}
+                ready, _, _ = select.select(list(fds), [], [], wait)
+                for fd in ready:
+                    w = fds[fd]
+                    job, deadline, buffer = busy[w]
+                    chunk = os.read(fd, 65536)
+                    if not chunk:  # the worker died (out of memory, say): the item cannot be judged
+                        results[job] = Verdict("timeout", None, "worker died")
+                        del busy[w]
+                        self._replace(w)
+                        continue
+                    buffer += chunk
+                    if buffer.endswith(b"\n"):
+                        results[job] = Verdict(**json.loads(buffer))
+                        del busy[w]
+                    else:
+                        busy[w] = (job, deadline, buffer)
+                now = time.monotonic()
+                for w, (job, deadline, _) in list(busy.items()):
+                    if now >= deadline:
+                        results[job] = Verdict("timeout", None, f"no decision within {timeout:.1f}s")
+                        del busy[w]
+                        self._replace(w)
+            return results
+
+    def close(self):
+        for process in self.processes:
+            process.kill()
+            process.wait()
+
+
+_pools: dict[int, WorkerPool] = {}
+_pools_lock = threading.Lock()
+
+
+def get_pool(workers: int | None = None) -> WorkerPool:
+    workers = workers or min(4, os.cpu_count() or 1)
+    with _pools_lock:
+        if workers not in _pools:
+            _pools[workers] = WorkerPool(workers)
+        return _pools[workers]
+
+
+def verify_batch(pairs, workers=None, timeout=1.0) -> list[Verdict]:
+    """Grades (completion, gold) pairs; identical (answer, gold) pairs are decided once."""
+    verdicts = [None] * len(pairs)
+    symbolic_jobs = {}  # (answer, gold) -> indices
+    raw_answers = {}
+    for i, (completion, gold) in enumerate(pairs):
+        prepared = _prepare(completion, gold)
+        if isinstance(prepared, Verdict):
+            verdicts[i] = prepared
+        else:
+            raw, answer, normalized_gold = prepared
+            symbolic_jobs.setdefault((answer, normalized_gold), []).append(i)
+            raw_answers[i] = raw
+    if symbolic_jobs:
+        keys = list(symbolic_jobs)
+        for key, verdict in zip(keys, get_pool(workers).run(keys, timeout)):
+            for i in symbolic_jobs[key]:
+                verdicts[i] = Verdict(verdict.status, raw_answers[i], verdict.reason)
+    return verdicts
+
+
+def _worker_loop():
+    sys.setrecursionlimit(10_000)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            verdict = symbolic_grade(request["answer"], request["gold"])
+        except Exception as error:  # a sympy bug on odd input must not kill the worker
+            verdict = Verdict("incorrect", request["answer"], f"error: {type(error).__name__}")
+        sys.stdout.write(json.dumps(verdict.__dict__) + "\n")
+        sys.stdout.flush()
+
+
+# -----------------------------------------------------------------------------
+# 7. rewards (shared by train_grpo.py and eval.py)
+
+
+def math_reward(completion: str, gold: str) -> float:
+    return 1.0 if verify(completion, gold) else 0.0
+
+
+def format_reward(completion: str) -> float:
+    """1.0 for the r1 layout: an optional <think> (the template may have opened it), reasoning, exactly one
+    </think>, then an answer with a \\boxed{}. Otherwise 0.0."""
+    if completion.count("</think>") != 1 or completion.count("<think>") > 1:
+        return 0.0
+    thinking, answer = completion.split("</think>")
+    if "<think>" in thinking and not thinking.lstrip().startswith("<think>"):
+        return 0.0
+    return 1.0 if boxed_answers(answer) and thinking.replace("<think>", "").strip() else 0.0
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+    _worker_loop()
