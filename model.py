@@ -216,11 +216,11 @@ class KVCache:
         element = torch.empty((), dtype=dtype).element_size()
         return 2 * config.num_hidden_layers * slots * config.num_key_value_heads * max_len * config.head_dim * element
 
-    def copy_slot(self, source: int, targets: torch.Tensor):
-        """The n samples of one prompt share its prefill: copy the cached rows instead of recomputing."""
+    def copy_slot(self, source: int, targets: torch.Tensor, length: int):
+        """The n samples of one prompt share its prefill: copy its first `length` cached positions."""
         for k, v in zip(self.k, self.v):
-            k[targets] = k[source]
-            v[targets] = v[source]
+            k[targets, :, :length] = k[source, :, :length].clone()
+            v[targets, :, :length] = v[source, :, :length].clone()
 
 
 class Attention(nn.Module):
@@ -261,10 +261,13 @@ class Attention(nn.Module):
         k_cache, v_cache = kv.k[self.layer_index], kv.v[self.layer_index]
         k_cache[slots[:, None], :, positions] = k.transpose(1, 2)  # (B, T, kv_heads, head_dim)
         v_cache[slots[:, None], :, positions] = v.transpose(1, 2)
-        key_len = cache["key_len"]
-        keys, values = k_cache[slots, :, :key_len], v_cache[slots, :, :key_len]  # (B, kv_heads, key_len, head_dim)
-        visible = torch.arange(key_len, device=q.device) <= positions[:, :, None]  # (B, T, key_len)
-        return attention(q, keys, values, causal=False, attn_mask=visible[:, None])
+        key_len, first_slot = cache["key_len"], cache.get("first_slot")
+        if first_slot is not None:  # the rows hold consecutive slots: a view, no gather
+            keys = k_cache[first_slot: first_slot + len(slots), :, :key_len]
+            values = v_cache[first_slot: first_slot + len(slots), :, :key_len]
+        else:
+            keys, values = k_cache[slots, :, :key_len], v_cache[slots, :, :key_len]  # (B, kv_heads, key_len, hd)
+        return attention(q, keys, values, causal=False, attn_mask=cache["visible"])
 
 
 class MLP(nn.Module):
@@ -306,6 +309,7 @@ class Transformer(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each block in the backward: long traces need it
+        self.inv_freq = None  # rope frequencies, computed on first use on the model's device (not a checkpoint tensor)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -313,13 +317,18 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache=None, return_hidden=False):
         """input_ids (B, T). position_ids (B, T) default 0..T-1. cu_seqlens (n_docs + 1,) int32 prefix sums of
-        document lengths for a packed row (B must be 1). cache: the sampler's dict (kv, slots, positions,
-        key_len). Returns float32 logits (B, T, vocab), or the final normed hidden states (B, T, dim)."""
+        document lengths for a packed row (B must be 1). cache: the sampler's dict (kv: KVCache, slots (B,),
+        positions (B, T), key_len: keys to attend over, first_slot: set when slots are consecutive). Returns float32 logits (B, T, vocab), or the final normed hidden states (B, T, dim)."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = cache["positions"] if cache else torch.arange(T, device=input_ids.device).expand(B, T)
+        if cache is not None:  # (B, 1, T, key_len): each row sees its own slot's prefix, up to its position
+            key_positions = torch.arange(cache["key_len"], device=input_ids.device)
+            cache["visible"] = (key_positions <= cache["positions"][:, :, None])[:, None]
         x = self.model.embed_tokens(input_ids)  # (B, T, dim)
-        cos, sin = rope_cos_sin(position_ids, rope_inv_freq(self.config, x.device), x.dtype)
+        if self.inv_freq is None or self.inv_freq.device != x.device:
+            self.inv_freq = rope_inv_freq(self.config, x.device)
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, cu_seqlens, cache, use_reentrant=False)

@@ -1,0 +1,176 @@
+"""
+KV-cached batched sampling with continuous batching, on token ids only (no tokenizer, no rewards).
+
+    completions = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=256, temperature=1.0, n=8,
+                           stop_token_ids=tok.eos_token_ids, seed=0)
+    completions[0].tokens, completions[0].logprobs, completions[0].finish_reason, completions[0].prompt_index
+
+We sample with the training model itself: the weights are always current (no second engine to sync) and the
+log-probs come from the same forward code the trainer uses.
+
+How it works
+  - One preallocated cache (layers x slots x kv_heads x max_len x head_dim), sized from the model before it is
+    allocated; a request that cannot fit is refused with the number of bytes it needs.
+  - A prompt is admitted when n slots are free: its prompt is prefilled once (prompts admitted together are
+    batched, right-padded) and the cache rows are copied to its n slots.
+  - Every step decodes one token for every active slot, each at its own position. A finished sequence frees its
+    slot at once and the next pending prompt takes it (continuous batching): no batch waits for its longest row.
+
+Log-probs: by default each returned log-prob is that of the distribution actually sampled from (after temperature,
+top-k and top-p). logprobs_mode="raw" returns the untruncated temperature-1 log-probs instead. train_grpo.py
+recomputes its old log-probs with the trainer at the sampling temperature without truncation (the standard
+choice: the policy gradient is taken w.r.t. the full softmax) and uses these only to report the mismatch.
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from model import KVCache, Transformer
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    tokens: list = field(default_factory=list)  # sampled ids, the stop token included when it stopped
+    logprobs: list = field(default_factory=list)  # one per token
+    finish_reason: str = ""  # "stop" | "length"
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, logprobs_mode="sampled"):
+    """logits (B, V) float -> (tokens (B,), logprobs (B,)). temperature 0 is greedy (its log-prob is the
+    temperature-1 one). Top-k keeps the k largest logits; top-p the smallest set whose probability reaches p."""
+    logits = logits.float()
+    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    if temperature == 0:
+        tokens = logits.argmax(dim=-1)
+        return tokens, raw_logprobs.gather(-1, tokens[:, None])[:, 0]
+    logits = logits / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the tokens ranked above
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    # argmax of p / Exp(1) noise draws a token with probability p (the exponential race): several times faster
+    # than torch.multinomial for a large vocabulary. -log(uniform) is the Exp(1) draw (faster than exponential_)
+    noise = -torch.rand(logprobs.shape, generator=generator, device=logprobs.device).log()
+    tokens = (logprobs.exp() / noise).argmax(dim=-1)
+    chosen = logprobs if logprobs_mode == "sampled" else raw_logprobs
+    return tokens, chosen.gather(-1, tokens[:, None])[:, 0]
+
+
+def _available_bytes(device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def allocate_cache(model: Transformer, slots: int, max_len: int) -> KVCache:
+    """Computes the cache size before allocating it, and refuses one that cannot fit."""
+    weight = model.lm_head_weight
+    dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    needed = KVCache.bytes_needed(model.config, slots, max_len, dtype)
+    available = _available_bytes(weight.device)
+    if available is not None and needed > 0.9 * available:
+        raise MemoryError(
+            f"the KV cache needs {needed / 2**30:.2f} GiB ({model.config.num_hidden_layers} layers x {slots} slots x "
+            f"{model.config.num_key_value_heads} kv heads x {max_len} tokens x {model.config.head_dim} x 2 (k, v) x "
+            f"{torch.empty((), dtype=dtype).element_size()} bytes) but {available / 2**30:.2f} GiB is free: lower "
+            f"max_slots or max_new_tokens")
+    return KVCache(model.config, slots, max_len, weight.device, dtype)
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_token_ids=(),
+             seed=None, max_slots=None, logprobs_mode="sampled", progress=None):
+    """prompts: list of token-id lists (any lengths). Returns len(prompts) * n completions, grouped by prompt
+    (the n samples of prompt 0, then of prompt 1, ...). max_slots bounds the sequences decoded at once (default:
+    all of them, up to 256); it is rounded up to a multiple of n since a prompt's samples share its prefill."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = model.lm_head_weight.device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    stop_ids = set(int(t) for t in stop_token_ids)
+    slots = min(max_slots or 256, len(prompts) * n)
+    slots = max(n, (slots + n - 1) // n * n)
+    max_len = max(len(p) for p in prompts) + max_new_tokens
+    cache = allocate_cache(model, slots, max_len)
+
+    results = [Completion(prompt_index=i // n) for i in range(len(prompts) * n)]
+    pending = deque(range(len(prompts)))
+    free = list(range(slots))[::-1]
+    active = {}  # slot -> [result index, number of tokens in its cache]
+    sample = lambda logits: sample_next(logits, temperature, top_k, top_p, generator, logprobs_mode)
+
+    def record(slot_list, tokens, logprobs):
+        for slot, token, logprob in zip(slot_list, tokens.tolist(), logprobs.tolist()):
+            completion = results[active[slot][0]]
+            completion.tokens.append(token)
+            completion.logprobs.append(logprob)
+            if token in stop_ids or len(completion.tokens) >= max_new_tokens:
+                completion.finish_reason = "stop" if token in stop_ids else "length"
+                del active[slot]
+                free.append(slot)
+                if progress:
+                    progress(completion)
+
+    while pending or active:
+        # admit waiting prompts into free slots: one prefill per prompt, shared by its n samples
+        admitted = []
+        while pending and len(free) >= n:
+            prompt_index = pending.popleft()
+            admitted.append((prompt_index, [free.pop() for _ in range(n)]))
+        if admitted:
+            logits = _prefill(model, cache, [prompts[p] for p, _ in admitted], [s[0] for _, s in admitted])
+            slot_list = []
+            for prompt_index, group in admitted:
+                if n > 1:
+                    cache.copy_slot(group[0], torch.tensor(group[1:], device=device), len(prompts[prompt_index]))
+                for k, slot in enumerate(group):
+                    active[slot] = [prompt_index * n + k, len(prompts[prompt_index])]
+                slot_list += group
+            tokens, logprobs = sample(logits.repeat_interleave(n, dim=0))
+            record(slot_list, tokens, logprobs)
+        if not active:
+            continue
+        # one decode step for every active slot, each at its own position
+        slot_list = sorted(active)
+        last_tokens = torch.tensor([[results[active[s][0]].tokens[-1]] for s in slot_list], device=device)
+        position_list = [active[s][1] for s in slot_list]
+        consecutive = slot_list[-1] - slot_list[0] == len(slot_list) - 1
+        step = dict(kv=cache, slots=torch.tensor(slot_list, device=device), key_len=max(position_list) + 1,
+                    positions=torch.tensor(position_list, device=device)[:, None],
+                    first_slot=slot_list[0] if consecutive else None)
+        logits = model(last_tokens, cache=step)[:, -1]
+        for s in slot_list:
+            active[s][1] += 1
+        tokens, logprobs = sample(logits)
+        record(slot_list, tokens, logprobs)
+    return results
+
+
+def _prefill(model, cache, prompts, slots):
+    """Right-padded batch of prompts written to their slots; returns the logits after each prompt's last token.
+    Padding writes past a prompt's end are never visible (see Attention.cached_attention)."""
+    device = model.lm_head_weight.device
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.tensor(prompt, device=device)
+    positions = torch.arange(longest, device=device).expand(len(prompts), longest)
+    step = dict(kv=cache, slots=torch.tensor(slots, device=device), positions=positions, key_len=longest)
+    hidden = model(ids, cache=step, return_hidden=True)  # (A, longest, dim): no (A, longest, vocab) logits
+    last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    hidden = hidden[torch.arange(len(prompts), device=device), last]  # (A, dim)
+    return torch.nn.functional.linear(hidden, model.lm_head_weight).float()

@@ -1,0 +1,136 @@
+# python -m pytest tests/test_sampler.py -q
+import math
+
+import pytest
+import torch
+
+from conftest import write_hf_checkpoint
+from model import Transformer
+from sampler import generate, sample_next
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf_model = write_hf_checkpoint(path, family=request.param, seed=3)
+    return hf_model, Transformer.from_pretrained(path)
+
+
+def random_prompts(lengths, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 300, (n,), generator=generator).tolist() for n in lengths]
+
+
+def test_greedy_matches_transformers_generate(checkpoint):
+    hf_model, model = checkpoint
+    prompts = random_prompts([5, 17, 1, 40])
+    ours = generate(model, prompts, max_new_tokens=70, temperature=0)
+    for prompt, completion in zip(prompts, ours):
+        with torch.no_grad():
+            reference = hf_model.generate(torch.tensor([prompt]), max_new_tokens=70, do_sample=False,
+                                          eos_token_id=None, pad_token_id=0)
+        assert completion.tokens == reference[0, len(prompt):].tolist()
+        assert completion.finish_reason == "length" and len(completion.tokens) == 70
+
+
+def test_cached_decode_equals_full_recomputation(checkpoint):
+    _, model = checkpoint
+    prompts = random_prompts([4, 9, 2])
+    completions = generate(model, prompts, max_new_tokens=20, temperature=1.0, seed=1, logprobs_mode="raw")
+    for prompt, completion in zip(prompts, completions):
+        sequence = torch.tensor([prompt + completion.tokens])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(sequence)[0], dim=-1)  # (T, V)
+        positions = torch.arange(len(prompt) - 1, sequence.shape[1] - 1)
+        expected = logprobs[positions, sequence[0, positions + 1]]
+        assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-5)
+
+
+def test_stop_ids_and_max_new_tokens_per_sequence(checkpoint):
+    _, model = checkpoint
+    prompts = random_prompts([6, 3, 8, 5])
+    free_run = generate(model, prompts, max_new_tokens=30, temperature=0)
+    stop_token = free_run[1].tokens[4]  # stop prompt 1 at its 5th token (or earlier)
+    stopped = generate(model, prompts, max_new_tokens=30, temperature=0, stop_token_ids=[stop_token])
+    for before, after in zip(free_run, stopped):
+        if stop_token in before.tokens:
+            cut = before.tokens.index(stop_token) + 1
+            assert after.tokens == before.tokens[:cut] and after.finish_reason == "stop"
+        else:
+            assert after.tokens == before.tokens and after.finish_reason == "length"
+    assert stopped[1].finish_reason == "stop" and len(stopped[1].tokens) <= 5
+
+
+def test_continuous_batching_equals_one_by_one(checkpoint):
+    _, model = checkpoint
+    prompts = random_prompts([3, 11, 6, 1, 9, 4, 7])
+    stop = generate(model, prompts[:1], max_new_tokens=12, temperature=0)[0].tokens[2]
+    batched = generate(model, prompts, max_new_tokens=12, temperature=0, stop_token_ids=[stop], max_slots=2)
+    alone = [generate(model, [p], max_new_tokens=12, temperature=0, stop_token_ids=[stop])[0] for p in prompts]
+    assert [c.tokens for c in batched] == [c.tokens for c in alone]
+    assert [c.prompt_index for c in batched] == list(range(len(prompts)))
+
+
+def test_n_samples_share_a_prefill_differ_and_are_seeded(checkpoint, monkeypatch):
+    import sampler
+
+    _, model = checkpoint
+    prompts = random_prompts([5, 8])
+    prefills = []
+    original = sampler._prefill
+    monkeypatch.setattr(sampler, "_prefill", lambda m, c, p, s: prefills.append(len(p)) or original(m, c, p, s))
+    first = generate(model, prompts, max_new_tokens=16, n=4, seed=7)
+    assert sum(prefills) == 2  # one prefill per prompt, not per sample
+    assert [c.prompt_index for c in first] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert len({tuple(c.tokens) for c in first[:4]}) > 1
+    again = generate(model, prompts, max_new_tokens=16, n=4, seed=7)
+    assert [c.tokens for c in first] == [c.tokens for c in again]
+    other = generate(model, prompts, max_new_tokens=16, n=4, seed=8)
+    assert [c.tokens for c in first] != [c.tokens for c in other]
+
+
+def expected_probabilities(logits, temperature, top_k, top_p):
+    """Written from the definitions, one token at a time."""
+    scaled = [l / temperature for l in logits]
+    order = sorted(range(len(scaled)), key=lambda i: -scaled[i])
+    keep = set(order[:top_k] if top_k else order)
+    total = sum(math.exp(scaled[i]) for i in keep)
+    kept_sorted = [i for i in order if i in keep]
+    nucleus, mass = set(), 0.0
+    for i in kept_sorted:
+        if mass >= top_p:
+            break
+        nucleus.add(i)
+        mass += math.exp(scaled[i]) / total
+    z = sum(math.exp(scaled[i]) for i in nucleus)
+    return [math.exp(scaled[i]) / z if i in nucleus else 0.0 for i in range(len(logits))]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 3, 1.0), (1.0, 0, 0.8),
+                                                       (0.9, 4, 0.9)])
+def test_sampling_distribution_chi_square(temperature, top_k, top_p):
+    logits = [2.0, 1.5, 1.0, 0.3, 0.0, -0.5, -1.0, -2.0]
+    expected = expected_probabilities(logits, temperature, top_k, top_p)
+    draws = 40_000
+    generator = torch.Generator().manual_seed(0)
+    tokens, logprobs = sample_next(torch.tensor([logits]).repeat(draws, 1), temperature, top_k, top_p, generator)
+    counts = torch.bincount(tokens, minlength=len(logits)).tolist()
+    support = [i for i, p in enumerate(expected) if p > 0]
+    assert all(counts[i] == 0 for i in range(len(logits)) if expected[i] == 0)
+    chi_square = sum((counts[i] - draws * expected[i]) ** 2 / (draws * expected[i]) for i in support)
+    # 99.9% quantile of chi-square with up to 7 degrees of freedom is 24.3
+    assert chi_square < 24.3, (counts, expected)
+    for token, logprob in zip(tokens[:50].tolist(), logprobs[:50].tolist()):
+        assert abs(logprob - math.log(expected[token])) < 1e-5
+
+
+def test_raw_logprobs_are_untruncated_temperature_one():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    token, logprob = sample_next(logits, 0.5, 2, 1.0, torch.Generator().manual_seed(0), logprobs_mode="raw")
+    assert torch.allclose(logprob, torch.log_softmax(logits, -1)[0, token])
+
+
+def test_cache_that_cannot_fit_is_refused(checkpoint):
+    _, model = checkpoint
+    with pytest.raises(MemoryError, match="GiB"):
+        generate(model, [[1, 2]], max_new_tokens=10**9)
