@@ -137,3 +137,185 @@ class Tokenizer:
             json.dump(self.config, f, indent=2, ensure_ascii=False)
         with open(os.path.join(path, "generation_config.json"), "w") as f:
             json.dump(dict(self.generation_config, eos_token_id=self.eos_token_ids), f, indent=2)
+
+
+# -----------------------------------------------------------------------------
+# data sets: JSONL records with clear errors
+
+
+def read_jsonl(path) -> list[dict]:
+    """Every line a JSON object; a malformed line is an error naming the file and line, never skipped."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            record["_source"] = f"{path}:{line_number}"
+            records.append(record)
+    return records
+
+
+def _require_string(record, field_name):
+    value = record.get(field_name)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{record.get('_source', '?')}: field '{field_name}' must be a non-empty string, "
+                         f"got {value!r:.60}")
+    return value
+
+
+def sft_example(record, system_prompt=None) -> tuple[list[dict], str]:
+    """(prompt messages, completion) from {"prompt","completion"}, {"messages": [...]} (the last message is the
+    assistant's) or {"problem","reasoning","answer"} (rendered as <think>reasoning</think> \\boxed{answer})."""
+    source = record.get("_source", "?")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or len(messages) < 2 or not all(isinstance(m, dict) for m in messages):
+            raise ValueError(f"{source}: field 'messages' must be a list of at least two role/content objects")
+        for i, message in enumerate(messages):
+            if message.get("role") not in ("system", "user", "assistant") or not isinstance(message.get("content"), str):
+                raise ValueError(f"{source}: field 'messages[{i}]' needs a role (system/user/assistant) and content")
+        if messages[-1]["role"] != "assistant":
+            raise ValueError(f"{source}: field 'messages' must end with an assistant message")
+        return messages[:-1], messages[-1]["content"]
+    if "prompt" in record or "completion" in record:
+        prompt, completion = _require_string(record, "prompt"), _require_string(record, "completion")
+    elif "problem" in record:
+        prompt = _require_string(record, "problem")
+        completion = f"<think>\n{_require_string(record, 'reasoning').strip()}\n</think>\n\n" \
+                     f"\\boxed{{{_require_string(record, 'answer')}}}"
+    else:
+        raise ValueError(f"{source}: expected fields prompt/completion, messages, or problem/reasoning/answer; "
+                         f"found {sorted(k for k in record if k != '_source')}")
+    messages = [{"role": "user", "content": prompt}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages, completion
+
+
+# -----------------------------------------------------------------------------
+# the built-in demo: GSM8K in miniature, with an imperfect teacher
+
+DEMO_NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lena", "Milo", "Nia"]
+DEMO_ITEMS = ["apples", "coins", "books", "stamps", "marbles", "shells", "cards", "pens", "eggs", "stickers"]
+DEMO_STEPS = {  # operation -> sentence template; the operand is in {k}
+    "+": ["gets {k} more", "finds {k} more", "buys {k} more"],
+    "-": ["gives away {k}", "loses {k}", "sells {k}"],
+    "*": ["ends up with {k} times as many", "multiplies them by {k}"],
+}
+
+
+def demo_problem(rng) -> dict:
+    """A 2-4 step word problem on small integers; every intermediate value stays in 0..99."""
+    name, item = rng.choice(DEMO_NAMES), rng.choice(DEMO_ITEMS)
+    value = rng.randint(2, 20)
+    sentences, steps = [f"{name} has {value} {item}."], []
+    for _ in range(rng.randint(2, 4)):
+        options = ["+"] + (["-"] if value > 0 else []) + (["*"] if 0 < value <= 12 else [])
+        op = rng.choice(options)
+        k = rng.randint(2, 3) if op == "*" else rng.randint(1, min(value, 9)) if op == "-" else rng.randint(1, 9)
+        if op == "+" and value + k > 99:
+            op, k = "-", rng.randint(1, 9)
+        result = value + k if op == "+" else value - k if op == "-" else value * k
+        sentences.append(f"Then {name} {rng.choice(DEMO_STEPS[op]).format(k=k)}.")
+        steps.append((value, op, k, result))
+        value = result
+    question = " ".join(sentences) + f" How many {item} does {name} have now?"
+    return {"problem": question, "steps": steps, "answer": str(value)}
+
+
+def is_demo_heldout(problem_text: str) -> bool:
+    """One problem in eight, chosen by a hash of its text, belongs to the held-out split: a training stream and an
+    eval stream can never share a problem, whatever seeds they use."""
+    import zlib
+
+    return zlib.crc32(problem_text.encode()) % 8 == 0
+
+
+def demo_problems(count, seed, heldout: bool) -> list[dict]:
+    import random
+
+    rng, problems, seen = random.Random(seed), [], set()
+    while len(problems) < count:
+        problem = demo_problem(rng)
+        if is_demo_heldout(problem["problem"]) == heldout and problem["problem"] not in seen:
+            seen.add(problem["problem"])
+            problems.append(problem)
+    return problems
+
+
+def demo_trace(problem, rng, slip_rate=0.25) -> str:
+    """The teacher's r1-style trace. With probability slip_rate one step's result is off by a little, and the
+    error carries through to a wrong final answer, as in traces distilled from a real, imperfect model."""
+    steps = problem["steps"]
+    slip_at = rng.randrange(len(steps)) if rng.random() < slip_rate else None
+    lines, value = [], steps[0][0]
+    for i, (_, op, k, _) in enumerate(steps):
+        result = value + k if op == "+" else value - k if op == "-" else value * k
+        if i == slip_at:
+            result = max(0, result + rng.choice([-2, -1, 1, 2]))
+        lines.append(f"{value} {op} {k} = {result}")
+        value = result
+    return "<think>\n" + "\n".join(lines) + "\n</think>\n\n\\boxed{" + str(value) + "}"
+
+
+DEMO_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+DEMO_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+DEMO_THINK_TOKENS = ["<think>", "</think>"]  # single tokens, but not "special": decoding keeps them (as in Qwen3)
+
+
+def build_demo_tokenizer(path, seed=0) -> "Tokenizer":
+    """A small byte-level BPE (digits kept one per token, which arithmetic needs) trained on demo text, with a
+    ChatML template, saved like any Hugging Face tokenizer."""
+    import random
+
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    rng = random.Random(seed)
+    corpus = []
+    for problem in demo_problems(2000, seed=seed + 1, heldout=False):
+        corpus += [problem["problem"], demo_trace(problem, rng)]
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=DEMO_SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(corpus + ["system", "user", "assistant"] * 2000, trainer)
+    tk.add_tokens([AddedToken(token, special=False, normalized=False) for token in DEMO_THINK_TOKENS])
+    os.makedirs(path, exist_ok=True)
+    tk.save(os.path.join(path, "tokenizer.json"))
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": DEMO_CHAT_TEMPLATE,
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    eos = [tk.token_to_id("<|im_end|>"), tk.token_to_id("<|endoftext|>")]
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": eos, "pad_token_id": eos[1]}, f, indent=2)
+    return Tokenizer.from_pretrained(path)
+
+
+DEMO_MODEL = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, rope_theta=10000.0)
+
+
+def build_demo_model(path, seed=0):
+    """The demo's untrained starting point as a normal Hugging Face folder: the demo tokenizer and a Qwen2-shaped
+    model of ~2.5M parameters with random weights. Everything downstream loads it as it would a real model."""
+    from model import ModelConfig, Transformer, init_weights
+
+    tokenizer = build_demo_tokenizer(path, seed=seed)
+    vocab_size = (tokenizer.vocab_size + 63) // 64 * 64
+    config = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=vocab_size, qkv_bias=True,
+                         torch_dtype="float32", eos_token_id=tokenizer.eos_token_ids[0], **DEMO_MODEL)
+    model = init_weights(Transformer(config), seed=seed)
+    model.save_pretrained(path)
+    return path

@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kernels.attention import attention
+from kernels.logprob import IGNORE_INDEX, token_logprobs
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -315,10 +316,14 @@ class Transformer(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache=None, return_hidden=False):
+    def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache=None, return_hidden=False,
+                targets=None, temperature=1.0, return_entropy=False):
         """input_ids (B, T). position_ids (B, T) default 0..T-1. cu_seqlens (n_docs + 1,) int32 prefix sums of
         document lengths for a packed row (B must be 1). cache: the sampler's dict (kv: KVCache, slots (B,),
-        positions (B, T), key_len: keys to attend over, first_slot: set when slots are consecutive). Returns float32 logits (B, T, vocab), or the final normed hidden states (B, T, dim)."""
+        positions (B, T), key_len: keys to attend over, first_slot: set when slots are consecutive). Returns float32 logits (B, T, vocab); or the final normed
+        hidden states (B, T, dim) with return_hidden; or, given targets (B, T) (IGNORE_INDEX where none), the
+        float32 log-prob of each target (B, T) (and entropy) from the fused log-prob path, never the logits. The
+        head runs inside forward so that DDP and FSDP2 see it as part of the model."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = cache["positions"] if cache else torch.arange(T, device=input_ids.device).expand(B, T)
@@ -337,6 +342,10 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         if return_hidden:
             return x
+        if targets is not None:
+            result = token_logprobs(x.reshape(B * T, -1), self.lm_head_weight, targets.reshape(-1),
+                                    temperature=temperature, return_entropy=return_entropy)
+            return tuple(r.view(B, T) for r in result) if return_entropy else result.view(B, T)
         return F.linear(x, self.lm_head_weight).float()
 
     # ---- checkpoint I/O -------------------------------------------------------
@@ -401,6 +410,20 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def sequence_logprobs(model, input_ids, position_ids=None, cu_seqlens=None, temperature=1.0, return_entropy=False):
+    """Per-token log-probs of the given tokens, aligned with them: out[:, t] = log p(x_t | x_<t), with out[:, 0] = 0
+    and 0 for the first token of each packed document. `model` may be wrapped (DDP, FSDP2). No (tokens x vocab)
+    logits are held. input_ids (B, T) -> (B, T) float32, and the entropy of each predicting distribution."""
+    targets = torch.full_like(input_ids, IGNORE_INDEX)
+    targets[:, :-1] = input_ids[:, 1:]  # position t predicts token t + 1
+    if cu_seqlens is not None:  # the last token of a document does not predict the next document's first
+        targets[0, cu_seqlens[1:-1].long() - 1] = IGNORE_INDEX
+    result = model(input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens, targets=targets,
+                   temperature=temperature, return_entropy=return_entropy)
+    shift = lambda values: torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)  # (B, T)
+    return tuple(shift(r) for r in result) if return_entropy else shift(result)
 
 
 def checkpoint_files(path) -> list[str]:

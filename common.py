@@ -1,0 +1,290 @@
+"""
+What train_sft.py, train_grpo.py and eval.py share: config overrides, distributed set-up, wrapping a plain model
+for DDP or FSDP2, checkpoints with exact resume, and logging. Nothing here knows the algorithms.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# config: a dataclass, named presets, --key=value overrides with type checks
+
+
+def parse_config(config_class, presets: dict, argv=None):
+    """`--preset=name` applies a named dict of overrides first; then every `--key=value` in order. Unknown keys
+    and values of the wrong type are errors that name them."""
+    argv = sys.argv[1:] if argv is None else argv
+    types = {f.name: f.type for f in dataclasses.fields(config_class)}
+    overrides = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"arguments are --key=value, got {arg!r}")
+        key, value = arg[2:].split("=", 1)
+        if key != "preset" and key not in types:
+            raise SystemExit(f"unknown config key {key!r}; known: {', '.join(sorted(types))}")
+        overrides[key] = value
+    preset = overrides.pop("preset", None)
+    config = config_class()
+    if preset is not None:
+        if preset not in presets:
+            raise SystemExit(f"unknown preset {preset!r}; known: {', '.join(presets)}")
+        config = dataclasses.replace(config, **presets[preset])
+    for key, value in overrides.items():
+        setattr(config, key, _convert(key, value, types[key]))
+    return config
+
+
+def _convert(key, value, annotation):
+    kind = annotation if isinstance(annotation, type) else {"int": int, "float": float, "bool": bool, "str": str}.get(
+        str(annotation).split("|")[0].strip(), str)
+    try:
+        if kind is bool:
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            return value.lower() in ("1", "true", "yes")
+        return kind(value)
+    except ValueError:
+        raise SystemExit(f"--{key}={value!r}: expected {kind.__name__}") from None
+
+
+# -----------------------------------------------------------------------------
+# distributed: a few lines that leave the single-process path unchanged
+
+
+def init_distributed(device_name="auto"):
+    """Returns (rank, world_size, device). Under torchrun: nccl on GPUs, gloo on CPUs."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(f"cuda:{local_rank}" if device_name == "cuda" else device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device
+
+
+def all_reduce_sum(value: float, device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(value)
+    tensor = torch.tensor(float(value), device=device, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.item()
+
+
+def all_gather_objects(obj) -> list:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def wrap_model(model, parallel: str, device, activation_checkpointing=False):
+    """Parallelism applied to a plain model (model.py never imports torch.distributed):
+    ddp:  every rank holds the whole model; gradients are averaged in the backward.
+    fsdp: FSDP2, each block sharded over ranks (fully_shard), then the root; parameters are gathered per block
+          in the forward and freed after, so a model larger than one card trains.
+    Returns the wrapped model (call it) and the plain one (for saving, sampling and the log-prob path)."""
+    model.gradient_checkpointing = activation_checkpointing
+    if not dist.is_initialized() or parallel == "none":
+        return model, model
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None), model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        return model, model
+    raise ValueError(f"parallel must be none, ddp or fsdp, not {parallel!r}")
+
+
+def no_sync(wrapped, last_micro_step: bool):
+    """Skip DDP's gradient all-reduce on all but the last micro-step of an accumulation."""
+    if hasattr(wrapped, "require_backward_grad_sync"):
+        wrapped.require_backward_grad_sync = last_micro_step
+    elif hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(last_micro_step)
+
+
+def is_sharded(model) -> bool:
+    if not dist.is_initialized():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(model) -> dict:
+    """Whole (unsharded) weights on the CPU on every rank; under FSDP2 this gathers the shards."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def unsharded_copy(model):
+    """The model itself, or under FSDP2 a plain copy with the full weights on every rank: the sampler decodes a
+    different number of steps on each rank, which a sharded model (one all-gather per block and step, in
+    lockstep) cannot do. It costs one full copy of the weights per rank for the duration of the rollout."""
+    if not is_sharded(model):
+        return model
+    from model import Transformer
+
+    device = next(model.parameters()).device
+    with torch.device("meta"):
+        copy = Transformer(model.config)
+    copy.load_state_dict({k: v.to(device) for k, v in full_state_dict(model).items()}, assign=True)
+    return copy.eval()
+
+
+# -----------------------------------------------------------------------------
+# optimisation
+
+
+def lr_at(step, max_steps, lr, warmup_steps, min_lr_ratio=0.1):
+    """Linear warmup, then cosine decay to min_lr_ratio * lr."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
+    """AdamW; no weight decay on norms and biases."""
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=False)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: a Hugging Face folder + run state for exact resume
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir, model, tokenizer, optimizer, step, config, metrics, rank, world_size, extra=None,
+                    name=None):
+    """out_dir/step_XXXXXX (or out_dir/<name>): config.json + model.safetensors + tokenizer files (loads in transformers), run.json
+    (config, step, metrics), and per-rank state_rankN.pt (optimizer, RNG, extra) for exact resume. The folder
+    is written under a temporary name and renamed, so a crash mid-save never leaves a half checkpoint."""
+    from model import Transformer
+
+    path = os.path.join(out_dir, name or f"step_{step:06d}")
+    tmp = path + ".tmp"
+    weights = full_state_dict(model)
+    optimizer_state = _optimizer_state(model, optimizer)
+    if rank == 0:
+        os.makedirs(tmp, exist_ok=True)
+        with torch.device("meta"):
+            shell = Transformer(model.config)
+        shell.load_state_dict(weights, assign=True)
+        shell.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "run.json"), "w") as f:
+            json.dump({"config": dataclasses.asdict(config), "step": step, "metrics": metrics,
+                       "world_size": world_size, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=2)
+    if dist.is_initialized():
+        dist.barrier()
+    torch.save({"optimizer": optimizer_state, "rng": rng_state(), "extra": extra or {}},
+               os.path.join(tmp, f"state_rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        if os.path.exists(path):  # the same step saved again (a resumed run): the new one wins
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        with open(os.path.join(out_dir, "latest"), "w") as f:
+            f.write(os.path.basename(path))
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def _optimizer_state(model, optimizer):
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                   cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def latest_checkpoint(out_dir) -> str | None:
+    marker = os.path.join(out_dir, "latest")
+    if not os.path.exists(marker):
+        return None
+    with open(marker) as f:
+        return os.path.join(out_dir, f.read().strip())
+
+
+def load_run_state(path, model, optimizer, rank):
+    """Restores optimizer and RNG state saved by save_checkpoint (weights are loaded from the folder itself)."""
+    state_file = os.path.join(path, f"state_rank{rank}.pt")
+    if not os.path.exists(state_file):
+        raise FileNotFoundError(f"{state_file} is missing: resume with the same number of processes as the run "
+                                f"that wrote {path}")
+    state = torch.load(state_file, weights_only=False)
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    with open(os.path.join(path, "run.json")) as f:
+        run = json.load(f)
+    return run["step"], run.get("metrics", {}), state["extra"]
+
+
+# -----------------------------------------------------------------------------
+# logging
+
+
+class MetricsLog:
+    """Appends one JSON object per line; only rank 0 writes."""
+
+    def __init__(self, path, enabled=True):
+        self.path = path if enabled else None
+        if self.path:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def write(self, **metrics):
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+
+def format_eta(seconds):
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"

@@ -1,0 +1,114 @@
+# python -m pytest tests/test_train_sft.py -q
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from data import Tokenizer, build_demo_model
+from model import Transformer, sequence_logprobs
+import train_sft
+
+TINY = ["--max_steps=4", "--batch_size=8", "--micro_batch_size=4", "--demo_examples=64", "--eval_problems=0",
+        "--warmup_steps=2", "--log_every=1", "--lr=1e-3"]
+
+
+def run(out_dir, *extra):
+    return train_sft.main(TINY + [f"--out_dir={out_dir}"] + list(extra))
+
+
+def weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def torchrun(nproc, args, cwd):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               os.path.join(ROOT, "train_sft.py")] + args
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory):
+    return build_demo_model(tmp_path_factory.mktemp("demo"))
+
+
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(demo_folder):
+    tokenizer = Tokenizer.from_pretrained(demo_folder)
+    examples = train_sft.load_examples(train_sft.parse_config(train_sft.Config, {}, ["--demo_examples=5"]),
+                                       tokenizer, rank=0)
+    results = []
+    for pack in (True, False):
+        model = Transformer.from_pretrained(demo_folder)
+        batch = train_sft.make_batch(examples, pack, tokenizer.pad_token_id, torch.device("cpu"))
+        logprobs = sequence_logprobs(model, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"])
+        loss = -(logprobs * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert abs(results[0][0] - results[1][0]) < 1e-5
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+
+
+def test_loss_mask_covers_completion_tokens_only(demo_folder):
+    tokenizer = Tokenizer.from_pretrained(demo_folder)
+    examples = train_sft.load_examples(train_sft.parse_config(train_sft.Config, {}, ["--demo_examples=3"]),
+                                       tokenizer, rank=0)
+    for ids, mask in examples:
+        completion = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+        assert completion.startswith("<think>") and completion.endswith("}<|im_end|>")
+        assert "How many" in tokenizer.decode([t for t, m in zip(ids, mask) if not m])
+
+
+def test_tiny_run_loss_falls_and_matches_golden_losses(tmp_path):
+    run(tmp_path, "--max_steps=12")
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")]
+    assert losses[-1] < losses[0] - 0.5
+    with open(os.path.join(ROOT, "tests", "assets", "sft_golden_losses.json")) as f:
+        golden = json.load(f)
+    assert losses[: len(golden)] == pytest.approx(golden, rel=2e-3)
+    assert os.path.exists(tmp_path / "final" / "model.safetensors")
+    assert Transformer.from_pretrained(tmp_path / "final").num_parameters() > 1e6
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
+    run(tmp_path / "straight")
+    run(tmp_path / "split", "--max_steps=2")
+    run(tmp_path / "split", "--resume=true")
+    straight, resumed = weights(tmp_path / "straight" / "final"), weights(tmp_path / "split" / "final")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path, demo_folder):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1?", "completion": "2"}\n{"prompt": "2+2?"\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        run(tmp_path / "out", f"--data={bad}", f"--model={demo_folder}")
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"prompt": "1+1?", "completion": "2"}\n{"prompt": "2+2?", "answer": 4}\n')
+    with pytest.raises(ValueError, match=r"missing.jsonl:2: field 'completion'"):
+        run(tmp_path / "out", f"--data={missing}", f"--model={demo_folder}")
+
+
+def test_jsonl_formats_train(tmp_path, demo_folder):
+    data = tmp_path / "traces.jsonl"
+    rows = [{"prompt": "Ava has 3 pens. How many?", "completion": "<think>\n3\n</think>\n\n\\boxed{3}"},
+            {"messages": [{"role": "user", "content": "Ben has 2 eggs."}, {"role": "assistant", "content": "2"}]},
+            {"problem": "Cleo has 5 cards.", "reasoning": "5", "answer": "5"}] * 4
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    metrics = run(tmp_path / "out", f"--data={data}", f"--model={demo_folder}", "--max_steps=2")
+    assert metrics["loss"] > 0
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_gloo_equals_one_process(tmp_path, parallel):
+    args = TINY + ["--max_steps=2", "--micro_batch_size=2"]
+    torchrun(1, args + [f"--out_dir={tmp_path / 'one'}", "--parallel=ddp"], tmp_path)
+    torchrun(2, args + [f"--out_dir={tmp_path / 'two'}", f"--parallel={parallel}"], tmp_path)
+    one, two = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=2e-6), name
