@@ -206,21 +206,19 @@ DEMO_ITEMS = ["apples", "coins", "books", "stamps", "marbles", "shells", "cards"
 DEMO_STEPS = {  # operation -> sentence template; the operand is in {k}
     "+": ["gets {k} more", "finds {k} more", "buys {k} more"],
     "-": ["gives away {k}", "loses {k}", "sells {k}"],
-    "*": ["ends up with {k} times as many", "multiplies them by {k}"],
+    "*": ["ends up with {k} times as many", "doubles them"],
 }
 
 
 def demo_problem(rng) -> dict:
-    """A 2-4 step word problem on small integers; every intermediate value stays in 0..99."""
+    """A 2-4 step word problem on small integers (add or take away 1-9, or double): values stay under 60."""
     name, item = rng.choice(DEMO_NAMES), rng.choice(DEMO_ITEMS)
     value = rng.randint(2, 20)
     sentences, steps = [f"{name} has {value} {item}."], []
     for _ in range(rng.randint(2, 4)):
-        options = ["+"] + (["-"] if value > 0 else []) + (["*"] if 0 < value <= 12 else [])
+        options = ["+"] + (["-"] if value > 0 else []) + (["*"] if 0 < value <= 10 else [])
         op = rng.choice(options)
-        k = rng.randint(2, 3) if op == "*" else rng.randint(1, min(value, 9)) if op == "-" else rng.randint(1, 9)
-        if op == "+" and value + k > 99:
-            op, k = "-", rng.randint(1, 9)
+        k = 2 if op == "*" else rng.randint(1, min(value, 9)) if op == "-" else rng.randint(1, 9)
         result = value + k if op == "+" else value - k if op == "-" else value * k
         sentences.append(f"Then {name} {rng.choice(DEMO_STEPS[op]).format(k=k)}.")
         steps.append((value, op, k, result))

@@ -28,7 +28,7 @@ from common import all_gather_objects, format_eta, init_distributed, parse_confi
 from data import Tokenizer, demo_problems, read_jsonl
 from model import Transformer
 from sampler import generate
-from verifier import normalize, verify_batch
+from verifier import normalize, plain_number, verify_batch
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -132,9 +132,14 @@ def pass_at_k(n, c, k) -> float:
 
 
 def majority_vote(samples) -> dict | None:
-    """The most frequent answer among samples that have one (answers compared after normalisation). A tie goes to
-    the answer that appeared first, so the result never depends on dictionary order."""
-    answers = [(normalize(s["extracted"]), s) for s in samples if s["extracted"] is not None]
+    """The most frequent answer among samples that have one. Answers are compared after normalisation, numbers by
+    value ("5" and "5.0" are one vote). A tie goes to the answer seen first, never to dictionary order."""
+    def key(answer):
+        text = normalize(answer)
+        number = plain_number(text)
+        return number if number is not None else text
+
+    answers = [(key(s["extracted"]), s) for s in samples if s["extracted"] is not None]
     if not answers:
         return None
     counts = Counter(key for key, _ in answers)

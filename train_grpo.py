@@ -341,10 +341,12 @@ def main(argv=None):
         # 1. rollout: this rank's groups, sampled by the current policy
         t0 = time.time()
         policy = unsharded_copy(model)
-        rng = np.random.RandomState(config.seed + step * 7919 + rank)  # the data position is the step number
         samples, rounds, zero_variance_groups = [], 0, 0
         while len(samples) < prompts_per_rank * config.group_size and rounds <= config.max_resample_rounds:
-            batch = [problems[i] for i in rng.randint(0, len(problems), prompts_per_rank)]
+            # the same global draw on every rank, each taking its share: the data position is the step number,
+            # whatever the number of ranks
+            rng = np.random.RandomState(config.seed * 1_000_003 + step * 7919 + rounds)
+            batch = [problems[i] for i in rng.randint(0, len(problems), config.prompts_per_step)[rank::world_size]]
             new = rollout(policy, tokenizer, batch, config, seed=config.seed * 1000003 + step * 101 + rounds * 13 + rank)
             groups = [new[i: i + config.group_size] for i in range(0, len(new), config.group_size)]
             flat = [s["reward"] for s in new]

@@ -1,0 +1,172 @@
+# python -m pytest tests/test_attention.py -q      (on CPU the Triton kernels run in Triton's interpreter)
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels.attention as attention_module
+from conftest import ROOT
+from kernels.attention import attention, attention_ref, document_causal_mask
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton_run = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
+                                      reason="needs a GPU or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+
+
+def naive(q, k, v, mask, scale):
+    """softmax(QK^T) V with an explicit (T, S) mask, in float64, one head at a time."""
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=q.dtype)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            scores = q[b, h] @ k[b, h // group].T * scale
+            scores = scores.masked_fill(~mask, float("-inf"))
+            lse[b, h] = scores.logsumexp(-1)
+            out[b, h] = torch.softmax(scores, -1) @ v[b, h // group]
+    return out, lse
+
+
+def test_reference_matches_naive_with_explicit_masks():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 20, 16, dtype=torch.float64), torch.randn(1, 2, 20, 16, dtype=torch.float64), \
+        torch.randn(1, 2, 20, 16, dtype=torch.float64)
+    causal = torch.ones(20, 20, dtype=torch.bool).tril()
+    out, lse = attention_ref(q, k, v, causal=True, return_lse=True)
+    expected, expected_lse = naive(q, k, v, causal, 16 ** -0.5)
+    assert torch.allclose(out, expected, atol=1e-12) and torch.allclose(lse, expected_lse, atol=1e-12)
+    assert torch.allclose(attention_ref(q, k, v, causal=True), expected, atol=1e-12)
+    cu = torch.tensor([0, 7, 8, 20], dtype=torch.int32)
+    mask = document_causal_mask(cu, 20)
+    assert mask[7, 6] == False and mask[8, 7] == False and mask[19, 8] and not mask[8, 9]  # noqa: E712
+    assert torch.allclose(attention_ref(q, k, v, cu_seqlens=cu), naive(q, k, v, mask, 16 ** -0.5)[0], atol=1e-12)
+
+
+def poisoned_empty(monkeypatch):
+    """Kernel outputs start as NaN, so an element the kernel forgets to write fails the comparison."""
+    original = torch.empty
+
+    def empty(*args, **kwargs):
+        tensor = original(*args, **kwargs)
+        return tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+
+    monkeypatch.setattr(attention_module.torch, "empty", empty)
+
+
+CASES = [  # (batch, query heads, kv heads, lengths (packed when several), head dim)
+    (2, 4, 4, [33], 64),
+    (1, 4, 2, [130], 64),
+    (2, 2, 1, [17], 128),
+    (1, 4, 2, [1, 7, 130, 64], 64),
+    (1, 2, 2, [5, 1, 40], 128),
+    (1, 2, 1, [70], 80),
+]
+
+
+@needs_triton_run
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("batch, heads, kv_heads, lengths, head_dim", CASES)
+def test_triton_matches_reference_in_float64(monkeypatch, dtype, batch, heads, kv_heads, lengths, head_dim):
+    torch.manual_seed(sum(lengths) + head_dim)
+    total = sum(lengths)
+    packed = len(lengths) > 1
+    cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE) if packed else None
+    shape = lambda h: (batch, total, h, head_dim)  # the model's layout, transposed to (B, H, T, D): strided
+    q = torch.randn(shape(heads), dtype=dtype, device=DEVICE).transpose(1, 2).requires_grad_()
+    k = torch.randn(shape(kv_heads), dtype=dtype, device=DEVICE).transpose(1, 2).requires_grad_()
+    v = torch.randn(shape(kv_heads), dtype=dtype, device=DEVICE).transpose(1, 2).requires_grad_()
+    grad_out = torch.randn(batch, heads, total, head_dim, dtype=dtype, device=DEVICE)
+    poisoned_empty(monkeypatch)
+    out, lse = attention(q, k, v, cu_seqlens=cu, return_lse=True, backend="triton")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    monkeypatch.undo()
+    reference = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = attention_ref(*reference, cu_seqlens=cu.cpu() if packed else None, return_lse=True)
+    ref_grads = torch.autograd.grad(ref_out, reference, grad_out.double().cpu())
+    tolerance = 2e-5 if dtype == torch.float32 else 4e-3
+    assert (out.double().cpu() - ref_out).abs().max() < tolerance
+    assert (lse.double().cpu() - ref_lse).abs().max() < tolerance
+    for ours, ref in zip((dq, dk, dv), ref_grads):
+        assert not ours.isnan().any()
+        assert (ours.double().cpu() - ref).abs().max() < tolerance * 4 * max(1.0, ref.abs().max().item() / 4)
+
+
+def test_dispatcher_uses_the_reference_on_cpu_and_refuses_unknown_backends():
+    q = torch.randn(1, 2, 5, 16)
+    assert torch.equal(attention(q, q, q), attention_ref(q, q, q))
+    with pytest.raises(ValueError, match="backend"):
+        attention(q, q, q, backend="cuda")
+
+
+COMPILE_SCRIPT = r"""
+import json, os, subprocess, sys, tempfile
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+sys.path.insert(0, sys.argv[1])
+import kernels.attention as A
+
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+types = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+rows = []
+for arch in (80, 90):
+    for dtype, name in types.items():
+        for head_dim in (64, 128):
+            for varlen in (False, True):
+                for pass_name, kernel in (("forward", A._attention_forward_kernel),
+                                          ("dkdv", A._attention_backward_dkdv_kernel),
+                                          ("dq", A._attention_backward_dq_kernel)):
+                    config = A.kernel_config(head_dim, dtype, pass_name, arch)
+                    constants = dict(HEAD_DIM=head_dim, CAUSAL=True, VARLEN=varlen, PRECISION=A._precision(dtype),
+                                     BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_D=config["BLOCK_D"])
+                    signature = {}
+                    for arg in kernel.arg_names:
+                        if arg in constants:
+                            signature[arg] = "constexpr"
+                        elif arg == "cu_seqlens":
+                            signature[arg] = "*i32"
+                        elif arg in ("LSE", "DELTA"):
+                            signature[arg] = "*fp32"
+                        elif arg.isupper():
+                            signature[arg] = "*" + name
+                        elif arg.startswith("scale"):
+                            signature[arg] = "fp32"
+                        else:
+                            signature[arg] = "i32"
+                    compiled = triton.compile(ASTSource(kernel, signature, constants),
+                                              target=GPUTarget("cuda", arch, 32),
+                                              options=dict(num_warps=config["num_warps"],
+                                                           num_stages=config["num_stages"]))
+                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                        f.write(compiled.asm["cubin"])
+                        f.flush()
+                        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                               text=True).stdout
+                    rows.append(dict(arch=arch, dtype=name, head_dim=head_dim, varlen=varlen, kernel=pass_name,
+                                     shared=compiled.metadata.shared, usage=usage))
+print(json.dumps(rows))
+"""
+
+
+def test_compiles_for_sm80_and_sm90_without_spills():
+    """Every block configuration the launcher can choose, compiled ahead of time for A100 and H100 (no GPU
+    needed): no local-memory spills, shared memory within each card's limit."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, ROOT], capture_output=True, text=True, env=env,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(rows) == 2 * 3 * 2 * 2 * 3
+    limits = {80: 163 * 1024, 90: 227 * 1024}
+    import re
+
+    for row in rows:
+        what = f"{row['kernel']} sm_{row['arch']} {row['dtype']} d={row['head_dim']} varlen={row['varlen']}"
+        assert row["shared"] <= limits[row["arch"]], what
+        spills = [int(x) for x in re.findall(r"STACK:(\d+)", row["usage"])]
+        local = [int(x) for x in re.findall(r"LOCAL:(\d+)", row["usage"])]
+        assert spills and max(spills) == 0 and max(local) == 0, f"{what}: {row['usage']}"

@@ -1,0 +1,153 @@
+# python -m pytest tests/test_eval.py -q
+import json
+import math
+import os
+
+import pytest
+
+import eval as evaluation
+from conftest import SHARED, requires_shared
+from data import build_demo_model
+from eval import (DEEPSEEK_V3, benchmark_metrics, combined_score, load_benchmark, majority_vote, pass_at_k)
+
+
+def test_pass_at_k_known_values():
+    assert pass_at_k(10, 0, 1) == 0.0
+    assert pass_at_k(10, 10, 5) == 1.0
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert pass_at_k(5, 2, 3) == pytest.approx(1 - math.comb(3, 3) / math.comb(5, 3))  # 0.9
+    assert pass_at_k(8, 7, 2) == 1.0  # every pair holds a correct sample
+
+
+def sample(extracted, status):
+    return {"extracted": extracted, "status": status, "length": 10, "finish": "stop"}
+
+
+def test_majority_vote_ties_and_missing_answers():
+    samples = [sample(None, "no_answer"), sample("5", "correct"), sample("6", "incorrect"),
+               sample("6", "incorrect"), sample("5.0", "correct")]
+    assert majority_vote(samples)["extracted"] == "5"  # "5" and "5.0" are one answer: a 2-2 tie, "5" came first
+    tie = [sample("7", "incorrect"), sample("8", "correct"), sample("8", "correct"), sample("7", "incorrect")]
+    assert majority_vote(tie)["extracted"] == "7"  # a tie goes to the answer seen first
+    assert majority_vote([sample(None, "no_answer")]) is None
+    assert majority_vote([sample("\\frac{1}{2}", "correct"), sample("\\dfrac{1}{2}", "correct"),
+                          sample("3", "incorrect")])["status"] == "correct"  # normalised before voting
+
+
+def test_benchmark_metrics_and_combined_score():
+    records = [{"samples": [sample("1", "correct"), sample("2", "incorrect")]},
+               {"samples": [sample("3", "incorrect"), sample("3", "incorrect")]}]
+    metrics = benchmark_metrics(records, n=2)
+    assert metrics["pass@1"] == 25.0 and metrics["pass@2"] == 50.0 and metrics["maj@2"] == 50.0
+    assert combined_score({"gsm8k": 89.3, "math500": 90.2}) is None
+    assert combined_score({"gsm8k": 92.3, "math500": 80.2, "aime24": 40.2}) == pytest.approx((3 - 10 + 1) / 3)
+    assert DEEPSEEK_V3 == {"gsm8k": 89.3, "math500": 90.2, "aime24": 39.2}
+
+
+def write_fixtures(folder):
+    files = {
+        "gsm8k/test.jsonl": [{"question": f"What is {i}+1?", "answer": f"{i}+1={i + 1}\n#### {i + 1}"} for i in range(5)],
+        "math500/test.jsonl": [{"problem": f"Compute {i}/2.", "solution": f"$\\boxed{{\\frac{{{i}}}{{2}}}}$",
+                                "answer": f"\\frac{{{i}}}{{2}}", "unique_id": f"test/{i}.json"} for i in range(5)],
+        "aime2024/test.jsonl": [{"id": f"2024-I-{i}", "problem": f"Find {i}.", "answer": str(i)} for i in range(5)],
+    }
+    for relative, rows in files.items():
+        os.makedirs(os.path.dirname(os.path.join(folder, relative)), exist_ok=True)
+        with open(os.path.join(folder, relative), "w") as f:
+            f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_loaders_accept_each_format(tmp_path):
+    write_fixtures(tmp_path)
+    gsm8k = load_benchmark("gsm8k", tmp_path)
+    assert gsm8k[2] == {"id": "gsm8k-3", "problem": "What is 2+1?", "answer": "3"}
+    assert load_benchmark("math500", tmp_path)[1]["answer"] == "\\frac{1}{2}"
+    assert load_benchmark("math500", tmp_path)[1]["id"] == "test/1.json"
+    assert load_benchmark("aime24", tmp_path, limit=2)[1] == {"id": "2024-I-1", "problem": "Find 1.", "answer": "1"}
+    assert len(load_benchmark("demo", tmp_path, demo_count=7)) == 7
+
+
+def test_loader_names_file_line_and_field(tmp_path):
+    write_fixtures(tmp_path)
+    with open(tmp_path / "gsm8k/test.jsonl", "a") as f:
+        f.write(json.dumps({"question": "no marker", "answer": "42"}) + "\n")
+    with pytest.raises(ValueError, match=r"gsm8k/test.jsonl:6: field 'answer' has no '#### N'"):
+        load_benchmark("gsm8k", tmp_path)
+    with open(tmp_path / "aime2024/test.jsonl", "a") as f:
+        f.write('{"id": "x", "answer": "3"}\n')
+    with pytest.raises(ValueError, match=r"aime2024/test.jsonl:6: field 'problem'"):
+        load_benchmark("aime24", tmp_path)
+    with pytest.raises(SystemExit, match="missing"):
+        load_benchmark("amc23", tmp_path)
+
+
+@requires_shared("data", "math500")
+def test_loaders_on_the_real_files():
+    data = os.path.join(SHARED, "data")
+    assert len(load_benchmark("gsm8k", data)) == 1319
+    assert len(load_benchmark("math500", data)) == 500
+    assert [len(load_benchmark(b, data)) for b in ("aime24", "aime25", "amc23")] == [30, 30, 40]
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory):
+    return build_demo_model(tmp_path_factory.mktemp("model"))
+
+
+def test_end_to_end_eval_writes_every_output(tmp_path, random_model, capsys):
+    write_fixtures(tmp_path / "data")
+    out = tmp_path / "out"
+    results = evaluation.main([f"--model={random_model}", "--benchmarks=gsm8k,math500,aime24,demo",
+                               f"--data_dir={tmp_path / 'data'}", "--n=2", "--max_new_tokens=8", "--limit=5",
+                               f"--out_dir={out}"])
+    assert set(results) == {"gsm8k", "math500", "aime24", "demo"}
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["combined_score"] == pytest.approx(sum(results[b]["pass@1"] - DEEPSEEK_V3[b] for b in DEEPSEEK_V3) / 3)
+    lines = (out / "completions.jsonl").read_text().splitlines()
+    assert len(lines) == 20 and all(len(json.loads(l)["samples"]) == 2 for l in lines)
+    assert "status" in json.loads(lines[0])["samples"][0]
+    assert (out / "accuracy_vs_length.svg").read_text().startswith("<svg")
+    assert "combined score" in capsys.readouterr().out
+
+
+def test_sharded_equals_unsharded(random_model, monkeypatch):
+    from data import Tokenizer
+    from model import Transformer
+
+    model, tokenizer = Transformer.from_pretrained(random_model), Tokenizer.from_pretrained(random_model)
+    problems = load_benchmark("demo", "", demo_count=6)
+    kwargs = dict(n=1, temperature=0, max_new_tokens=6, instruction="none", show_progress=False)
+    whole = evaluation.evaluate(model, tokenizer, problems, **kwargs)
+    parts = [evaluation.evaluate(model, tokenizer, problems, rank=r, world_size=2, **kwargs) for r in range(2)]
+    merged = sorted(parts[0] + parts[1], key=lambda r: int(r["id"].split("-")[1]))
+    assert [r["samples"] for r in merged] == [r["samples"] for r in whole]
+
+
+def test_killed_eval_resumes(tmp_path, random_model, monkeypatch):
+    from data import Tokenizer
+    from model import Transformer
+
+    model, tokenizer = Transformer.from_pretrained(random_model), Tokenizer.from_pretrained(random_model)
+    problems = load_benchmark("demo", "", demo_count=6)
+    partial = str(tmp_path / "partial.jsonl")
+    kwargs = dict(n=1, temperature=0, max_new_tokens=6, instruction="none", show_progress=False, chunk=2,
+                  partial_file=partial)
+    calls = []
+    original = evaluation.generate
+
+    def dying_generate(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return original(*args, **kw)
+
+    monkeypatch.setattr(evaluation, "generate", dying_generate)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate(model, tokenizer, problems, **kwargs)
+    assert len(open(partial).readlines()) == 2  # the first chunk was kept
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    calls.clear()
+    resumed = evaluation.evaluate(model, tokenizer, problems, **kwargs)
+    assert len(calls) == 2 and [r["id"] for r in resumed] == [p["id"] for p in problems]
+    assert not os.path.exists(partial)
