@@ -14,16 +14,30 @@ kernel) keeps the extra memory independent of N x V.
 
 `token_logprobs_naive` is the one-line oracle for tests. `token_logprobs_ref` is the CPU path: chunks of tokens,
 each recomputed in the backward (activation checkpointing), so peak extra memory is one chunk's logits.
+The Triton kernels tile (BLOCK_N tokens x BLOCK_V vocabulary entries): the forward keeps an online log-sum-exp and
+the online sums the entropy needs, so it stores 3 floats per token; the backward recomputes each tile of logits,
+turns it into dlogits and accumulates dhidden and dweight with atomic adds in fp32 (Cut Cross-Entropy's scheme).
+Extra memory: fp32 dhidden (N x D) and fp32 dweight (V x D, the weight's gradient itself), never (N x V).
+Tolerance vs the fp32 reference with bf16 inputs: |logp| error <= 2e-3; every logp <= 0 (clamped).
 """
+
+import os
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 IGNORE_INDEX = -100
 
 
 def token_logprobs_naive(hidden, weight, targets, temperature=1.0, return_entropy=False, ignore_index=IGNORE_INDEX):
-    logprobs = torch.log_softmax((hidden @ weight.T).float() / temperature, dim=-1)  # (N, V)
+    logits = hidden @ weight.T  # (N, V)
+    logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
     valid = targets != ignore_index
     picked = logprobs.gather(-1, torch.where(valid, targets, 0)[:, None])[:, 0] * valid
     if not return_entropy:
@@ -32,38 +46,194 @@ def token_logprobs_naive(hidden, weight, targets, temperature=1.0, return_entrop
     return picked, entropy
 
 
-def _chunk(hidden, weight, targets, temperature, ignore_index):
-    logits = (hidden @ weight.T).float() / temperature  # (C, V)
+def _chunk(hidden, weight, targets, temperature, ignore_index, with_entropy):
+    logits = hidden @ weight.T  # (C, V), then at least fp32 (float64 stays float64 for tests)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     logsumexp = torch.logsumexp(logits, dim=-1)
     valid = targets != ignore_index
     picked = (logits.gather(-1, torch.where(valid, targets, 0)[:, None])[:, 0] - logsumexp) * valid
-    probs = torch.softmax(logits, dim=-1)
-    entropy = (logsumexp - (probs * logits).sum(-1)) * valid
+    if not with_entropy:
+        return picked, None
+    entropy = (logsumexp - (torch.softmax(logits, dim=-1) * logits).sum(-1)) * valid
     return picked, entropy
 
 
 def token_logprobs_ref(hidden, weight, targets, temperature=1.0, return_entropy=False, ignore_index=IGNORE_INDEX,
-                       chunk_size=1024):
+                       chunk_elements=2**23, chunk_size=None):
+    """Chunks of tokens sized so that one chunk's logits hold about chunk_elements values (32 MiB in fp32)."""
+    chunk_size = chunk_size or max(1, chunk_elements // weight.shape[0])
     picked, entropies = [], []
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     for start in range(0, hidden.shape[0], chunk_size):
         args = (hidden[start: start + chunk_size], weight, targets[start: start + chunk_size], temperature,
-                ignore_index)
+                ignore_index, return_entropy)
         p, e = checkpoint(_chunk, *args, use_reentrant=False) if needs_grad else _chunk(*args)
         picked.append(p)
         entropies.append(e)
     picked = torch.cat(picked) if picked else hidden.new_zeros(0, dtype=torch.float32)
+    picked = picked.clamp(max=0.0)  # rounding must never make a log-prob positive (verl-project/verl#2656)
     if not return_entropy:
         return picked
     return picked, torch.cat(entropies) if entropies else picked.clone()
 
 
+# -----------------------------------------------------------------------------
+# Triton kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _logits_tile(H, W, offs_n, offs_v, n_ok, v_ok, N, V, D, inv_temperature,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(BLOCK_N, BLOCK_V) tile of hidden @ weight.T / temperature, accumulated over D in fp32."""
+        z = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+        offs_k = tl.arange(0, BLOCK_K)
+        for k_start in range(0, D, BLOCK_K):
+            k_ok = k_start + offs_k < D
+            h = tl.load(H + offs_n[:, None] * D + k_start + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # (BLOCK_N, BLOCK_K)
+            w = tl.load(W + offs_v[None, :] * D + k_start + offs_k[:, None], mask=v_ok[None, :] & k_ok[:, None],
+                        other=0.0)  # (BLOCK_K, BLOCK_V)
+            z += tl.dot(h, w)
+        return z * inv_temperature
+
+    @triton.jit
+    def _logprob_forward_kernel(H, W, TARGETS, LOGP, ENTROPY, LSE, N, V, D, inv_temperature, ignore_index,
+                                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+        # program id: one block of BLOCK_N tokens; main loop over vocabulary tiles with an online log-sum-exp
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        targets = tl.load(TARGETS + offs_n, mask=n_ok, other=ignore_index)
+        running_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        sum_exp = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum exp(z - running_max)
+        sum_exp_z = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum exp(z - running_max) * z, for the entropy
+        target_z = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for v_start in range(0, V, BLOCK_V):
+            offs_v = v_start + tl.arange(0, BLOCK_V)
+            v_ok = offs_v < V
+            z = _logits_tile(H, W, offs_n, offs_v, n_ok, v_ok, N, V, D, inv_temperature, BLOCK_N, BLOCK_V, BLOCK_K)
+            z = tl.where(v_ok[None, :], z, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(z, 1))
+            rescale = tl.exp(running_max - new_max)
+            p = tl.exp(z - new_max[:, None])
+            sum_exp = sum_exp * rescale + tl.sum(p, 1)
+            sum_exp_z = sum_exp_z * rescale + tl.sum(p * tl.where(v_ok[None, :], z, 0.0), 1)
+            target_z += tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), 1)
+            running_max = new_max
+        # epilogue: log p(target) = z_target - lse (clamped at 0: rounding must never make it positive)
+        lse = running_max + tl.log(sum_exp)
+        valid = targets != ignore_index
+        tl.store(LOGP + offs_n, tl.where(valid, tl.minimum(target_z - lse, 0.0), 0.0), mask=n_ok)
+        tl.store(ENTROPY + offs_n, tl.where(valid, lse - sum_exp_z / sum_exp, 0.0), mask=n_ok)
+        tl.store(LSE + offs_n, lse, mask=n_ok)
+
+    @triton.jit
+    def _logprob_backward_kernel(H, W, TARGETS, LSE, ENTROPY, GRAD_LOGP, GRAD_ENTROPY, DH, DW, N, V, D,
+                                 inv_temperature, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                                 BLOCK_K: tl.constexpr):
+        """One (tokens x vocabulary) tile: recompute the logits, form dlogits, add its share of dhidden and
+        dweight. dlogp/dz = onehot - p;  dH/dz = -p (z - E_p[z]) with E_p[z] = lse - H."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        n_ok, v_ok = offs_n < N, offs_v < V
+        z = _logits_tile(H, W, offs_n, offs_v, n_ok, v_ok, N, V, D, inv_temperature, BLOCK_N, BLOCK_V, BLOCK_K)
+        lse = tl.load(LSE + offs_n, mask=n_ok, other=0.0)
+        entropy = tl.load(ENTROPY + offs_n, mask=n_ok, other=0.0)
+        grad_logp = tl.load(GRAD_LOGP + offs_n, mask=n_ok, other=0.0)  # 0 for ignored targets (launcher)
+        grad_entropy = tl.load(GRAD_ENTROPY + offs_n, mask=n_ok, other=0.0)
+        targets = tl.load(TARGETS + offs_n, mask=n_ok, other=-1)
+        p = tl.where(v_ok[None, :], tl.exp(z - lse[:, None]), 0.0)
+        onehot = (offs_v[None, :] == targets[:, None]).to(tl.float32)
+        expected_z = lse - entropy
+        dz = grad_logp[:, None] * (onehot - p) - grad_entropy[:, None] * p * (z - expected_z[:, None])
+        dz = tl.where(n_ok[:, None] & v_ok[None, :], dz * inv_temperature, 0.0)
+        offs_k = tl.arange(0, BLOCK_K)
+        for k_start in range(0, D, BLOCK_K):
+            k_ok = k_start + offs_k < D
+            w = tl.load(W + offs_v[:, None] * D + k_start + offs_k[None, :], mask=v_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # (BLOCK_V, BLOCK_K)
+            tl.atomic_add(DH + offs_n[:, None] * D + k_start + offs_k[None, :], tl.dot(dz.to(w.dtype), w),
+                          mask=n_ok[:, None] & k_ok[None, :])
+            h = tl.load(H + offs_n[:, None] * D + k_start + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # (BLOCK_N, BLOCK_K)
+            tl.atomic_add(DW + offs_v[:, None] * D + k_start + offs_k[None, :], tl.dot(tl.trans(dz.to(h.dtype)), h),
+                          mask=v_ok[:, None] & k_ok[None, :])
+
+
+# -----------------------------------------------------------------------------
+# launcher, autograd, dispatcher
+
+def kernel_config(dtype, pass_name):
+    """Tiles that compile without register spills on sm_80 and sm_90 (tests/test_logprob.py checks each)."""
+    if pass_name == "forward":
+        return dict(BLOCK_N=64, BLOCK_V=64 if dtype == torch.float32 else 128,
+                    BLOCK_K=32 if dtype == torch.float32 else 64, num_warps=8, num_stages=3)
+    return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_K=32 if dtype == torch.float32 else 64, num_warps=8, num_stages=2)
+
+
+def logprob_forward(hidden, weight, targets, temperature=1.0, ignore_index=IGNORE_INDEX):
+    N, D = hidden.shape
+    V = weight.shape[0]
+    logp = torch.empty(N, device=hidden.device, dtype=torch.float32)
+    entropy, lse = torch.empty_like(logp), torch.empty_like(logp)
+    config = kernel_config(hidden.dtype, "forward")
+    _logprob_forward_kernel[(triton.cdiv(N, config["BLOCK_N"]),)](
+        hidden, weight, targets, logp, entropy, lse, N, V, D, 1.0 / temperature, ignore_index, **config)
+    return logp, entropy, lse
+
+
+def logprob_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index):
+    N, D = hidden.shape
+    V = weight.shape[0]
+    valid = targets != ignore_index
+    grad_logp = torch.where(valid, grad_logp.float(), 0.0).contiguous()
+    grad_entropy = torch.where(valid, grad_entropy.float(), 0.0).contiguous()
+    dhidden = torch.zeros((N, D), device=hidden.device, dtype=torch.float32)
+    dweight = torch.zeros((V, D), device=hidden.device, dtype=torch.float32)
+    config = kernel_config(hidden.dtype, "backward")
+    grid = (triton.cdiv(N, config["BLOCK_N"]), triton.cdiv(V, config["BLOCK_V"]))
+    _logprob_backward_kernel[grid](hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, dhidden, dweight,
+                                   N, V, D, 1.0 / temperature, **config)
+    return dhidden.to(hidden.dtype), dweight.to(weight.dtype)
+
+
+class FusedLogprob(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index):
+        hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
+        logp, entropy, lse = logprob_forward(hidden, weight, targets, temperature, ignore_index)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        if grad_entropy is None:
+            grad_entropy = torch.zeros_like(grad_logp)
+        dhidden, dweight = logprob_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy,
+                                            ctx.temperature, ctx.ignore_index)
+        return dhidden, dweight, None, None, None
+
+
 def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, ignore_index=IGNORE_INDEX,
-                   backend="auto"):
-    """Public entry. backend: "auto" (Triton on CUDA when available, else the reference), "triton", "torch"."""
+                   backend=None):
+    """Public entry. backend: "auto" (Triton for CUDA tensors, the reference elsewhere), "triton", "torch";
+    the LOGPROB_BACKEND environment variable sets the default."""
+    backend = backend or os.environ.get("LOGPROB_BACKEND", "auto")
     if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be auto, torch or triton, not {backend!r}")
+        raise ValueError(f"log-prob backend must be auto, torch or triton, not {backend!r}")
+    if backend == "triton" or (backend == "auto" and triton is not None and hidden.is_cuda):
+        if hidden.is_cuda and torch.is_autocast_enabled("cuda"):  # a custom Function is not autocast by itself
+            dtype = torch.get_autocast_dtype("cuda")
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        logp, entropy = FusedLogprob.apply(hidden, weight, targets, temperature, ignore_index)
+        return (logp, entropy) if return_entropy else logp
     return token_logprobs_ref(hidden, weight, targets, temperature, return_entropy, ignore_index)
+
+
+# -----------------------------------------------------------------------------
+# exact KL between two models' next-token distributions (train_grpo.py --kl_estimator=full)
 
 
 def _kl_chunk(hidden, weight, ref_hidden, ref_weight, temperature, direction):
@@ -74,11 +244,12 @@ def _kl_chunk(hidden, weight, ref_hidden, ref_weight, temperature, direction):
     return (logq.exp() * (logq - logp)).sum(-1)  # KL(ref || pi)
 
 
-def kl_full(hidden, weight, ref_hidden, ref_weight, temperature=1.0, direction="reverse", chunk_size=1024):
+def kl_full(hidden, weight, ref_hidden, ref_weight, temperature=1.0, direction="reverse", chunk_size=None):
     """Exact per-token KL between the policy's and the reference's next-token distributions, over the whole
     vocabulary, in chunks of tokens recomputed in the backward (no (N, V) tensor is kept). (N,) float32."""
     if direction not in ("reverse", "forward"):
         raise ValueError(f"direction must be reverse or forward, not {direction!r}")
+    chunk_size = chunk_size or max(1, 2**23 // weight.shape[0])
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
