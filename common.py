@@ -154,6 +154,13 @@ def unsharded_copy(model):
     return copy.eval()
 
 
+def autocast_for(device):
+    """bf16 autocast on GPUs (fp32 master weights stay in the optimizer), nothing on CPUs."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
 # -----------------------------------------------------------------------------
 # optimisation
 

@@ -246,6 +246,7 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # under autocast q is bf16 while the residual stream is fp32
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             y = attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)

@@ -79,7 +79,9 @@ def _available_bytes(device) -> int | None:
 def allocate_cache(model: Transformer, slots: int, max_len: int) -> KVCache:
     """Computes the cache size before allocating it, and refuses one that cannot fit."""
     weight = model.lm_head_weight
-    dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    dtype = weight.dtype
+    if weight.is_cuda and torch.is_autocast_enabled("cuda"):  # keys and values come out of autocast's matmuls
+        dtype = torch.get_autocast_dtype("cuda")
     needed = KVCache.bytes_needed(model.config, slots, max_len, dtype)
     available = _available_bytes(weight.device)
     if available is not None and needed > 0.9 * available:

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (MetricsLog, all_gather_objects, all_reduce_sum, format_eta, full_state_dict, init_distributed,
+from common import (MetricsLog, all_gather_objects, all_reduce_sum, autocast_for, format_eta, full_state_dict, init_distributed,
                     latest_checkpoint, load_run_state, lr_at, make_optimizer, no_sync, parse_config, save_checkpoint, unsharded_copy,
                     wrap_model)
 from data import Tokenizer, demo_problems, read_jsonl
@@ -329,8 +329,7 @@ def main(argv=None):
         print(f"config: {dataclasses.asdict(config)}")
         print(f"policy {model_path}: {model.num_parameters() / 1e6:.1f}M parameters | {len(problems)} problems | "
               f"{world_size} process(es) on {device} | reference model: {'loaded' if ref_model else 'none (beta=0)'}")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    autocast = autocast_for(device)
     if start_step == 0 and config.eval_problems:
         heldout_eval(model, tokenizer, config, rank, world_size, 0, log)
 
@@ -347,7 +346,8 @@ def main(argv=None):
             # whatever the number of ranks
             rng = np.random.RandomState(config.seed * 1_000_003 + step * 7919 + rounds)
             batch = [problems[i] for i in rng.randint(0, len(problems), config.prompts_per_step)[rank::world_size]]
-            new = rollout(policy, tokenizer, batch, config, seed=config.seed * 1000003 + step * 101 + rounds * 13 + rank)
+            with autocast:
+                new = rollout(policy, tokenizer, batch, config, seed=config.seed * 1000003 + step * 101 + rounds * 13 + rank)
             groups = [new[i: i + config.group_size] for i in range(0, len(new), config.group_size)]
             flat = [s["reward"] for s in new]
             zero_variance_groups += sum(max(s["reward"] for s in g) == min(s["reward"] for s in g) for g in groups)
@@ -524,9 +524,10 @@ def heldout_eval(model, tokenizer, config, rank, world_size, step, log):
     from eval import benchmark_metrics, evaluate
 
     problems = [{"id": str(i), **p} for i, p in enumerate(load_problems(config, heldout=True)[: config.eval_problems])]
-    records = evaluate(unsharded_copy(model), tokenizer, problems, n=1, temperature=config.eval_temperature,
-                       top_p=1.0, max_new_tokens=config.max_new_tokens, instruction=config.instruction,
-                       seed=config.seed, rank=rank, world_size=world_size, show_progress=False)
+    with autocast_for(next(model.parameters()).device):
+        records = evaluate(unsharded_copy(model), tokenizer, problems, n=1, temperature=config.eval_temperature,
+                           top_p=1.0, max_new_tokens=config.max_new_tokens, instruction=config.instruction,
+                           seed=config.seed, rank=rank, world_size=world_size, show_progress=False)
     accuracy = benchmark_metrics(records, n=1)["pass@1"]
     if rank == 0:
         print(f"step {step}: held-out accuracy {accuracy:.1f}% ({len(problems)} problems, temperature "

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (MetricsLog, all_reduce_sum, format_eta, init_distributed, latest_checkpoint, load_run_state,
+from common import (MetricsLog, all_reduce_sum, autocast_for, format_eta, init_distributed, latest_checkpoint, load_run_state,
                     lr_at, make_optimizer, no_sync, parse_config, save_checkpoint, unsharded_copy, wrap_model)
 from data import Tokenizer, build_demo_model, demo_problems, demo_trace, read_jsonl, sft_example
 from model import Transformer, sequence_logprobs
@@ -127,9 +127,10 @@ def evaluate_demo(model, tokenizer, config, rank, world_size):
     from eval import benchmark_metrics, evaluate, load_benchmark
 
     problems = load_benchmark("demo", "", limit=config.eval_problems, demo_count=config.eval_problems)
-    records = evaluate(unsharded_copy(model), tokenizer, problems, n=1, temperature=config.eval_temperature,
-                       top_p=1.0, max_new_tokens=config.eval_max_new_tokens, instruction="none", seed=config.seed,
-                       rank=rank, world_size=world_size, show_progress=False)
+    with autocast_for(next(model.parameters()).device):
+        records = evaluate(unsharded_copy(model), tokenizer, problems, n=1, temperature=config.eval_temperature,
+                           top_p=1.0, max_new_tokens=config.eval_max_new_tokens, instruction="none",
+                           seed=config.seed, rank=rank, world_size=world_size, show_progress=False)
     return benchmark_metrics(records, n=1)["pass@1"]
 
 
@@ -166,8 +167,7 @@ def main(argv=None):
         print(f"model {model_path}: {model.num_parameters() / 1e6:.1f}M parameters | {len(examples)} examples | "
               f"{world_size} process(es) on {device} | {'packed' if pack else 'padded'} batches"
               + (f" | resuming at step {start_step}" if resume_from else ""))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    autocast = autocast_for(device)
 
     start_time, tokens_seen = time.time(), 0
     for step in range(start_step, config.max_steps):

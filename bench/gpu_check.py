@@ -1,0 +1,387 @@
+"""
+One prepared script that proves the GPU path and measures it at real scale, in one call of a few minutes.
+
+    python bench/gpu_check.py --out results/      # on a CUDA machine
+    python bench/gpu_check.py --smoke --out /tmp/x # a tiny CPU version (CI runs it so the script never rots)
+
+Steps, each in its own subprocess with a time limit, so that a failure or a slow step cannot eat the others' time;
+each prints one table row when it ends:
+  1. card, torch/triton versions, measured copy bandwidth and bf16 matmul TFLOP/s (the ceilings)
+  2. kernel correctness on the card in bf16 and fp16 against the references (attention fwd/bwd with GQA and packed
+     documents, log-prob and entropy fwd/bwd)
+  3. essentials of bench/attention.py and bench/logprob.py (ours vs SDPA, vs naive log-prob), with ratios
+  4. the sampler on a random-weight Qwen2.5-1.5B-shaped model: tokens/s at batch 1 and 64, vs transformers'
+     generate and vs the memory-bandwidth roofline
+  5. one SFT step and one GRPO step (G=8, 8 prompts, 1k-token completions, EOS ignored) on that model: time per
+     phase, tokens/s, MFU, peak memory; and the longest sequence that fits a GRPO update on one card
+  6. results.json and results.md in --out
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+QWEN25_15B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                  num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6,
+                  tie_word_embeddings=True, qkv_bias=True, max_position_embeddings=32768)
+TINY = dict(architecture="Qwen2ForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+            qkv_bias=True, max_position_embeddings=4096)
+STEP_LIMITS = {1: 60, 2: 150, 3: 240, 4: 200, 5: 240}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeat=1, warmup=None):
+    """Seconds per call of fn after one call of warmup (default: fn itself)."""
+    (warmup or fn)()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeat
+
+
+def random_model(shape, device, dtype):
+    """A model of the given shape with N(0, 0.02) weights made directly on the device."""
+    from model import ModelConfig, Transformer
+
+    with torch.device(device):
+        model = Transformer(ModelConfig(**shape)).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# 1. the card
+
+
+def step_card(smoke):
+    import triton
+
+    row = dict(torch=torch.__version__, triton=triton.__version__, python=sys.version.split()[0])
+    if smoke:
+        return dict(row, device="cpu (smoke)")
+    props = torch.cuda.get_device_properties(0)
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    seconds = timed(lambda: y.copy_(x), repeat=10)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    matmul = timed(lambda: a @ b, repeat=10)
+    return dict(row, device=props.name, memory_gib=props.total_memory / 2**30, sms=props.multi_processor_count,
+                capability=f"{props.major}.{props.minor}", copy_bandwidth_gbs=2 * x.numel() / seconds / 1e9,
+                bf16_matmul_tflops=2 * 8192**3 / matmul / 1e12)
+
+
+# -----------------------------------------------------------------------------
+# 2. kernel correctness on the card
+
+
+def step_correctness(smoke):
+    from kernels.attention import attention, attention_ref
+    from kernels.logprob import token_logprobs, token_logprobs_naive
+
+    device = "cpu" if smoke else "cuda"
+    results = {}
+    dtypes = [torch.float32] if smoke else [torch.bfloat16, torch.float16]
+    attention_cases = [(2, 12, 2, [300], 128), (1, 14, 2, [1, 7, 130, 513, 64], 64), (1, 4, 4, [257], 64)]
+    logprob_cases = [(300, 256, 1000), (1000, 1536, 151936)] if not smoke else [(40, 32, 300)]
+    if smoke:
+        attention_cases = [(1, 4, 2, [1, 7, 20], 64)]
+    for dtype in dtypes:
+        name = str(dtype).removeprefix("torch.")
+        worst = dict(out=0.0, lse=0.0, grad=0.0)
+        for B, H, Hkv, lengths, D in attention_cases:
+            total = sum(lengths)
+            cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32) if len(lengths) > 1 else None
+            make = lambda h: torch.randn(B, total, h, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+            q, k, v = make(H), make(Hkv), make(Hkv)
+            out, lse = attention(q, k, v, cu_seqlens=cu, return_lse=True, backend="triton")
+            grad = torch.randn_like(out)
+            grads = torch.autograd.grad(out, (q, k, v), grad)
+            ref_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+            ref_out, ref_lse = attention_ref(*ref_inputs, cu_seqlens=cu, return_lse=True)
+            ref_grads = torch.autograd.grad(ref_out, ref_inputs, grad.float())
+            worst["out"] = max(worst["out"], (out.float() - ref_out).abs().max().item())
+            worst["lse"] = max(worst["lse"], (lse - ref_lse).abs().max().item())
+            worst["grad"] = max(worst["grad"], max(((g.float() - r).abs().max() / r.abs().max().clamp(min=1)).item()
+                                                   for g, r in zip(grads, ref_grads)))
+        results[f"attention_{name}"] = dict(worst, ok=worst["out"] < 2e-2 and worst["lse"] < 2e-2
+                                            and worst["grad"] < 5e-2)
+        worst = dict(logp=0.0, entropy=0.0, grad=0.0, max_logp=float("-inf"))
+        for N, D, V in logprob_cases:
+            hidden = torch.randn(N, D, device=device, dtype=dtype).requires_grad_()
+            weight = (torch.randn(V, D, device=device, dtype=dtype) / D ** 0.5).requires_grad_()
+            targets = torch.randint(0, V, (N,), device=device)
+            logp, entropy = token_logprobs(hidden, weight, targets, 0.9, return_entropy=True, backend="triton")
+            grads = torch.autograd.grad(logp.sum() + 0.1 * entropy.sum(), (hidden, weight))
+            ref_inputs = [t.detach().float().requires_grad_() for t in (hidden, weight)]
+            ref_logp, ref_entropy = token_logprobs_naive(*ref_inputs, targets, 0.9, return_entropy=True)
+            ref_grads = torch.autograd.grad(ref_logp.sum() + 0.1 * ref_entropy.sum(), ref_inputs)
+            worst["logp"] = max(worst["logp"], (logp - ref_logp).abs().max().item())
+            worst["entropy"] = max(worst["entropy"], (entropy - ref_entropy).abs().max().item())
+            worst["max_logp"] = max(worst["max_logp"], logp.max().item())
+            worst["grad"] = max(worst["grad"], max(((g.float() - r).norm() / r.norm()).item()
+                                                   for g, r in zip(grads, ref_grads)))
+        results[f"logprob_{name}"] = dict(worst, ok=worst["logp"] <= 2e-3 and worst["max_logp"] <= 0
+                                          and worst["grad"] < 1e-2)
+    results["all_ok"] = all(r["ok"] for r in results.values())
+    return results
+
+
+# -----------------------------------------------------------------------------
+# 3. kernel benchmarks
+
+
+def step_kernel_bench(smoke):
+    if smoke:
+        from bench.logprob import cpu_table
+
+        return dict(logprob_cpu=cpu_table([256]))
+    from bench import attention as attention_bench
+    from bench import logprob as logprob_bench
+
+    return dict(attention=attention_bench.main(["--seqlens", "2048,4096,8192", "--tokens", "16384"]),
+                logprob=logprob_bench.cuda_table([16384, 65536]))
+
+
+# -----------------------------------------------------------------------------
+# 4. the sampler at real scale
+
+
+def step_sampler(smoke):
+    from sampler import generate
+
+    device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
+    shape = TINY if smoke else QWEN25_15B
+    model = random_model(shape, device, dtype).eval()
+    prompt_len, new_tokens = (16, 16) if smoke else (256, 512)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = None
+    if not smoke:
+        x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+        bandwidth = 2 * x.numel() / timed(lambda: torch.empty_like(x).copy_(x), repeat=5)
+    rows = []
+    for batch in (1, 64) if not smoke else (1, 4):
+        prompts = torch.randint(0, shape["vocab_size"], (batch, prompt_len)).tolist()
+        seconds = timed(lambda: generate(model, prompts, new_tokens, seed=0),
+                        warmup=lambda: generate(model, prompts, 8, seed=0))
+        row = dict(batch=batch, ours_tokens_per_s=batch * new_tokens / seconds)
+        if bandwidth:
+            kv_bytes = 2 * shape["num_hidden_layers"] * batch * shape["num_key_value_heads"] * (
+                prompt_len + new_tokens / 2) * (shape["hidden_size"] // shape["num_attention_heads"]) * 2
+            row["roofline_tokens_per_s"] = batch * bandwidth / (weight_bytes + kv_bytes)
+            row["share_of_roofline"] = row["ours_tokens_per_s"] / row["roofline_tokens_per_s"]
+        rows.append(row)
+    try:
+        import transformers
+    except ImportError:
+        return dict(rows=rows, transformers="not installed")
+    config = transformers.Qwen2Config(**{k: v for k, v in shape.items() if k not in ("architecture", "qkv_bias")})
+    with torch.device(device):
+        hf_model = transformers.Qwen2ForCausalLM(config).to(dtype).eval()
+    for row in rows:
+        ids = torch.randint(0, shape["vocab_size"], (row["batch"], prompt_len), device=device)
+        hf_generate = lambda tokens: hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                                       max_new_tokens=tokens, min_new_tokens=tokens, top_k=0,
+                                                       pad_token_id=0)
+        seconds = timed(lambda: hf_generate(new_tokens), warmup=lambda: hf_generate(8))
+        row["hf_tokens_per_s"] = row["batch"] * new_tokens / seconds
+        row["ratio_vs_hf"] = row["ours_tokens_per_s"] / row["hf_tokens_per_s"]
+    return dict(rows=rows)
+
+
+# -----------------------------------------------------------------------------
+# 5. one SFT step and one GRPO step at real scale
+
+
+def step_training(smoke):
+    import types
+
+    import train_grpo
+    from common import make_optimizer
+    from model import sequence_logprobs
+    from sampler import generate
+
+    device = "cpu" if smoke else "cuda"
+    shape = TINY if smoke else QWEN25_15B
+    model = random_model(shape, device, torch.float32).train()
+    model.gradient_checkpointing = True
+    optimizer = make_optimizer(model, 1e-5, 0.0)
+    params = model.num_parameters()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if not smoke else torch.autocast("cpu", enabled=False)
+    peak_flops = 989e12 if not smoke else 1e12  # H100 SXM dense bf16; MFU is reported against it
+    result = {}
+
+    # SFT: 8 documents of 2k tokens packed in one row
+    docs, doc_len = (2, 32) if smoke else (8, 2048)
+    ids = torch.randint(0, shape["vocab_size"], (1, docs * doc_len), device=device)
+    cu = torch.arange(0, docs + 1, device=device, dtype=torch.int32) * doc_len
+    positions = torch.arange(doc_len, device=device).repeat(docs)[None]
+
+    def sft_step():
+        with autocast:
+            loss = -sequence_logprobs(model, ids, positions, cu).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if not smoke:
+        torch.cuda.reset_peak_memory_stats()
+    seconds = timed(sft_step, repeat=2)
+    tokens = ids.numel()
+    result["sft"] = dict(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
+                         mfu=6 * params * tokens / seconds / peak_flops,
+                         peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if not smoke else None)
+
+    # GRPO: 8 prompts x G=8, 1k-token completions (EOS ignored), random 0/1 rewards (no tokenizer here)
+    prompts_n, group, prompt_len, new_tokens = (2, 2, 8, 8) if smoke else (8, 8, 256, 1024)
+    config = types.SimpleNamespace(eps_low=0.2, eps_high=0.28, beta=0.0, entropy_coef=0.0, loss_agg="token-mean",
+                                   max_new_tokens=new_tokens)
+    if not smoke:
+        torch.cuda.reset_peak_memory_stats()
+    times = {}
+    start = time.perf_counter()
+    prompts = torch.randint(0, shape["vocab_size"], (prompts_n, prompt_len)).tolist()
+    with autocast:
+        completions = generate(model, prompts, new_tokens, temperature=1.0, n=group, seed=0)
+    sync()
+    times["rollout"] = time.perf_counter() - start
+    start = time.perf_counter()
+    samples = [dict(prompt=prompts[c.prompt_index], tokens=c.tokens) for c in completions]
+    input_ids, mask = train_grpo.collate(samples, 0, torch.device(device))
+    rewards = torch.randint(0, 2, (len(samples),)).float()
+    advantages = train_grpo.group_advantages(rewards, group)[0].to(device)
+    times["score"] = time.perf_counter() - start
+    start = time.perf_counter()
+    micro = 8 if not smoke else 2
+    for k in range(0, len(samples), micro):
+        with autocast:
+            logprobs = train_grpo.token_logprobs_of(model, input_ids[k: k + micro], 1.0)
+        loss, _ = train_grpo.policy_loss(logprobs, logprobs.detach(), advantages[k: k + micro], mask[k: k + micro],
+                                         config, len(samples), float(mask.sum()))
+        loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync()
+    times["update"] = time.perf_counter() - start
+    generated = sum(len(c.tokens) for c in completions)
+    result["grpo"] = dict(sequences=len(samples), generated_tokens=generated, **{f"{k}_s": v for k, v in times.items()},
+                          rollout_tokens_per_s=generated / times["rollout"],
+                          update_mfu=6 * params * input_ids.numel() / times["update"] / peak_flops,
+                          peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if not smoke else None)
+
+    # the longest single sequence a GRPO update (forward + backward, checkpointed blocks) fits on this card
+    longest = None
+    for length in ([64] if smoke else [8192, 16384, 32768, 65536, 131072]):
+        try:
+            sequence = torch.randint(0, shape["vocab_size"], (1, length), device=device)
+            with autocast:
+                logprobs = train_grpo.token_logprobs_of(model, sequence, 1.0)
+            logprobs.sum().backward()
+            optimizer.zero_grad(set_to_none=True)
+            longest = length
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            if not smoke:
+                torch.cuda.empty_cache()
+    result["longest_grpo_sequence"] = longest
+    return result
+
+
+STEPS = {1: ("card", step_card), 2: ("kernel correctness", step_correctness), 3: ("kernel benchmarks",
+         step_kernel_bench), 4: ("sampler", step_sampler), 5: ("SFT and GRPO steps", step_training)}
+
+
+# -----------------------------------------------------------------------------
+# 6. the driver: each step in a subprocess with a time limit, then results.json and results.md
+
+
+def run_step(number, args):
+    out_file = os.path.join(args.out, f"step{number}.json")
+    command = [sys.executable, os.path.abspath(__file__), "--step", str(number), "--out", args.out]
+    env = dict(os.environ)
+    if args.smoke:
+        command.append("--smoke")
+        env["TRITON_INTERPRET"] = "1"  # the kernels run in Triton's interpreter on CPU tensors
+    limit = STEP_LIMITS[number] * (args.time_scale if not args.smoke else 1)
+    start = time.time()
+    try:
+        completed = subprocess.run(command, env=env, timeout=limit, capture_output=True, text=True)
+        status = "ok" if completed.returncode == 0 else f"failed (exit {completed.returncode})"
+        log = completed.stdout + completed.stderr
+    except subprocess.TimeoutExpired as error:
+        status, log = f"timed out after {limit}s", (error.stdout or b"").decode() + (error.stderr or b"").decode()
+    result = None
+    if os.path.exists(out_file):
+        with open(out_file) as f:
+            result = json.load(f)
+    return dict(step=number, name=STEPS[number][0], status=status, seconds=time.time() - start, result=result,
+                log_tail=log[-3000:] if status != "ok" else log[-1500:])
+
+
+def write_markdown(path, summary):
+    lines = [f"# GPU check, {summary['date']}", "", f"Machine: {summary.get('device', '?')}", "",
+             "| step | status | seconds |", "| --- | --- | --- |"]
+    lines += [f"| {s['step']}. {s['name']} | {s['status']} | {s['seconds']:.0f} |" for s in summary["steps"]]
+    for s in summary["steps"]:
+        lines += ["", f"## {s['step']}. {s['name']}", "", "```", json.dumps(s["result"], indent=1)[:6000], "```"]
+        if s["status"] != "ok":
+            lines += ["", "```", s["log_tail"], "```"]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="out/gpu_check")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU version of every step")
+    parser.add_argument("--step", type=int, default=None, help="run one step in this process (used internally)")
+    parser.add_argument("--steps", default="1,2,3,4,5")
+    parser.add_argument("--time_scale", type=float, default=1.0, help="multiplies every step's time limit")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if args.step:
+        result = STEPS[args.step][1](args.smoke)
+        with open(os.path.join(args.out, f"step{args.step}.json"), "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(json.dumps(result, default=str)[:2000])
+        return
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --smoke for the CPU version")
+    summary = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), steps=[])
+    print(f"{'step':<24} {'status':<28} {'seconds':>7}")
+    for number in [int(s) for s in args.steps.split(",")]:
+        row = run_step(number, args)
+        summary["steps"].append(row)
+        if number == 1 and row["result"]:
+            summary["device"] = row["result"].get("device")
+        print(f"{str(number) + '. ' + row['name']:<24} {row['status']:<28} {row['seconds']:>7.0f}", flush=True)
+        if row["status"] != "ok":
+            print(row["log_tail"][-1500:], flush=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    write_markdown(os.path.join(args.out, "results.md"), summary)
+    print(f"wrote {args.out}/results.json and results.md")
+    if not all(s["status"] == "ok" for s in summary["steps"]):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
