@@ -200,8 +200,8 @@ def set_rng_state(state):
 
 def save_checkpoint(out_dir, model, tokenizer, optimizer, step, config, metrics, rank, world_size, extra=None,
                     name=None):
-    """out_dir/step_XXXXXX (or out_dir/<name>): config.json + model.safetensors + tokenizer files (loads in transformers), run.json
-    (config, step, metrics), and per-rank state_rankN.pt (optimizer, RNG, extra) for exact resume. The folder
+    """out_dir/step_XXXXXX (or out_dir/<name>): config.json + model.safetensors + tokenizer files (loads in
+    transformers), run.json (config, step, metrics), and per-rank state_rankN.pt (optimizer, RNG, extra) for exact resume. The folder
     is written under a temporary name and renamed, so a crash mid-save never leaves a half checkpoint."""
     from model import Transformer
 

@@ -68,6 +68,7 @@ class EvalConfig:
     top_p: float = 0.95
     max_new_tokens: int = 0  # 0: 32768 for AIME with R1-style models, 4096 otherwise, 64 for the demo
     max_slots: int = 256  # sequences decoded at once
+    cuda_graph: bool = True  # on GPUs, decode through a captured CUDA graph
     seed: int = 0
     # output
     out_dir: str = "out/eval"
@@ -180,7 +181,7 @@ def render_prompt(tokenizer, problem, instruction):
 
 def evaluate(model, tokenizer, problems, n=1, temperature=0.6, top_p=0.95, max_new_tokens=1024,
              instruction=INSTRUCTION, seed=0, max_slots=256, rank=0, world_size=1, partial_file=None, chunk=64,
-             show_progress=True):
+             show_progress=True, cuda_graph=False):
     """Samples n completions for each problem (this rank's share: problems[rank::world_size]), grades them, and
     returns every rank's records, in problem order. With partial_file, finished problems are appended there and
     skipped when the eval is run again."""
@@ -208,7 +209,7 @@ def evaluate(model, tokenizer, problems, n=1, temperature=0.6, top_p=0.95, max_n
         prompts = [render_prompt(tokenizer, p["problem"], instruction) for p in batch]
         completions = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, n=n,
                                stop_token_ids=tokenizer.eos_token_ids, seed=seed + offset + rank * 1_000_003,
-                               max_slots=max_slots, progress=progress)
+                               max_slots=max_slots, progress=progress, cuda_graph=cuda_graph)
         texts = [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in completions]
         verdicts = verify_batch([(text, batch[c.prompt_index]["answer"]) for text, c in zip(texts, completions)])
         for i, problem in enumerate(batch):
@@ -303,7 +304,7 @@ def main(argv=None):
         records = evaluate(model, tokenizer, problems, config.n, config.temperature, config.top_p, max_new_tokens,
                            instruction, config.seed, config.max_slots, rank, world_size,
                            partial_file=os.path.join(config.out_dir, f"partial_{name}.rank{rank}.jsonl"),
-                           chunk=config.chunk)
+                           chunk=config.chunk, cuda_graph=config.cuda_graph)
         results[name] = benchmark_metrics(records, config.n)
         records_by_benchmark[name] = records
     if rank != 0:

@@ -88,7 +88,8 @@ class ModelConfig:
         arch = archs[0]
         refuse = lambda name, why: ValueError(f"{source}: field '{name}' = {hf.get(name)!r} is not supported ({why})")
         if hf.get("use_sliding_window") or (arch == "MistralForCausalLM" and hf.get("sliding_window") is not None):
-            raise refuse("use_sliding_window" if "use_sliding_window" in hf else "sliding_window", "sliding-window attention")
+            name = "use_sliding_window" if "use_sliding_window" in hf else "sliding_window"
+            raise refuse(name, "sliding-window attention")
         if any(t != "full_attention" for t in hf.get("layer_types") or []):
             raise refuse("layer_types", "only full_attention layers")
         for moe_field in ("num_experts", "num_local_experts", "n_routed_experts"):
@@ -261,13 +262,16 @@ class Attention(nn.Module):
         and a later step overwrites them before they become visible."""
         kv, slots, positions = cache["kv"], cache["slots"], cache["positions"]  # slots (B,), positions (B, T)
         k_cache, v_cache = kv.k[self.layer_index], kv.v[self.layer_index]
-        k_cache[slots[:, None], :, positions] = k.transpose(1, 2)  # (B, T, kv_heads, head_dim)
-        v_cache[slots[:, None], :, positions] = v.transpose(1, 2)
         key_len, first_slot = cache["key_len"], cache.get("first_slot")
-        if first_slot is not None:  # the rows hold consecutive slots: a view, no gather
-            keys = k_cache[first_slot: first_slot + len(slots), :, :key_len]
-            values = v_cache[first_slot: first_slot + len(slots), :, :key_len]
+        if first_slot is not None:  # the rows hold consecutive slots: views of the cache, no gather
+            rows = slice(first_slot, first_slot + len(slots))
+            index = positions[:, None, :, None].expand(k.shape)  # (B, kv_heads, T, head_dim)
+            k_cache[rows].scatter_(2, index, k)
+            v_cache[rows].scatter_(2, index, v)
+            keys, values = k_cache[rows, :, :key_len], v_cache[rows, :, :key_len]
         else:
+            k_cache[slots[:, None], :, positions] = k.transpose(1, 2)  # (B, T, kv_heads, head_dim)
+            v_cache[slots[:, None], :, positions] = v.transpose(1, 2)
             keys, values = k_cache[slots, :, :key_len], v_cache[slots, :, :key_len]  # (B, kv_heads, key_len, hd)
         return attention(q, keys, values, causal=False, attn_mask=cache["visible"])
 
@@ -321,10 +325,11 @@ class Transformer(nn.Module):
                 targets=None, temperature=1.0, return_entropy=False):
         """input_ids (B, T). position_ids (B, T) default 0..T-1. cu_seqlens (n_docs + 1,) int32 prefix sums of
         document lengths for a packed row (B must be 1). cache: the sampler's dict (kv: KVCache, slots (B,),
-        positions (B, T), key_len: keys to attend over, first_slot: set when slots are consecutive). Returns float32 logits (B, T, vocab); or the final normed
-        hidden states (B, T, dim) with return_hidden; or, given targets (B, T) (IGNORE_INDEX where none), the
-        float32 log-prob of each target (B, T) (and entropy) from the fused log-prob path, never the logits. The
-        head runs inside forward so that DDP and FSDP2 see it as part of the model."""
+        positions (B, T), key_len: keys to attend over, first_slot: set when slots are consecutive).
+        Returns float32 logits (B, T, vocab); or the final normed hidden states (B, T, dim) with return_hidden;
+        or, given targets (B, T) (IGNORE_INDEX where none), the float32 log-prob of each target (B, T) (and the
+        entropy) from the fused log-prob path, never the logits. The head runs inside forward so that DDP and
+        FSDP2 see it as part of the model."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = cache["positions"] if cache else torch.arange(T, device=input_ids.device).expand(B, T)

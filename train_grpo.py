@@ -54,12 +54,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (MetricsLog, all_gather_objects, all_reduce_sum, autocast_for, format_eta, full_state_dict, init_distributed,
-                    latest_checkpoint, load_run_state, lr_at, make_optimizer, no_sync, parse_config, save_checkpoint, unsharded_copy,
-                    wrap_model)
+from common import (MetricsLog, all_gather_objects, all_reduce_sum, autocast_for, format_eta, full_state_dict,
+                    init_distributed, latest_checkpoint, load_run_state, lr_at, make_optimizer, no_sync, parse_config,
+                    save_checkpoint, unsharded_copy, wrap_model)
 from data import Tokenizer, demo_problems, read_jsonl
 from kernels.logprob import IGNORE_INDEX, kl_full
-from model import Transformer
+from model import Transformer, sequence_logprobs
 from sampler import generate
 from verifier import format_reward, verify_batch
 
@@ -74,11 +74,12 @@ class Config:
     # model
     model: str = "out/sft_demo/final"  # policy initialisation (Hugging Face folder)
     # rollout
-    prompts_per_step: int = 16  # prompts per optimizer step, over all ranks
+    prompts_per_step: int = 32  # prompts per optimizer step, over all ranks
     group_size: int = 8  # completions per prompt (G)
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
+    cuda_graph: bool = True  # on GPUs, decode through a captured CUDA graph (sampler.GraphedDecode)
     dynamic_sampling: bool = False  # DAPO: keep only groups with reward variance, resample to fill the batch
     max_resample_rounds: int = 4
     # reward
@@ -101,8 +102,8 @@ class Config:
     kl_in: str = "loss"  # loss | reward
     ref_update_every: int = 0  # steps between copies of the policy into the reference (0 = never)
     # optimisation
-    max_steps: int = 120
-    lr: float = 2e-4
+    max_steps: int = 60
+    lr: float = 5e-5
     min_lr_ratio: float = 1.0
     warmup_steps: int = 5
     weight_decay: float = 0.0
@@ -240,7 +241,8 @@ def rollout(policy, tokenizer, problems, config, seed):
     """Samples a group per problem and scores it. Returns one dict per completion."""
     prompts = [prompt_ids(tokenizer, p["problem"], config.instruction) for p in problems]
     completions = generate(policy, prompts, config.max_new_tokens, temperature=config.temperature,
-                           top_p=config.top_p, n=config.group_size, stop_token_ids=tokenizer.eos_token_ids, seed=seed)
+                           top_p=config.top_p, n=config.group_size, stop_token_ids=tokenizer.eos_token_ids, seed=seed,
+                           cuda_graph=config.cuda_graph)
     texts = [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in completions]
     verdicts = verify_batch([(t, problems[c.prompt_index]["answer"]) for t, c in zip(texts, completions)])
     samples = []
@@ -270,15 +272,6 @@ def collate(samples, pad_id, device):
         input_ids[row, : len(sequence)] = torch.tensor(sequence)
         completion_mask[row, len(s["prompt"]): len(sequence)] = 1
     return input_ids.to(device), completion_mask.to(device)
-
-
-def token_logprobs_of(model, input_ids, temperature, return_entropy=False):
-    """out[:, t] = log p(x_t | x_<t) at the sampling temperature (0 at t=0); padding is masked by the caller."""
-    targets = torch.full_like(input_ids, IGNORE_INDEX)
-    targets[:, :-1] = input_ids[:, 1:]
-    result = model(input_ids, targets=targets, temperature=temperature, return_entropy=return_entropy)
-    shift = lambda values: torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)
-    return tuple(shift(r) for r in result) if return_entropy else shift(result)
 
 
 def exact_kl(model, ref_model, input_ids, temperature, direction):
@@ -367,11 +360,11 @@ def main(argv=None):
         ref_logprobs = None
         if ref_model is not None and samples and config.kl_estimator != "full":
             with torch.no_grad(), autocast:
-                ref_logprobs = token_logprobs_of(ref_model, input_ids, config.temperature)
+                ref_logprobs = sequence_logprobs(ref_model, input_ids, temperature=config.temperature)
         rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float32)
         if config.kl_in == "reward" and ref_model is not None and samples:
             with torch.no_grad(), autocast:
-                logprobs_now = token_logprobs_of(model, input_ids, config.temperature)
+                logprobs_now = sequence_logprobs(model, input_ids, temperature=config.temperature)
                 kl = exact_kl(model, ref_model, input_ids, config.temperature, config.kl_direction) \
                     if config.kl_estimator == "full" else kl_estimate(logprobs_now, ref_logprobs,
                                                                        config.kl_estimator, config.kl_direction)
@@ -397,7 +390,7 @@ def main(argv=None):
         old_logprobs = None
         if config.mu > 1 and samples:
             with torch.no_grad(), autocast:
-                old_logprobs = token_logprobs_of(wrapped, input_ids, config.temperature)
+                old_logprobs = sequence_logprobs(wrapped, input_ids, temperature=config.temperature)
         lr = lr_at(step, config.max_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -411,7 +404,7 @@ def main(argv=None):
                     continue
                 rows = slice(start, start + config.micro_batch_size)
                 with autocast:
-                    logprobs, entropy = token_logprobs_of(wrapped, input_ids[rows], config.temperature,
+                    logprobs, entropy = sequence_logprobs(wrapped, input_ids[rows], temperature=config.temperature,
                                                           return_entropy=True)
                 old = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()
                 kl = None

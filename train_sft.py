@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (MetricsLog, all_reduce_sum, autocast_for, format_eta, init_distributed, latest_checkpoint, load_run_state,
-                    lr_at, make_optimizer, no_sync, parse_config, save_checkpoint, unsharded_copy, wrap_model)
+from common import (MetricsLog, all_reduce_sum, autocast_for, format_eta, init_distributed, latest_checkpoint,
+                    load_run_state, lr_at, make_optimizer, no_sync, parse_config, save_checkpoint, unsharded_copy,
+                    wrap_model)
 from data import Tokenizer, build_demo_model, demo_problems, demo_trace, read_jsonl, sft_example
 from model import Transformer, sequence_logprobs
 
@@ -41,7 +42,7 @@ class Config:
     # model
     model: str = ""  # Hugging Face folder; "" = the demo model from scratch (built in out_dir/init)
     # optimisation
-    max_steps: int = 500
+    max_steps: int = 400
     batch_size: int = 64  # examples per optimizer step, over all ranks and micro-steps
     micro_batch_size: int = 64  # examples per forward/backward on one rank
     lr: float = 3e-3  # peak learning rate

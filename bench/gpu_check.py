@@ -35,7 +35,7 @@ QWEN25_15B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_siz
 TINY = dict(architecture="Qwen2ForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
             qkv_bias=True, max_position_embeddings=4096)
-STEP_LIMITS = {1: 60, 2: 150, 3: 240, 4: 200, 5: 240}
+STEP_LIMITS = {1: 60, 2: 150, 3: 240, 4: 300, 5: 240}
 
 
 def sync():
@@ -164,24 +164,32 @@ def step_kernel_bench(smoke):
 # 4. the sampler at real scale
 
 
-def step_sampler(smoke):
+def step_sampler(smoke, skip_hf=False, new_tokens=512):
     from sampler import generate
 
     device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
     shape = TINY if smoke else QWEN25_15B
     model = random_model(shape, device, dtype).eval()
-    prompt_len, new_tokens = (16, 16) if smoke else (256, 512)
+    prompt_len, new_tokens = (16, 16) if smoke else (256, new_tokens)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = None
     if not smoke:
         x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
         bandwidth = 2 * x.numel() / timed(lambda: torch.empty_like(x).copy_(x), repeat=5)
     rows = []
+    graphs = not smoke  # CUDA graphs need a GPU
     for batch in (1, 64) if not smoke else (1, 4):
         prompts = torch.randint(0, shape["vocab_size"], (batch, prompt_len)).tolist()
         seconds = timed(lambda: generate(model, prompts, new_tokens, seed=0),
                         warmup=lambda: generate(model, prompts, 8, seed=0))
-        row = dict(batch=batch, ours_tokens_per_s=batch * new_tokens / seconds)
+        row = dict(batch=batch, ours_eager_tokens_per_s=batch * new_tokens / seconds)
+        if graphs:
+            seconds = timed(lambda: generate(model, prompts, new_tokens, seed=0, cuda_graph=True),
+                            warmup=lambda: generate(model, prompts, 8, seed=0, cuda_graph=True))
+            eager = generate(model, prompts[:4], 32, temperature=0)
+            graphed = generate(model, prompts[:4], 32, temperature=0, cuda_graph=True)
+            row["graph_greedy_tokens_equal_eager"] = sum(a.tokens == b.tokens for a, b in zip(eager, graphed)) / len(eager)
+        row["ours_tokens_per_s"] = batch * new_tokens / seconds
         if bandwidth:
             kv_bytes = 2 * shape["num_hidden_layers"] * batch * shape["num_key_value_heads"] * (
                 prompt_len + new_tokens / 2) * (shape["hidden_size"] // shape["num_attention_heads"]) * 2
@@ -192,6 +200,8 @@ def step_sampler(smoke):
         import transformers
     except ImportError:
         return dict(rows=rows, transformers="not installed")
+    if skip_hf:
+        return dict(rows=rows, transformers="skipped (--skip_hf)")
     config = transformers.Qwen2Config(**{k: v for k, v in shape.items() if k not in ("architecture", "qkv_bias")})
     with torch.device(device):
         hf_model = transformers.Qwen2ForCausalLM(config).to(dtype).eval()
@@ -259,7 +269,7 @@ def step_training(smoke):
     start = time.perf_counter()
     prompts = torch.randint(0, shape["vocab_size"], (prompts_n, prompt_len)).tolist()
     with autocast:
-        completions = generate(model, prompts, new_tokens, temperature=1.0, n=group, seed=0)
+        completions = generate(model, prompts, new_tokens, temperature=1.0, n=group, seed=0, cuda_graph=not smoke)
     sync()
     times["rollout"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -272,7 +282,7 @@ def step_training(smoke):
     micro = 8 if not smoke else 2
     for k in range(0, len(samples), micro):
         with autocast:
-            logprobs = train_grpo.token_logprobs_of(model, input_ids[k: k + micro], 1.0)
+            logprobs = sequence_logprobs(model, input_ids[k: k + micro])
         loss, _ = train_grpo.policy_loss(logprobs, logprobs.detach(), advantages[k: k + micro], mask[k: k + micro],
                                          config, len(samples), float(mask.sum()))
         loss.backward()
@@ -292,7 +302,7 @@ def step_training(smoke):
         try:
             sequence = torch.randint(0, shape["vocab_size"], (1, length), device=device)
             with autocast:
-                logprobs = train_grpo.token_logprobs_of(model, sequence, 1.0)
+                logprobs = sequence_logprobs(model, sequence)
             logprobs.sum().backward()
             optimizer.zero_grad(set_to_none=True)
             longest = length
@@ -317,6 +327,7 @@ def run_step(number, args):
     out_file = os.path.join(args.out, f"step{number}.json")
     command = [sys.executable, os.path.abspath(__file__), "--step", str(number), "--out", args.out]
     env = dict(os.environ)
+    command += ["--sampler_tokens", str(args.sampler_tokens)] + (["--skip_hf"] if args.skip_hf else [])
     if args.smoke:
         command.append("--smoke")
         env["TRITON_INTERPRET"] = "1"  # the kernels run in Triton's interpreter on CPU tensors
@@ -355,10 +366,13 @@ def main():
     parser.add_argument("--step", type=int, default=None, help="run one step in this process (used internally)")
     parser.add_argument("--steps", default="1,2,3,4,5")
     parser.add_argument("--time_scale", type=float, default=1.0, help="multiplies every step's time limit")
+    parser.add_argument("--skip_hf", action="store_true", help="step 4 without transformers' generate")
+    parser.add_argument("--sampler_tokens", type=int, default=512, help="step 4: new tokens per sequence")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.step:
-        result = STEPS[args.step][1](args.smoke)
+        extra = dict(skip_hf=args.skip_hf, new_tokens=args.sampler_tokens) if args.step == 4 else {}
+        result = STEPS[args.step][1](args.smoke, **extra)
         with open(os.path.join(args.out, f"step{args.step}.json"), "w") as f:
             json.dump(result, f, indent=1, default=str)
         print(json.dumps(result, default=str)[:2000])

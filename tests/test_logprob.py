@@ -107,8 +107,7 @@ rows = []
 for arch in (80, 90):
     for dtype in ("fp16", "bf16", "fp32"):
         torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-        for kernel, config in ((L._logprob_forward_kernel, L.kernel_config(torch_dtype, "forward")),
-                               (L._logprob_backward_kernel, L.kernel_config(torch_dtype, "backward"))):
+        for kernel, config in ((L._logprob_forward_kernel, L.kernel_config(torch_dtype)),):
             constants = {k: v for k, v in config.items() if k.startswith("BLOCK")}
             signature = {}
             for arg in kernel.arg_names:
@@ -145,7 +144,7 @@ def test_compiles_for_sm80_and_sm90_without_spills():
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(rows) == 12
+    assert len(rows) == 6
     for row in rows:
         what = f"{row['kernel']} sm_{row['arch']} {row['dtype']}"
         assert row["shared"] <= {80: 163 * 1024, 90: 227 * 1024}[row["arch"]], what
