@@ -64,8 +64,8 @@ class EvalConfig:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bfloat16, float32
     # sampling
     n: int = 1  # samples per problem
-    temperature: float = 0.6
-    top_p: float = 0.95
+    temperature: float = -1.0  # -1: 0.6 (the DeepSeek-R1 convention), 1.0 for the demo (as its training evals)
+    top_p: float = -1.0  # -1: 0.95, 1.0 for the demo
     max_new_tokens: int = 0  # 0: 32768 for AIME with R1-style models, 4096 otherwise, 64 for the demo
     max_slots: int = 256  # sequences decoded at once
     cuda_graph: bool = True  # on GPUs, decode through a captured CUDA graph
@@ -295,13 +295,16 @@ def main(argv=None):
     results, records_by_benchmark = {}, {}
     for name in benchmarks:
         problems = load_benchmark(name, config.data_dir, config.limit, config.demo_problems)
-        is_r1 = "<think>" in (tokenizer.chat_template or "") or "R1" in config.model
+        thinks = "<think>" in (tokenizer.chat_template or "")  # R1-style models need long budgets
         max_new_tokens = config.max_new_tokens or (64 if name == "demo" else 32768 if name.startswith("aime")
-                                                   and is_r1 else 4096)
+                                                   and thinks else 4096)
         instruction = "none" if name == "demo" and config.instruction == INSTRUCTION else config.instruction
+        temperature = config.temperature if config.temperature >= 0 else 1.0 if name == "demo" else 0.6
+        top_p = config.top_p if config.top_p >= 0 else 1.0 if name == "demo" else 0.95
         if rank == 0:
-            print(f"{name}: {len(problems)} problems x {config.n} samples, max {max_new_tokens} new tokens")
-        records = evaluate(model, tokenizer, problems, config.n, config.temperature, config.top_p, max_new_tokens,
+            print(f"{name}: {len(problems)} problems x {config.n} samples, max {max_new_tokens} new tokens, "
+                  f"temperature {temperature}, top-p {top_p}")
+        records = evaluate(model, tokenizer, problems, config.n, temperature, top_p, max_new_tokens,
                            instruction, config.seed, config.max_slots, rank, world_size,
                            partial_file=os.path.join(config.out_dir, f"partial_{name}.rank{rank}.jsonl"),
                            chunk=config.chunk, cuda_graph=config.cuda_graph)

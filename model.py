@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kernels.attention import attention
+from kernels.decode_attention import decode_attention, decode_kernel_enabled
 from kernels.logprob import IGNORE_INDEX, token_logprobs
 
 SUPPORTED_ARCHITECTURES = {
@@ -268,10 +269,15 @@ class Attention(nn.Module):
             index = positions[:, None, :, None].expand(k.shape)  # (B, kv_heads, T, head_dim)
             k_cache[rows].scatter_(2, index, k)
             v_cache[rows].scatter_(2, index, v)
-            keys, values = k_cache[rows, :, :key_len], v_cache[rows, :, :key_len]
         else:
             k_cache[slots[:, None], :, positions] = k.transpose(1, 2)  # (B, T, kv_heads, head_dim)
             v_cache[slots[:, None], :, positions] = v.transpose(1, 2)
+        if q.shape[2] == 1 and decode_kernel_enabled(q):  # one new token per row: the split-KV decode kernel
+            out = decode_attention(q[:, :, 0], k_cache, v_cache, slots, positions[:, 0] + 1, backend="triton")
+            return out[:, :, None]  # (B, n_head, 1, head_dim)
+        if first_slot is not None:
+            keys, values = k_cache[rows, :, :key_len], v_cache[rows, :, :key_len]
+        else:
             keys, values = k_cache[slots, :, :key_len], v_cache[slots, :, :key_len]  # (B, kv_heads, key_len, hd)
         return attention(q, keys, values, causal=False, attn_mask=cache["visible"])
 

@@ -102,7 +102,7 @@ class Config:
     kl_in: str = "loss"  # loss | reward
     ref_update_every: int = 0  # steps between copies of the policy into the reference (0 = never)
     # optimisation
-    max_steps: int = 60
+    max_steps: int = 170
     lr: float = 5e-5
     min_lr_ratio: float = 1.0
     warmup_steps: int = 5
@@ -340,9 +340,9 @@ def main(argv=None):
             rng = np.random.RandomState(config.seed * 1_000_003 + step * 7919 + rounds)
             batch = [problems[i] for i in rng.randint(0, len(problems), config.prompts_per_step)[rank::world_size]]
             with autocast:
-                new = rollout(policy, tokenizer, batch, config, seed=config.seed * 1000003 + step * 101 + rounds * 13 + rank)
+                new = rollout(policy, tokenizer, batch, config,
+                              seed=config.seed * 1_000_003 + step * 101 + rounds * 13 + rank)
             groups = [new[i: i + config.group_size] for i in range(0, len(new), config.group_size)]
-            flat = [s["reward"] for s in new]
             zero_variance_groups += sum(max(s["reward"] for s in g) == min(s["reward"] for s in g) for g in groups)
             if config.dynamic_sampling:  # DAPO: groups with equal rewards carry no signal
                 groups = [g for g in groups if max(s["reward"] for s in g) > min(s["reward"] for s in g)]
@@ -444,9 +444,10 @@ def main(argv=None):
                                                       {"length": len(s["tokens"])} for s in samples]) for s in part]
         totals = {k: all_reduce_sum(v, device) for k, v in stats.items() if k != "ratio_max_dev"}
         generated = sum(s["length"] for s in gathered)
-        metrics = dict(
-            step=done, reward=np.mean([s["reward"] for s in gathered]), accuracy=np.mean([s["correct"] for s in gathered]),
-            length=generated / len(gathered), truncated=np.mean([s["truncated"] for s in gathered]),
+        mean = lambda key: float(np.mean([s[key] for s in gathered])) if gathered else 0.0  # dynamic sampling can
+        metrics = dict(  # leave a step with no rollouts at all
+            step=done, reward=mean("reward"), accuracy=mean("correct"), length=mean("length"),
+            truncated=mean("truncated"),
             zero_variance=all_reduce_sum(zero_variance_groups, device) / max(1, all_reduce_sum(
                 rounds * prompts_per_rank, device)),
             kl=totals["kl"] / max(num_tokens, 1), entropy=totals["entropy"] / max(num_tokens, 1),

@@ -94,6 +94,7 @@ def step_card(smoke):
 
 def step_correctness(smoke):
     from kernels.attention import attention, attention_ref
+    from kernels.decode_attention import decode_attention, decode_attention_ref
     from kernels.logprob import token_logprobs, token_logprobs_naive
 
     device = "cpu" if smoke else "cuda"
@@ -123,6 +124,13 @@ def step_correctness(smoke):
                                                    for g, r in zip(grads, ref_grads)))
         results[f"attention_{name}"] = dict(worst, ok=worst["out"] < 2e-2 and worst["lse"] < 2e-2
                                             and worst["grad"] < 5e-2)
+        k_cache = torch.randn(8, 2, 700, 128, device=device, dtype=dtype)
+        v_cache = torch.randn_like(k_cache)
+        q = torch.randn(4, 12, 128, device=device, dtype=dtype)
+        slots, lengths = torch.tensor([7, 0, 3, 5], device=device), torch.tensor([1, 700, 33, 512], device=device)
+        error = (decode_attention(q, k_cache, v_cache, slots, lengths, backend="triton").float()
+                 - decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), slots, lengths)).abs().max().item()
+        results[f"decode_attention_{name}"] = dict(out=error, ok=error < 2e-2)
         worst = dict(logp=0.0, entropy=0.0, grad=0.0, max_logp=float("-inf"))
         for N, D, V in logprob_cases:
             hidden = torch.randn(N, D, device=device, dtype=dtype).requires_grad_()

@@ -1,0 +1,136 @@
+"""
+Decode attention: one new query per sequence against its own cached prefix, split over the KV length
+(flash-decoding), for the sampler.
+
+    out[b, h] = softmax(q[b, h] @ K[slot_b, h // group, :length_b]^T * scale) @ V[slot_b, h // group, :length_b]
+
+q (B, n_head, head_dim); k_cache, v_cache (slots, n_kv_head, max_len, head_dim) as sampler.KVCache holds them;
+slots (B,) the cache row of each sequence; lengths (B,) how many cached keys each sequence sees (its position + 1).
+fp16/bf16/fp32 in, fp32 accumulation, out in q's dtype. Head dims up to 256 (padded to a power of two).
+
+Why a kernel: at decode time each sequence has one query, so a dense (B, H, 1, max_len) attention reads every
+slot's whole cache, and torch's attention wants the keys gathered per row. This kernel reads each sequence's own
+prefix in place, loads each KV head once for all the query heads of its group, and splits long prefixes over
+several programs whose partial softmax states (max, sum, weighted values) are merged afterwards, so that a batch
+of a few long sequences still fills the GPU. Tolerance vs the float64 reference: ~1e-5 (fp32), ~2e-3 (fp16/bf16).
+
+`decode_attention` dispatches: Triton when DECODE_ATTENTION_BACKEND=triton (or backend="triton"), the reference
+otherwise. It defaults to the reference until bench/gpu_check.py has validated it on a GPU (README, not done yet).
+"""
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def decode_attention_ref(q, k_cache, v_cache, slots, lengths, scale=None):
+    B, n_head, head_dim = q.shape
+    group = n_head // k_cache.shape[1]
+    keys = k_cache[slots].repeat_interleave(group, dim=1)  # (B, n_head, max_len, head_dim)
+    values = v_cache[slots].repeat_interleave(group, dim=1)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum("bhd,bhtd->bht", q.to(compute), keys.to(compute)) * (scale or head_dim ** -0.5)
+    visible = torch.arange(k_cache.shape[2], device=q.device)[None, :] < lengths[:, None]  # (B, max_len)
+    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    return torch.einsum("bht,bhtd->bhd", torch.softmax(scores, dim=-1), values.to(compute)).to(q.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_partial_kernel(Q, K, V, SLOTS, LENGTHS, PART_MAX, PART_SUM, PART_ACC,
+                               stride_qb, stride_qh, stride_ks, stride_kh, stride_kt, stride_vs, stride_vh, stride_vt,
+                               n_kv_head, n_splits, split_len, scale_log2,
+                               GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        # program ids: one KV head of one sequence, one split of its prefix; all GROUP query heads together
+        seq_head, split = tl.program_id(0), tl.program_id(1)
+        seq, kv_head = seq_head // n_kv_head, seq_head % n_kv_head
+        slot = tl.load(SLOTS + seq)
+        length = tl.load(LENGTHS + seq)
+        start = split * split_len
+        end = tl.minimum(length, start + split_len)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        g_ok, d_ok = offs_g < GROUP, offs_d < HEAD_DIM
+        heads = kv_head * GROUP + offs_g
+        q = tl.load(Q + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
+        k_base = K + slot * stride_ks + kv_head * stride_kh
+        v_base = V + slot * stride_vs + kv_head * stride_vh
+        # main loop: online softmax over this split's keys, base 2
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        for n_start in range(start, end, BLOCK_N):
+            offs_n = n_start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < end
+            k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                        other=0.0)  # (BLOCK_N, BLOCK_D)
+            scores = tl.dot(q, tl.trans(k)) * scale_log2
+            scores = tl.where(n_ok[None, :], scores, float("-inf"))  # (BLOCK_G, BLOCK_N)
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(scores - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        # epilogue: this split's partial state; an empty split leaves max = -inf and sum = 0
+        part = (seq * n_kv_head * GROUP + heads) * n_splits + split
+        tl.store(PART_MAX + part, m_i, mask=g_ok)
+        tl.store(PART_SUM + part, l_i, mask=g_ok)
+        tl.store(PART_ACC + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+
+
+def decode_config(head_dim, max_len):
+    """Keys per tile and per split: splits of 512 keys, at most 32 of them."""
+    split_len = max(512, triton.cdiv(max_len, 32))
+    return dict(BLOCK_N=32 if head_dim > 64 else 64, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                split_len=triton.cdiv(split_len, 64) * 64, num_warps=4)
+
+
+def decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale=None):
+    B, n_head, head_dim = q.shape
+    n_kv_head, max_len = k_cache.shape[1], k_cache.shape[2]
+    group = n_head // n_kv_head
+    config = decode_config(head_dim, max_len)
+    split_len = config.pop("split_len")
+    n_splits = triton.cdiv(max_len, split_len)
+    part_max = torch.empty((B, n_head, n_splits), device=q.device, dtype=torch.float32)
+    part_sum = torch.empty_like(part_max)
+    part_acc = torch.empty((B, n_head, n_splits, head_dim), device=q.device, dtype=torch.float32)
+    _decode_partial_kernel[(B * n_kv_head, n_splits)](
+        q, k_cache, v_cache, slots, lengths, part_max, part_sum, part_acc, q.stride(0), q.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], n_kv_head, n_splits, split_len,
+        (scale or head_dim ** -0.5) * 1.4426950408889634, GROUP=group,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, **config)  # tl.dot needs 16 rows
+    # merge the splits: rescale each partial state to the common maximum (base 2)
+    best = part_max.max(dim=-1, keepdim=True).values  # (B, H, 1)
+    weight = torch.exp2(part_max - best)  # 0 for empty splits
+    out = (part_acc * weight[..., None]).sum(2) / (part_sum * weight).sum(2)[..., None]
+    return out.to(q.dtype)
+
+
+def decode_kernel_enabled(q):
+    return triton is not None and q.is_cuda and os.environ.get("DECODE_ATTENTION_BACKEND", "torch") == "triton"
+
+
+def decode_attention(q, k_cache, v_cache, slots, lengths, scale=None, backend=None):
+    """Public entry. backend: "triton" or "torch"; DECODE_ATTENTION_BACKEND sets the default (torch for now)."""
+    backend = backend or os.environ.get("DECODE_ATTENTION_BACKEND", "torch")
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"decode attention backend must be torch or triton, not {backend!r}")
+    if backend == "triton":
+        if triton is None:
+            raise RuntimeError("DECODE_ATTENTION_BACKEND=triton needs the triton package")
+        return decode_attention_triton(q, k_cache, v_cache, slots.to(torch.int32), lengths.to(torch.int32), scale)
+    return decode_attention_ref(q, k_cache, v_cache, slots, lengths, scale)

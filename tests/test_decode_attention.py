@@ -1,0 +1,98 @@
+# python -m pytest tests/test_decode_attention.py -q      (on CPU the Triton kernel runs in Triton's interpreter)
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from kernels.decode_attention import decode_attention, decode_attention_ref
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+
+
+def test_reference_matches_the_models_masked_attention():
+    from kernels.attention import attention_ref
+
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 16, dtype=torch.float64)
+    k, v = torch.randn(5, 2, 30, 16, dtype=torch.float64), torch.randn(5, 2, 30, 16, dtype=torch.float64)
+    slots, lengths = torch.tensor([4, 0, 2]), torch.tensor([30, 1, 17])
+    visible = (torch.arange(30)[None, :] < lengths[:, None])[:, None, None]  # (B, 1, 1, S)
+    expected = attention_ref(q[:, :, None], k[slots], v[slots], causal=False, attn_mask=visible)[:, :, 0]
+    assert torch.allclose(decode_attention_ref(q, k, v, slots, lengths), expected, atol=1e-12)
+
+
+@pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim, max_len", [(4, 2, 64, 1100), (12, 2, 128, 70), (2, 2, 80, 600)])
+def test_triton_matches_reference_in_float64(dtype, tolerance, heads, kv_heads, head_dim, max_len):
+    torch.manual_seed(head_dim)
+    slots_total, batch = 6, 4
+    k = torch.randn(slots_total, kv_heads, max_len, head_dim, dtype=dtype, device=DEVICE)
+    v = torch.randn(slots_total, kv_heads, max_len, head_dim, dtype=dtype, device=DEVICE)
+    q = torch.randn(batch, heads, head_dim, dtype=dtype, device=DEVICE)
+    slots = torch.tensor([5, 0, 3, 1], device=DEVICE)
+    lengths = torch.tensor([1, max_len, 7, max_len // 2 + 3], device=DEVICE)  # 1, full, short, odd
+    out = decode_attention(q, k, v, slots, lengths, backend="triton")
+    expected = decode_attention_ref(q.double().cpu(), k.double().cpu(), v.double().cpu(), slots.cpu(), lengths.cpu())
+    assert out.dtype == dtype and (out.double().cpu() - expected).abs().max() < tolerance
+
+
+COMPILE_SCRIPT = r"""
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+sys.path.insert(0, sys.argv[1])
+import kernels.decode_attention as K
+
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+rows = []
+for arch in (80, 90):
+    for dtype in ("fp16", "bf16", "fp32"):
+        for head_dim, group in ((64, 7), (128, 6), (128, 8)):
+            config = K.decode_config(head_dim, 32768)
+            constants = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+                             BLOCK_D=config["BLOCK_D"], BLOCK_N=config["BLOCK_N"])
+            signature = {}
+            for arg in K._decode_partial_kernel.arg_names:
+                if arg in constants:
+                    signature[arg] = "constexpr"
+                elif arg in ("Q", "K", "V"):
+                    signature[arg] = "*" + dtype
+                elif arg in ("SLOTS", "LENGTHS"):
+                    signature[arg] = "*i32"
+                elif arg.startswith("PART"):
+                    signature[arg] = "*fp32"
+                elif arg == "scale_log2":
+                    signature[arg] = "fp32"
+                else:
+                    signature[arg] = "i32"
+            compiled = triton.compile(ASTSource(K._decode_partial_kernel, signature, constants),
+                                      target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config["num_warps"]))
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(compiled.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                       text=True).stdout
+            rows.append(dict(arch=arch, dtype=dtype, head_dim=head_dim, shared=compiled.metadata.shared, usage=usage))
+print(json.dumps(rows))
+"""
+
+
+def test_compiles_for_sm80_and_sm90_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, ROOT], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(rows) == 18
+    for row in rows:
+        what = f"decode sm_{row['arch']} {row['dtype']} d={row['head_dim']}"
+        assert row["shared"] <= {80: 163 * 1024, 90: 227 * 1024}[row["arch"]], what
+        assert max(int(x) for x in re.findall(r"STACK:(\d+)", row["usage"])) == 0, f"{what}: {row['usage']}"
