@@ -250,7 +250,12 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # under autocast q is bf16 while the residual stream is fp32
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
+        if cache is not None and cu_seqlens is not None:  # packed prefill: fill the prompts' slots, then varlen
+            layer_k, layer_v = cache["kv"].k[self.layer_index], cache["kv"].v[self.layer_index]
+            token_slots, token_positions = cache["token_slots"], cache["positions"][0]  # (T,) each
+            layer_k[token_slots, :, token_positions] = k[0].transpose(0, 1)  # (T, kv_heads, head_dim)
+            layer_v[token_slots, :, token_positions] = v[0].transpose(0, 1)
+        if cache is None or cu_seqlens is not None:
             y = attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
         else:
             y = self.cached_attention(q, k, v, cache)
@@ -339,7 +344,7 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = cache["positions"] if cache else torch.arange(T, device=input_ids.device).expand(B, T)
-        if cache is not None:  # (B, 1, T, key_len): each row sees its own slot's prefix, up to its position
+        if cache is not None and cu_seqlens is None:  # (B, 1, T, key_len): each row sees its slot's prefix
             key_positions = torch.arange(cache["key_len"], device=input_ids.device)
             cache["visible"] = (key_positions <= cache["positions"][:, :, None])[:, None]
         x = self.model.embed_tokens(input_ids)  # (B, T, dim)

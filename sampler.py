@@ -126,14 +126,17 @@ class GraphedDecode:
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_token_ids=(),
-             seed=None, max_slots=None, logprobs_mode="sampled", progress=None, cuda_graph=False):
+             seed=None, max_slots=None, logprobs_mode="sampled", progress=None, cuda_graph=False,
+             packed_prefill=None):
     """prompts: list of token-id lists (any lengths). Returns len(prompts) * n completions, grouped by prompt
     (the n samples of prompt 0, then of prompt 1, ...). max_slots bounds the sequences decoded at once (default:
     all of them, up to 256); it is rounded up to a multiple of n since a prompt's samples share its prefill.
-    cuda_graph=True decodes through a captured CUDA graph (GraphedDecode) on a GPU."""
+    cuda_graph=True decodes through a captured CUDA graph (GraphedDecode) on a GPU. packed_prefill (default: on a
+    GPU) prefills the admitted prompts back to back through the varlen attention kernel instead of padding them."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = model.lm_head_weight.device
+    packed_prefill = device.type == "cuda" if packed_prefill is None else packed_prefill
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stop_ids = set(int(t) for t in stop_token_ids)
     slots = min(max_slots or 256, len(prompts) * n)
@@ -167,7 +170,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
             prompt_index = pending.popleft()
             admitted.append((prompt_index, [free.pop() for _ in range(n)]))
         if admitted:
-            logits = _prefill(model, cache, [prompts[p] for p, _ in admitted], [s[0] for _, s in admitted])
+            logits = _prefill(model, cache, [prompts[p] for p, _ in admitted], [s[0] for _, s in admitted],
+                              packed_prefill)
             slot_list = []
             for prompt_index, group in admitted:
                 if n > 1:
@@ -202,17 +206,27 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     return results
 
 
-def _prefill(model, cache, prompts, slots):
-    """Right-padded batch of prompts written to their slots; returns the logits after each prompt's last token.
-    Padding writes past a prompt's end are never visible (see Attention.cached_attention)."""
+def _prefill(model, cache, prompts, slots, packed):
+    """Writes the prompts' keys and values to their slots and returns the logits after each prompt's last token.
+    packed: the prompts back to back in one row through the varlen attention path (no padding; the GPU default);
+    otherwise a right-padded batch, whose writes past a prompt's end are never visible (Attention.cached_attention)."""
     device = model.lm_head_weight.device
-    longest = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = torch.tensor(prompt, device=device)
-    positions = torch.arange(longest, device=device).expand(len(prompts), longest)
-    step = dict(kv=cache, slots=torch.tensor(slots, device=device), positions=positions, key_len=longest)
-    hidden = model(ids, cache=step, return_hidden=True)  # (A, longest, dim): no (A, longest, vocab) logits
-    last = torch.tensor([len(p) - 1 for p in prompts], device=device)
-    hidden = hidden[torch.arange(len(prompts), device=device), last]  # (A, dim)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    if packed:
+        ids = torch.tensor([t for p in prompts for t in p], device=device)[None]  # (1, total)
+        positions = torch.cat([torch.arange(len(p), device=device) for p in prompts])[None]
+        cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+        step = dict(kv=cache, positions=positions,
+                    token_slots=torch.repeat_interleave(torch.tensor(slots, device=device), lengths))
+        hidden = model(ids, position_ids=positions, cu_seqlens=cu_seqlens, cache=step, return_hidden=True)[0]
+        hidden = hidden[cu_seqlens[1:].long() - 1]  # (A, dim): each prompt's last token
+    else:
+        longest = int(lengths.max())
+        ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt, device=device)
+        positions = torch.arange(longest, device=device).expand(len(prompts), longest)
+        step = dict(kv=cache, slots=torch.tensor(slots, device=device), positions=positions, key_len=longest)
+        hidden = model(ids, cache=step, return_hidden=True)  # (A, longest, dim): no (A, longest, vocab) logits
+        hidden = hidden[torch.arange(len(prompts), device=device), lengths - 1]  # (A, dim)
     return torch.nn.functional.linear(hidden, model.lm_head_weight).float()

@@ -21,10 +21,11 @@ def random_prompts(lengths, seed=0):
     return [torch.randint(3, 300, (n,), generator=generator).tolist() for n in lengths]
 
 
-def test_greedy_matches_transformers_generate(checkpoint):
+@pytest.mark.parametrize("packed", [False, True])
+def test_greedy_matches_transformers_generate(checkpoint, packed):
     hf_model, model = checkpoint
     prompts = random_prompts([5, 17, 1, 40])
-    ours = generate(model, prompts, max_new_tokens=70, temperature=0)
+    ours = generate(model, prompts, max_new_tokens=70, temperature=0, packed_prefill=packed)
     for prompt, completion in zip(prompts, ours):
         with torch.no_grad():
             reference = hf_model.generate(torch.tensor([prompt]), max_new_tokens=70, do_sample=False,
@@ -33,10 +34,12 @@ def test_greedy_matches_transformers_generate(checkpoint):
         assert completion.finish_reason == "length" and len(completion.tokens) == 70
 
 
-def test_cached_decode_equals_full_recomputation(checkpoint):
+@pytest.mark.parametrize("packed", [False, True])
+def test_cached_decode_equals_full_recomputation(checkpoint, packed):
     _, model = checkpoint
     prompts = random_prompts([4, 9, 2])
-    completions = generate(model, prompts, max_new_tokens=20, temperature=1.0, seed=1, logprobs_mode="raw")
+    completions = generate(model, prompts, max_new_tokens=20, temperature=1.0, seed=1, logprobs_mode="raw",
+                           packed_prefill=packed)
     for prompt, completion in zip(prompts, completions):
         sequence = torch.tensor([prompt + completion.tokens])
         with torch.no_grad():
@@ -78,7 +81,7 @@ def test_n_samples_share_a_prefill_differ_and_are_seeded(checkpoint, monkeypatch
     prompts = random_prompts([5, 8])
     prefills = []
     original = sampler._prefill
-    monkeypatch.setattr(sampler, "_prefill", lambda m, c, p, s: prefills.append(len(p)) or original(m, c, p, s))
+    monkeypatch.setattr(sampler, "_prefill", lambda m, c, p, *rest: prefills.append(len(p)) or original(m, c, p, *rest))
     first = generate(model, prompts, max_new_tokens=16, n=4, seed=7)
     assert sum(prefills) == 2  # one prefill per prompt, not per sample
     assert [c.prompt_index for c in first] == [0, 0, 0, 0, 1, 1, 1, 1]
