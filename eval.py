@@ -67,7 +67,7 @@ class EvalConfig:
     temperature: float = -1.0  # -1: 0.6 (the DeepSeek-R1 convention), 1.0 for the demo (as its training evals)
     top_p: float = -1.0  # -1: 0.95, 1.0 for the demo
     max_new_tokens: int = 0  # 0: 32768 for AIME with R1-style models, 4096 otherwise, 64 for the demo
-    max_slots: int = 256  # sequences decoded at once
+    max_slots: int = 0  # sequences decoded at once (0: as many as half the free memory holds, up to 256)
     cuda_graph: bool = True  # on GPUs, decode through a captured CUDA graph
     seed: int = 0
     # output
@@ -180,7 +180,7 @@ def render_prompt(tokenizer, problem, instruction):
 
 
 def evaluate(model, tokenizer, problems, n=1, temperature=0.6, top_p=0.95, max_new_tokens=1024,
-             instruction=INSTRUCTION, seed=0, max_slots=256, rank=0, world_size=1, partial_file=None, chunk=64,
+             instruction=INSTRUCTION, seed=0, max_slots=0, rank=0, world_size=1, partial_file=None, chunk=64,
              show_progress=True, cuda_graph=False):
     """Samples n completions for each problem (this rank's share: problems[rank::world_size]), grades them, and
     returns every rank's records, in problem order. With partial_file, finished problems are appended there and

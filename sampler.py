@@ -76,12 +76,24 @@ def _available_bytes(device) -> int | None:
         return None
 
 
+def _cache_dtype(weight):
+    if weight.is_cuda and torch.is_autocast_enabled("cuda"):  # keys and values come out of autocast's matmuls
+        return torch.get_autocast_dtype("cuda")
+    return weight.dtype
+
+
+def _slots_that_fit(model, max_len, limit=256):
+    """The default number of slots: as many as half the free memory holds, at most `limit`."""
+    weight = model.lm_head_weight
+    available = _available_bytes(weight.device)
+    per_slot = KVCache.bytes_needed(model.config, 1, max_len, _cache_dtype(weight))
+    return limit if available is None else max(1, min(limit, int(0.5 * available) // per_slot))
+
+
 def allocate_cache(model: Transformer, slots: int, max_len: int) -> KVCache:
     """Computes the cache size before allocating it, and refuses one that cannot fit."""
     weight = model.lm_head_weight
-    dtype = weight.dtype
-    if weight.is_cuda and torch.is_autocast_enabled("cuda"):  # keys and values come out of autocast's matmuls
-        dtype = torch.get_autocast_dtype("cuda")
+    dtype = _cache_dtype(weight)
     needed = KVCache.bytes_needed(model.config, slots, max_len, dtype)
     available = _available_bytes(weight.device)
     if available is not None and needed > 0.9 * available:
@@ -130,7 +142,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
              packed_prefill=None):
     """prompts: list of token-id lists (any lengths). Returns len(prompts) * n completions, grouped by prompt
     (the n samples of prompt 0, then of prompt 1, ...). max_slots bounds the sequences decoded at once (default:
-    all of them, up to 256); it is rounded up to a multiple of n since a prompt's samples share its prefill.
+    as many as half the free memory holds, up to 256); it is rounded up to a multiple of n since a prompt's samples
+    share its prefill.
     cuda_graph=True decodes through a captured CUDA graph (GraphedDecode) on a GPU. packed_prefill (default: on a
     GPU) prefills the admitted prompts back to back through the varlen attention kernel instead of padding them."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -139,9 +152,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     packed_prefill = device.type == "cuda" if packed_prefill is None else packed_prefill
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stop_ids = set(int(t) for t in stop_token_ids)
-    slots = min(max_slots or 256, len(prompts) * n)
-    slots = max(n, (slots + n - 1) // n * n)
     max_len = max(len(p) for p in prompts) + max_new_tokens
+    slots = min(max_slots or _slots_that_fit(model, max_len), len(prompts) * n)
+    slots = max(n, (slots + n - 1) // n * n)
     cache = allocate_cache(model, slots, max_len)
     graphed = GraphedDecode(model, cache, slots) if cuda_graph and device.type == "cuda" else None
 

@@ -58,7 +58,7 @@ from common import (MetricsLog, all_gather_objects, all_reduce_sum, autocast_for
                     init_distributed, latest_checkpoint, load_run_state, lr_at, make_optimizer, no_sync, parse_config,
                     save_checkpoint, unsharded_copy, wrap_model)
 from data import Tokenizer, demo_problems, read_jsonl
-from kernels.logprob import IGNORE_INDEX, kl_full
+from kernels.logprob import kl_full
 from model import Transformer, sequence_logprobs
 from sampler import generate
 from verifier import format_reward, verify_batch

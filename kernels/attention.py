@@ -22,7 +22,6 @@ Tolerance against attention_ref in float64: ~1e-5 (fp32 in), ~2e-3 (fp16/bf16 in
 backend="triton" / "torch" or the ATTENTION_BACKEND environment variable.
 """
 
-import math
 import os
 
 import torch

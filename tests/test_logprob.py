@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-import kernels.logprob as logprob_module
 from aot import SHARED_LIMIT, spill_bytes
 from conftest import ROOT
 from kernels.logprob import IGNORE_INDEX, token_logprobs, token_logprobs_naive, token_logprobs_ref
