@@ -16,6 +16,7 @@ out_dir/final (what train_grpo.py and eval.py load by default), out_dir/metrics.
 """
 
 import dataclasses
+import functools
 import os
 import random
 import time
@@ -101,8 +102,13 @@ def step_examples(step, batch_size, num_examples, seed):
     indices = []
     for position in range(step * batch_size, (step + 1) * batch_size):
         epoch, offset = divmod(position, num_examples)
-        indices.append(int(np.random.RandomState(seed + epoch).permutation(num_examples)[offset]))
+        indices.append(int(_epoch_order(seed + epoch, num_examples)[offset]))
     return indices
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed, num_examples):
+    return np.random.RandomState(seed).permutation(num_examples)
 
 
 def make_batch(examples, pack, pad_id, device):
