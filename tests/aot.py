@@ -29,3 +29,22 @@ def spill_bytes(usage):
     """Stack (spilled registers) plus local memory, in bytes, over the functions in the report."""
     stack = max(int(x) for x in re.findall(r"STACK:(\d+)", usage))
     return stack + max(int(x) for x in re.findall(r"LOCAL:(\d+)", usage))
+
+
+def run_compile_script(script, root, timeout=900):
+    """Runs a compile script in a fresh interpreter without TRITON_INTERPRET (real compilation) and returns the
+    list of rows it prints as JSON on its last line."""
+    import json
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script, root], capture_output=True, text=True, env=env,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def assert_fits(row, what):
+    """No spilled registers, no local memory, shared memory within the card's limit."""
+    assert row["shared"] <= SHARED_LIMIT[row["arch"]], f"{what}: {row['shared']} bytes of shared memory"
+    assert spill_bytes(row["usage"]) == 0, f"{what}: {row['usage']}"
