@@ -38,30 +38,34 @@ class Completion:
     finish_reason: str = ""  # "stop" | "length"
 
 
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, logprobs_mode="sampled"):
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, logprobs_mode="sampled",
+                uniform=None):
     """logits (B, V) float -> (tokens (B,), logprobs (B,)). temperature 0 is greedy (its log-prob is the
-    temperature-1 one). Top-k keeps the k largest logits; top-p the smallest set whose probability reaches p."""
+    temperature-1 one). Top-k keeps the k largest logits; top-p the smallest set whose probability reaches p.
+    uniform: (B, V) uniform draws to use instead of drawing them here (a CUDA graph reads them from a buffer)."""
     logits = logits.float()
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
     if temperature == 0:
         tokens = logits.argmax(dim=-1)
-        return tokens, raw_logprobs.gather(-1, tokens[:, None])[:, 0]
-    logits = logits / temperature
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+        return tokens, torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
+    scaled = logits / temperature if temperature != 1.0 else logits
+    truncated = 0 < top_k < logits.shape[-1] or top_p < 1.0
+    if 0 < top_k < logits.shape[-1]:
+        kth_largest = scaled.topk(top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth_largest, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
         sorted_probs = sorted_logits.softmax(dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the tokens ranked above
         sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    logprobs = torch.log_softmax(logits, dim=-1)
+        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
+    logprobs = torch.log_softmax(scaled, dim=-1)
     # argmax of p / Exp(1) noise draws a token with probability p (the exponential race): several times faster
     # than torch.multinomial for a large vocabulary. -log(uniform) is the Exp(1) draw (faster than exponential_)
-    noise = -torch.rand(logprobs.shape, generator=generator, device=logprobs.device).log()
-    tokens = (logprobs.exp() / noise).argmax(dim=-1)
-    chosen = logprobs if logprobs_mode == "sampled" else raw_logprobs
+    if uniform is None:
+        uniform = torch.rand(logprobs.shape, generator=generator, device=logprobs.device)
+    tokens = (logprobs.exp() / -uniform.log()).argmax(dim=-1)
+    untruncated = temperature == 1.0 and not truncated  # then the sampled distribution is the raw one
+    chosen = logprobs if logprobs_mode == "sampled" or untruncated else torch.log_softmax(logits, dim=-1)
     return tokens, chosen.gather(-1, tokens[:, None])[:, 0]
 
 
@@ -106,75 +110,107 @@ def allocate_cache(model: Transformer, slots: int, max_len: int) -> KVCache:
 
 
 class GraphedDecode:
-    """One decode step of every slot, captured once in a CUDA graph: a single launch per step instead of a few
-    hundred kernel launches, which dominate decoding at small batch. Shapes are static: all slots run every step
-    (a free slot decodes a dummy token at position 0, which its next prefill overwrites) and attention spans the
-    whole cache with the per-row visibility mask. Built before any prefill, since capture writes to the cache."""
+    """One decode step of every slot, sampling included, captured once in a CUDA graph: one launch per step
+    instead of several hundred, whose launch cost dominates decoding at small batch. Shapes are static: all slots
+    run every step (a free slot decodes dummy tokens from position 0, which its next prefill overwrites) and
+    attention spans the whole cache, each row seeing its own prefix. The step feeds itself: the graph writes the
+    sampled tokens back as the next inputs, advances the positions and appends to a history, so a run of steps
+    needs no copy from the host. Built before any prefill, since capture writes to the cache."""
 
-    def __init__(self, model, cache, slots):
+    def __init__(self, model, cache, slots, sample, max_steps, needs_noise):
         device = model.lm_head_weight.device
         self.tokens = torch.zeros((slots, 1), dtype=torch.long, device=device)
         self.positions = torch.zeros((slots, 1), dtype=torch.long, device=device)
-        step = dict(kv=cache, slots=torch.arange(slots, device=device), positions=self.positions,
-                    key_len=cache.max_len, first_slot=0)
+        self.uniform = torch.rand((slots, model.config.vocab_size), device=device) if needs_noise else None
+        self.step = torch.zeros(1, dtype=torch.long, device=device)
+        self.token_history = torch.zeros((max_steps, slots), dtype=torch.long, device=device)
+        self.logprob_history = torch.zeros((max_steps, slots), dtype=torch.float32, device=device)
+        cache_step = dict(kv=cache, slots=torch.arange(slots, device=device), positions=self.positions,
+                          key_len=cache.max_len, first_slot=0)
+
+        def one_step():
+            logits = model(self.tokens, cache=dict(cache_step))[:, -1]  # (slots, vocab)
+            tokens, logprobs = sample(logits, uniform=self.uniform)
+            self.token_history.index_copy_(0, self.step, tokens[None])
+            self.logprob_history.index_copy_(0, self.step, logprobs[None])
+            self.tokens.copy_(tokens[:, None])
+            self.positions.add_(1)
+            self.step.add_(1)
+
         autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False) \
             if torch.is_autocast_enabled("cuda") else torch.autocast("cuda", enabled=False)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), autocast:  # warm-up runs outside the graph (lazy init, kernel selection)
             for _ in range(2):
-                model(self.tokens, cache=dict(step))
+                self.step.zero_()
+                one_step()
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), autocast:
-            self.logits = model(self.tokens, cache=dict(step))[:, -1]  # (slots, vocab)
+            one_step()
 
-    def __call__(self, tokens, positions):
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
-        self.graph.replay()
-        return self.logits
+    def __call__(self, tokens, positions, steps, generator):
+        """Decodes `steps` tokens for every slot from tokens (slots,) at positions (slots,); returns the sampled
+        tokens and their log-probs, each (steps, slots)."""
+        self.tokens.copy_(tokens[:, None])
+        self.positions.copy_(positions[:, None])
+        self.step.zero_()
+        for _ in range(steps):
+            if self.uniform is not None:
+                self.uniform.uniform_(generator=generator)
+            self.graph.replay()
+        return self.token_history[:steps], self.logprob_history[:steps]
 
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_token_ids=(),
              seed=None, max_slots=None, logprobs_mode="sampled", progress=None, cuda_graph=False,
-             packed_prefill=None):
+             packed_prefill=None, sync_every=None):
     """prompts: list of token-id lists (any lengths). Returns len(prompts) * n completions, grouped by prompt
     (the n samples of prompt 0, then of prompt 1, ...). max_slots bounds the sequences decoded at once (default:
     as many as half the free memory holds, up to 256); it is rounded up to a multiple of n since a prompt's samples
     share its prefill.
     cuda_graph=True decodes through a captured CUDA graph (GraphedDecode) on a GPU. packed_prefill (default: on a
-    GPU) prefills the admitted prompts back to back through the varlen attention kernel instead of padding them."""
+    GPU) prefills the admitted prompts back to back through the varlen attention kernel instead of padding them.
+    sync_every: decode steps run back to back on the device before the host reads their tokens (default 16 on a
+    GPU, 1 on CPU). A sequence that stops inside such a run is only retired at its end (its extra tokens are
+    dropped), so larger values trade a little wasted decoding for fewer host round trips."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = model.lm_head_weight.device
     packed_prefill = device.type == "cuda" if packed_prefill is None else packed_prefill
+    sync_every = sync_every or (16 if device.type == "cuda" else 1)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stop_ids = set(int(t) for t in stop_token_ids)
     max_len = max(len(p) for p in prompts) + max_new_tokens
     slots = min(max_slots or _slots_that_fit(model, max_len), len(prompts) * n)
     slots = max(n, (slots + n - 1) // n * n)
     cache = allocate_cache(model, slots, max_len)
-    graphed = GraphedDecode(model, cache, slots) if cuda_graph and device.type == "cuda" else None
+    sample = lambda logits, uniform=None: sample_next(logits, temperature, top_k, top_p, generator, logprobs_mode,
+                                                      uniform)
+    graphed = None
+    if cuda_graph and device.type == "cuda":
+        graphed = GraphedDecode(model, cache, slots, sample, min(sync_every, max_new_tokens), temperature != 0)
 
     results = [Completion(prompt_index=i // n) for i in range(len(prompts) * n)]
     pending = deque(range(len(prompts)))
     free = list(range(slots))[::-1]
     active = {}  # slot -> [result index, number of tokens in its cache]
-    sample = lambda logits: sample_next(logits, temperature, top_k, top_p, generator, logprobs_mode)
 
-    def record(slot_list, tokens, logprobs):
-        for slot, token, logprob in zip(slot_list, tokens.tolist(), logprobs.tolist()):
-            completion = results[active[slot][0]]
-            completion.tokens.append(token)
-            completion.logprobs.append(logprob)
-            if token in stop_ids or len(completion.tokens) >= max_new_tokens:
-                completion.finish_reason = "stop" if token in stop_ids else "length"
-                del active[slot]
-                free.append(slot)
-                if progress:
-                    progress(completion)
+    def record(slot, token, logprob):
+        """Appends a sampled token to its slot's completion; returns False once the completion is finished."""
+        completion = results[active[slot][0]]
+        completion.tokens.append(token)
+        completion.logprobs.append(logprob)
+        if token in stop_ids or len(completion.tokens) >= max_new_tokens:
+            completion.finish_reason = "stop" if token in stop_ids else "length"
+            del active[slot]
+            free.append(slot)
+            if progress:
+                progress(completion)
+            return False
+        return True
 
     while pending or active:
         # admit waiting prompts into free slots: one prefill per prompt, shared by its n samples
@@ -193,30 +229,49 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
                     active[slot] = [prompt_index * n + k, len(prompts[prompt_index])]
                 slot_list += group
             tokens, logprobs = sample(logits.repeat_interleave(n, dim=0))
-            record(slot_list, tokens, logprobs)
+            for slot, token, logprob in zip(slot_list, tokens.tolist(), logprobs.tolist()):
+                record(slot, token, logprob)
         if not active:
             continue
-        # one decode step for every active slot, each at its own position
-        slot_list = sorted(active)
-        last_tokens = [results[active[s][0]].tokens[-1] for s in slot_list]
-        position_list = [active[s][1] for s in slot_list]
+        # a run of decode steps for the active slots, each at its own position; no slot reaches its length limit
+        # inside the run, so every position stays within the cache
+        steps = min(sync_every, min(max_new_tokens - len(results[i].tokens) for i, _ in active.values()))
+        rows = list(range(slots)) if graphed is not None else sorted(active)
+        row_tokens = [results[active[s][0]].tokens[-1] if s in active else 0 for s in rows]
+        row_positions = [active[s][1] if s in active else 0 for s in rows]
         if graphed is not None:
-            all_tokens, all_positions = [0] * slots, [0] * slots
-            for s, token, position in zip(slot_list, last_tokens, position_list):
-                all_tokens[s], all_positions[s] = token, position
-            logits = graphed(torch.tensor(all_tokens, device=device)[:, None],
-                             torch.tensor(all_positions, device=device)[:, None])[torch.tensor(slot_list, device=device)]
+            token_history, logprob_history = graphed(torch.tensor(row_tokens, device=device),
+                                                     torch.tensor(row_positions, device=device), steps, generator)
         else:
-            consecutive = slot_list[-1] - slot_list[0] == len(slot_list) - 1
-            step = dict(kv=cache, slots=torch.tensor(slot_list, device=device), key_len=max(position_list) + 1,
-                        positions=torch.tensor(position_list, device=device)[:, None],
-                        first_slot=slot_list[0] if consecutive else None)
-            logits = model(torch.tensor(last_tokens, device=device)[:, None], cache=step)[:, -1]
-        for s in slot_list:
-            active[s][1] += 1
-        tokens, logprobs = sample(logits)
-        record(slot_list, tokens, logprobs)
+            token_history, logprob_history = _decode_eager(model, cache, rows, row_tokens, row_positions, steps,
+                                                           sample)
+        token_history, logprob_history = token_history.tolist(), logprob_history.tolist()  # the one sync
+        for row, slot in enumerate(rows):
+            if slot not in active:
+                continue
+            for step in range(steps):
+                if not record(slot, token_history[step][row], logprob_history[step][row]):
+                    break
+            else:
+                active[slot][1] += steps
     return results
+
+
+def _decode_eager(model, cache, rows, tokens, positions, steps, sample):
+    """`steps` decode steps of the given cache rows without a CUDA graph; returns (steps, rows) tokens, log-probs."""
+    device = model.lm_head_weight.device
+    consecutive = rows[-1] - rows[0] == len(rows) - 1
+    slots = torch.tensor(rows, device=device)
+    tokens = torch.tensor(tokens, device=device)
+    start = torch.tensor(positions, device=device)[:, None]
+    token_history, logprob_history = [], []
+    for step in range(steps):
+        cache_step = dict(kv=cache, slots=slots, positions=start + step, key_len=max(positions) + step + 1,
+                          first_slot=rows[0] if consecutive else None)
+        tokens, logprobs = sample(model(tokens[:, None], cache=cache_step)[:, -1])
+        token_history.append(tokens)
+        logprob_history.append(logprobs)
+    return torch.stack(token_history), torch.stack(logprob_history)
 
 
 def _prefill(model, cache, prompts, slots, packed):

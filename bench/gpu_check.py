@@ -10,8 +10,8 @@ each prints one table row when it ends:
   2. kernel correctness on the card in bf16 and fp16 against the references (attention fwd/bwd with GQA and packed
      documents, log-prob and entropy fwd/bwd)
   3. essentials of bench/attention.py and bench/logprob.py (ours vs SDPA, vs naive log-prob), with ratios
-  4. the sampler on a random-weight Qwen2.5-1.5B-shaped model: tokens/s at batch 1 and 64, vs transformers'
-     generate and vs the memory-bandwidth roofline
+  4. the sampler on a random-weight Qwen2.5-1.5B-shaped model (bench/sampler.py): tokens/s at batch 1, 64, 256
+     with the Triton and the torch decode attention, vs transformers and the bandwidth roofline; graph vs eager
   5. one SFT step and one GRPO step (G=8, 8 prompts, 1k-token completions, EOS ignored) on that model: time per
      phase, tokens/s, MFU, peak memory; and the longest sequence that fits a GRPO update on one card
   6. results.json and results.md in --out
@@ -35,7 +35,7 @@ QWEN25_15B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_siz
 TINY = dict(architecture="Qwen2ForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
             qkv_bias=True, max_position_embeddings=4096)
-STEP_LIMITS = {1: 60, 2: 150, 3: 240, 4: 300, 5: 240}
+STEP_LIMITS = {1: 60, 2: 150, 3: 240, 4: 360, 5: 240}
 
 
 def sync():
@@ -173,55 +173,24 @@ def step_kernel_bench(smoke):
 
 
 def step_sampler(smoke, skip_hf=False, new_tokens=512):
+    """bench/sampler.py's rows (CUDA graph, Triton and torch decode attention), plus how far greedy decoding
+    through the graph agrees with eager decoding on the same random model."""
+    from bench import sampler as sampler_bench
     from sampler import generate
 
-    device, dtype = ("cpu", torch.float32) if smoke else ("cuda", torch.bfloat16)
-    shape = TINY if smoke else QWEN25_15B
-    model = random_model(shape, device, dtype).eval()
-    prompt_len, new_tokens = (16, 16) if smoke else (256, new_tokens)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bandwidth = None
-    if not smoke:
-        x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-        bandwidth = 2 * x.numel() / timed(lambda: torch.empty_like(x).copy_(x), repeat=5)
-    rows = []
-    graphs = not smoke  # CUDA graphs need a GPU
-    for batch in (1, 64) if not smoke else (1, 4):
-        prompts = torch.randint(0, shape["vocab_size"], (batch, prompt_len)).tolist()
-        seconds = timed(lambda: generate(model, prompts, new_tokens, seed=0),
-                        warmup=lambda: generate(model, prompts, 8, seed=0))
-        row = dict(batch=batch, ours_eager_tokens_per_s=batch * new_tokens / seconds)
-        if graphs:
-            seconds = timed(lambda: generate(model, prompts, new_tokens, seed=0, cuda_graph=True),
-                            warmup=lambda: generate(model, prompts, 8, seed=0, cuda_graph=True))
-            eager = generate(model, prompts[:4], 32, temperature=0)
-            graphed = generate(model, prompts[:4], 32, temperature=0, cuda_graph=True)
-            row["graph_greedy_tokens_equal_eager"] = sum(a.tokens == b.tokens for a, b in zip(eager, graphed)) / len(eager)
-        row["ours_tokens_per_s"] = batch * new_tokens / seconds
-        if bandwidth:
-            kv_bytes = 2 * shape["num_hidden_layers"] * batch * shape["num_key_value_heads"] * (
-                prompt_len + new_tokens / 2) * (shape["hidden_size"] // shape["num_attention_heads"]) * 2
-            row["roofline_tokens_per_s"] = batch * bandwidth / (weight_bytes + kv_bytes)
-            row["share_of_roofline"] = row["ours_tokens_per_s"] / row["roofline_tokens_per_s"]
-        rows.append(row)
-    try:
-        import transformers
-    except ImportError:
-        return dict(rows=rows, transformers="not installed")
-    if skip_hf:
-        return dict(rows=rows, transformers="skipped (--skip_hf)")
-    config = transformers.Qwen2Config(**{k: v for k, v in shape.items() if k not in ("architecture", "qkv_bias")})
-    with torch.device(device):
-        hf_model = transformers.Qwen2ForCausalLM(config).to(dtype).eval()
-    for row in rows:
-        ids = torch.randint(0, shape["vocab_size"], (row["batch"], prompt_len), device=device)
-        hf_generate = lambda tokens: hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                                       max_new_tokens=tokens, min_new_tokens=tokens, top_k=0,
-                                                       pad_token_id=0)
-        seconds = timed(lambda: hf_generate(new_tokens), warmup=lambda: hf_generate(8))
-        row["hf_tokens_per_s"] = row["batch"] * new_tokens / seconds
-        row["ratio_vs_hf"] = row["ours_tokens_per_s"] / row["hf_tokens_per_s"]
-    return dict(rows=rows)
+    argv = ["--device", "cpu", "--batches", "1,4", "--new_tokens", "16"] if smoke else \
+        ["--device", "cuda", "--batches", "1,64,256", "--new_tokens", str(new_tokens), "--decode_backend", "both"]
+    rows = sampler_bench.main(argv + (["--skip_hf"] if skip_hf or smoke else []))
+    if smoke:
+        return dict(rows=rows)
+    model = random_model(QWEN25_15B, "cuda", torch.bfloat16).eval()
+    prompts = torch.randint(0, QWEN25_15B["vocab_size"], (8, 256)).tolist()
+    eager = generate(model, prompts, 32, temperature=0)
+    graphed = generate(model, prompts, 32, temperature=0, cuda_graph=True)
+    common = [next((i for i, (a, b) in enumerate(zip(e.tokens, g.tokens)) if a != b), 32) for e, g in zip(eager, graphed)]
+    return dict(rows=rows, graph_vs_eager_greedy=dict(decode_attention=os.environ.get("DECODE_ATTENTION_BACKEND"),
+        sequences_equal=sum(c == 32 for c in common) / len(common), common_prefix_tokens=common,
+        first_token_logprob_gap=max(abs(e.logprobs[0] - g.logprobs[0]) for e, g in zip(eager, graphed))))
 
 
 # -----------------------------------------------------------------------------

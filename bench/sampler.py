@@ -1,10 +1,16 @@
 """
 Sampler throughput: generated tokens per second of sampler.generate vs transformers' generate on the same
-random-weight model, prompts, lengths and sampling settings, measured in the same run; on CUDA also against the
+random-weight model, prompts and sampling settings, measured in the same run; on CUDA also against the
 memory-bandwidth roofline (bytes of weights + KV cache read per decode step / measured copy bandwidth).
 
     python bench/sampler.py                 # CPU: 4 layers, hidden 256; batch 1 and 32; 128 new tokens
     python bench/sampler.py --device cuda   # Qwen2.5-1.5B shapes in bf16; batch 1, 64, 256; 256 + 512 tokens
+
+On CUDA ours decodes through the CUDA graph; --decode_backend picks the decode attention (the Triton kernel,
+torch's grouped matmuls, or both, one row each). transformers' eager generate is timed on --hf_tokens new tokens
+(default 64 on CUDA: at batch 1 it decodes ~13 tokens/s on the H100 machine, and its per-step cost does not grow
+over these lengths) and compared as tokens per second. --profile prints the CUDA kernels of a few eager decode
+steps at the largest batch: where the step time goes.
 """
 
 import argparse
@@ -16,8 +22,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import Transformer  # noqa: E402
-from sampler import generate  # noqa: E402
+from model import KVCache, Transformer  # noqa: E402
+from sampler import _decode_eager, _prefill, allocate_cache, generate, sample_next  # noqa: E402
 
 QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                   num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True,
@@ -27,19 +33,20 @@ CPU_SMALL = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hi
 
 
 def build_pair(shape, device, dtype):
-    """The same random weights in transformers' Qwen2 and in ours (written by transformers, loaded by us)."""
+    """The same random weights in transformers' Qwen2 and in ours (ours loads the state dict transformers wrote)."""
     import transformers
 
     torch.manual_seed(0)
-    hf_model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape)).to(dtype)
+    with torch.device(device):
+        hf_model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape)).to(dtype)
     with tempfile.TemporaryDirectory() as path:
         hf_model.save_pretrained(path)
         ours = Transformer.from_pretrained(path, device=device, dtype=dtype)
-    return hf_model.to(device).eval(), ours.eval()
+    return hf_model.eval(), ours.eval()
 
 
 def copy_bandwidth(device):
-    x = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    x = torch.empty(1024 * 2**20, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     y.copy_(x)
     torch.cuda.synchronize()
@@ -50,59 +57,99 @@ def copy_bandwidth(device):
     return 2 * x.numel() * 10 / (time.perf_counter() - start)  # read + write
 
 
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+def timed(fn, device, repeat=1):
+    """Best of `repeat` timed calls, after one untimed call."""
     fn()
-    if device.type == "cuda":
+    best = float("inf")
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def roofline_tokens_per_s(model, batch, prompt_len, new_tokens, bandwidth):
+    """Tokens/s if every decode step only read the weights and the batch's mean KV prefix at copy bandwidth."""
+    config = model.config
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_bytes = KVCache.bytes_needed(config, batch, prompt_len + new_tokens // 2, torch.bfloat16)
+    return batch * bandwidth / (weight_bytes + kv_bytes)
+
+
+def profile_decode(model, batch, prompt_len, new_tokens):
+    """The CUDA kernels of eight eager decode steps at this batch, by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = allocate_cache(model, batch, prompt_len + new_tokens)
+    prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len)).tolist()
+    sample = lambda logits, uniform=None: sample_next(logits, 1.0, 0, 1.0, None, "sampled", uniform)
+    with torch.inference_mode():
+        _prefill(model, cache, prompts, list(range(batch)), True)
+        rows, tokens, positions = list(range(batch)), [0] * batch, [prompt_len] * batch
+        _decode_eager(model, cache, rows, tokens, positions, 2, sample)
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+        with profile(activities=[ProfilerActivity.CUDA]) as trace:
+            _decode_eager(model, cache, rows, tokens, positions, 8, sample)
+            torch.cuda.synchronize()
+    print(trace.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
+    parser.add_argument("--new_tokens", type=int, default=None)
+    parser.add_argument("--hf_tokens", type=int, default=None, help="new tokens for transformers' generate")
     parser.add_argument("--skip_hf", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--decode_backend", default="triton", choices=["triton", "torch", "both"])
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     shape, dtype = (QWEN25_15B, torch.bfloat16) if on_gpu else (CPU_SMALL, torch.float32)
     prompt_len, new_tokens = (256, 512) if on_gpu else (32, 128)
+    new_tokens = args.new_tokens or new_tokens
+    hf_tokens = args.hf_tokens or (64 if on_gpu else new_tokens)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 64, 256] if on_gpu else [1, 32])
+    backends = (["torch", "triton"] if args.decode_backend == "both" else [args.decode_backend]) if on_gpu else ["-"]
     hf_model, ours = build_pair(shape, device, dtype)
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     bandwidth = copy_bandwidth(device) if on_gpu else None
-    print(f"device {device} | {ours.num_parameters() / 1e6:.1f}M params | {dtype} | prompt {prompt_len} | "
-          f"new {new_tokens}" + (f" | copy bandwidth {bandwidth / 1e9:.0f} GB/s" if bandwidth else ""))
-    print(f"{'batch':>6} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6}" + (f" {'roofline':>9}" if on_gpu else ""))
+    print(f"device {torch.cuda.get_device_name() if on_gpu else 'cpu'} | {ours.num_parameters() / 1e6:.1f}M params | "
+          f"{dtype} | prompt {prompt_len} | new {new_tokens} (transformers {hf_tokens})"
+          + (f" | copy bandwidth {bandwidth / 1e9:.0f} GB/s" if bandwidth else ""))
+    print(f"{'batch':>6} {'decode attn':>11} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6}"
+          + (f" {'roofline tok/s':>15} {'share':>6}" if on_gpu else ""))
     rows = []
     for batch in batches:
         prompts = torch.randint(0, shape["vocab_size"], (batch, prompt_len), generator=torch.Generator().manual_seed(1))
-        generate(ours, prompts[:1, :8].tolist(), max_new_tokens=4, seed=0)  # warm-up
-        ours_time = timed(lambda: generate(ours, prompts.tolist(), max_new_tokens=new_tokens, seed=0), device)
-        ours_rate = batch * new_tokens / ours_time
         hf_rate = None
         if not args.skip_hf:
             ids = prompts.to(device)
             hf_time = timed(lambda: hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                                      max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                      max_new_tokens=hf_tokens, min_new_tokens=hf_tokens,
                                                       temperature=1.0, top_p=1.0, top_k=0, pad_token_id=0), device)
-            hf_rate = batch * new_tokens / hf_time
-        row = dict(batch=batch, ours_tokens_per_s=ours_rate, hf_tokens_per_s=hf_rate)
-        line = f"{batch:>6} {ours_rate:>11,.0f} {hf_rate or float('nan'):>10,.0f} " \
-               f"{(ours_rate / hf_rate if hf_rate else float('nan')):>5.1f}x"
-        if on_gpu:
-            config = ours.config
-            mean_context = prompt_len + new_tokens / 2
-            kv_bytes = 2 * config.num_hidden_layers * batch * config.num_key_value_heads * mean_context * \
-                config.head_dim * 2
-            roofline = batch * bandwidth / (weight_bytes + kv_bytes)  # tokens/s if each step only read memory
-            row["roofline_tokens_per_s"] = roofline
-            line += f" {ours_rate / roofline:>8.0%}"
-        print(line, flush=True)
-        rows.append(row)
+            hf_rate = batch * hf_tokens / hf_time
+        for backend in backends:
+            if on_gpu:
+                os.environ["DECODE_ATTENTION_BACKEND"] = backend
+            run = lambda: generate(ours, prompts.tolist(), max_new_tokens=new_tokens, seed=0, cuda_graph=on_gpu)
+            ours_rate = batch * new_tokens / timed(run, device, repeat=1 if on_gpu else 3)
+            row = dict(batch=batch, decode_attention=backend, ours_tokens_per_s=ours_rate, hf_tokens_per_s=hf_rate,
+                       ratio=ours_rate / hf_rate if hf_rate else None)
+            line = f"{batch:>6} {backend:>11} {ours_rate:>11,.0f} {hf_rate or float('nan'):>10,.0f} " \
+                   f"{(ours_rate / hf_rate if hf_rate else float('nan')):>5.1f}x"
+            if on_gpu:
+                roofline = roofline_tokens_per_s(ours, batch, prompt_len, new_tokens, bandwidth)
+                row.update(roofline_tokens_per_s=roofline, share_of_roofline=ours_rate / roofline)
+                line += f" {roofline:>15,.0f} {ours_rate / roofline:>6.0%}"
+            print(line, flush=True)
+            rows.append(row)
+    if args.profile and on_gpu:
+        profile_decode(ours, max(batches), prompt_len, new_tokens)
     return rows
 
 

@@ -41,6 +41,18 @@ def decode_attention_ref(q, k_cache, v_cache, slots, lengths, scale=None):
     return torch.einsum("bht,bhtd->bhd", torch.softmax(scores, dim=-1), values.to(compute)).to(q.dtype)
 
 
+def grouped_decode_attention(q, keys, values, hidden, scale=None):
+    """The torch path the model decodes through without the kernel: q (B, n_head, head_dim) against keys and
+    values (B, n_kv_head, L, head_dim) (views of the cache), hidden (B, L) True for keys a row must not see. A
+    group's query heads meet their shared KV head through a reshape, not a copy of the cache; the softmax is float32."""
+    B, n_head, head_dim = q.shape
+    n_kv_head = keys.shape[1]
+    grouped_q = q.view(B, n_kv_head, n_head // n_kv_head, head_dim) * (scale or head_dim ** -0.5)
+    scores = torch.matmul(grouped_q, keys.transpose(-1, -2)).float()  # (B, n_kv_head, group, L)
+    probs = scores.masked_fill(hidden[:, None, None, :], float("-inf")).softmax(-1).to(values.dtype)
+    return torch.matmul(probs, values).view(B, n_head, head_dim)
+
+
 if triton is not None:
 
     @triton.jit
@@ -48,7 +60,7 @@ if triton is not None:
                                stride_qb, stride_qh, stride_ks, stride_kh, stride_kt, stride_vs, stride_vh, stride_vt,
                                n_kv_head, n_splits, split_len, scale_log2,
                                GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-                               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         # program ids: one KV head of one sequence, one split of its prefix; all GROUP query heads together
         seq_head, split = tl.program_id(0), tl.program_id(1)
         seq, kv_head = seq_head // n_kv_head, seq_head % n_kv_head
@@ -73,7 +85,7 @@ if triton is not None:
             n_ok = offs_n < end
             k = tl.load(k_base + offs_n[:, None] * stride_kt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
                         other=0.0)  # (BLOCK_N, BLOCK_D)
-            scores = tl.dot(q, tl.trans(k)) * scale_log2
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             scores = tl.where(n_ok[None, :], scores, float("-inf"))  # (BLOCK_G, BLOCK_N)
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -81,7 +93,7 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_safe)
             v = tl.load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
                         other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
         # epilogue: this split's partial state; an empty split leaves max = -inf and sum = 0
@@ -98,6 +110,12 @@ def decode_config(head_dim, max_len):
                 split_len=triton.cdiv(split_len, 64) * 64, num_warps=4)
 
 
+def decode_precision(dtype):
+    """Full fp32 products for fp32 inputs (decoding is bound by memory, not by these few products), so that an
+    fp32 model decodes what its full forward computes; fp16/bf16 ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale=None):
     B, n_head, head_dim = q.shape
     n_kv_head, max_len = k_cache.shape[1], k_cache.shape[2]
@@ -112,7 +130,8 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale=None):
         q, k_cache, v_cache, slots, lengths, part_max, part_sum, part_acc, q.stride(0), q.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], n_kv_head, n_splits, split_len,
         (scale or head_dim ** -0.5) * 1.4426950408889634, GROUP=group,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, **config)  # tl.dot needs 16 rows
+        BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PRECISION=decode_precision(q.dtype),
+        **config)  # tl.dot needs 16 rows
     # merge the splits: rescale each partial state to the common maximum (base 2)
     best = part_max.max(dim=-1, keepdim=True).values  # (B, H, 1)
     weight = torch.exp2(part_max - best)  # 0 for empty splits
@@ -120,8 +139,9 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale=None):
     return out.to(q.dtype)
 
 
-def decode_kernel_enabled(q):
-    return triton is not None and q.is_cuda and os.environ.get("DECODE_ATTENTION_BACKEND", "torch") == "triton"
+def decode_kernel_enabled(tensor):
+    """Whether the model decodes through the Triton kernel: on a GPU with DECODE_ATTENTION_BACKEND=triton."""
+    return triton is not None and tensor.is_cuda and os.environ.get("DECODE_ATTENTION_BACKEND", "torch") == "triton"
 
 
 def decode_attention(q, k_cache, v_cache, slots, lengths, scale=None, backend=None):

@@ -53,7 +53,8 @@ for arch in (80, 90):
         for head_dim, group in ((64, 7), (128, 6), (128, 8)):
             config = K.decode_config(head_dim, 32768)
             constants = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-                             BLOCK_D=config["BLOCK_D"], BLOCK_N=config["BLOCK_N"])
+                             BLOCK_D=config["BLOCK_D"], BLOCK_N=config["BLOCK_N"],
+                             PRECISION="ieee" if dtype == "fp32" else "tf32")
             signature = {}
             for arg in K._decode_partial_kernel.arg_names:
                 if arg in constants:

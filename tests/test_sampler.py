@@ -1,4 +1,5 @@
 # python -m pytest tests/test_sampler.py -q
+import copy
 import math
 
 import pytest
@@ -137,3 +138,43 @@ def test_cache_that_cannot_fit_is_refused(checkpoint):
     _, model = checkpoint
     with pytest.raises(MemoryError, match="GiB"):
         generate(model, [[1, 2]], max_new_tokens=10**9)
+
+
+@pytest.mark.parametrize("sync_every", [3, 16])
+def test_runs_of_steps_between_host_reads_change_nothing(checkpoint, sync_every):
+    """Decoding several steps before the host reads them back: a sequence that stops inside a run is cut at its
+    stop token, its slot is refilled at the end of the run, and greedy outputs equal step-by-step decoding."""
+    _, model = checkpoint
+    prompts = random_prompts([3, 11, 6, 1, 9, 4, 7])
+    free_run = [c.tokens for c in generate(model, prompts, max_new_tokens=13, temperature=0)]
+    # a stop token some completions reach mid-way and others never produce
+    stop = next(t for tokens in free_run for t in tokens[3:10] if any(t not in other for other in free_run))
+    step_by_step = generate(model, prompts, max_new_tokens=13, temperature=0, stop_token_ids=[stop], max_slots=3)
+    in_runs = generate(model, prompts, max_new_tokens=13, temperature=0, stop_token_ids=[stop], max_slots=3,
+                       sync_every=sync_every)
+    assert [(c.tokens, c.finish_reason) for c in in_runs] == [(c.tokens, c.finish_reason) for c in step_by_step]
+    assert any(c.finish_reason == "stop" for c in in_runs) and any(c.finish_reason == "length" for c in in_runs)
+    for a, b in zip(in_runs, step_by_step):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the Triton decode kernel need a GPU")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cuda_graph_decoding_equals_eager_on_a_gpu(checkpoint, backend, monkeypatch):
+    monkeypatch.setenv("DECODE_ATTENTION_BACKEND", backend)
+    model = copy.deepcopy(checkpoint[1]).cuda()  # the module's CPU model stays for the other tests
+    prompts = random_prompts([3, 11, 6, 1, 9, 4, 7])
+    stop = generate(model, prompts[:1], max_new_tokens=40, temperature=0)[0].tokens[4]
+    kwargs = dict(max_new_tokens=40, temperature=0, stop_token_ids=[stop], max_slots=4)
+    eager = generate(model, prompts, sync_every=1, **kwargs)
+    graphed = generate(model, prompts, cuda_graph=True, sync_every=8, **kwargs)
+    assert [c.tokens for c in graphed] == [c.tokens for c in eager]
+    sampled = generate(model, prompts, max_new_tokens=40, n=3, seed=5, cuda_graph=True, logprobs_mode="raw")
+    for prompt, completion in zip([p for p in prompts for _ in range(3)], sampled):
+        sequence = torch.tensor([prompt + completion.tokens], device="cuda")
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(sequence)[0], dim=-1)
+        positions = torch.arange(len(prompt) - 1, sequence.shape[1] - 1, device="cuda")
+        expected = logprobs[positions, sequence[0, positions + 1]].cpu()
+        # the full forward's attention kernel takes fp32 products in TF32, as torch's matmuls may
+        assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=2e-3)
