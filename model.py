@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from kernels.attention import attention
 from kernels.decode_attention import decode_attention, decode_kernel_enabled, grouped_decode_attention
+from kernels.rope_cache import rope_and_cache
 from kernels.logprob import IGNORE_INDEX, token_logprobs
 
 SUPPORTED_ARCHITECTURES = {
@@ -171,8 +172,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in float32 as the reference implementations do, then cast back before the weight; one fused
-        # op instead of five matters when decoding a token at a time, where every op's launch cost counts
+        # normalise in float32 as the reference implementations do, then cast back before the weight. One fused op
+        # where the dtypes agree: decoding a token at a time pays a launch per op. (Under autocast q and k are
+        # bf16 while q_norm's weight is fp32; the product then promotes to fp32, as in transformers.)
+        if x.dtype == self.weight.dtype:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -248,6 +252,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
+        if cache is not None and cu_seqlens is None and T == 1 and decode_kernel_enabled(x):
+            return self.o_proj(self.kernel_decode(q[:, 0], k[:, 0], v[:, 0], cos[:, 0, 0], sin[:, 0, 0], cache))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cos.dtype != q.dtype:  # under autocast q is bf16 while the residual stream is fp32
             cos, sin = cos.to(q.dtype), sin.to(q.dtype)
@@ -264,6 +270,14 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
 
+    def kernel_decode(self, q, k, v, cos, signed_sin, cache):
+        """One new token per row on a GPU: rope and the cache write in one kernel, then the split-KV decode kernel
+        over each row's prefix, read in place. q (B, n_head, head_dim); k, v (B, n_kv_head, head_dim)."""
+        k_cache, v_cache = cache["kv"].k[self.layer_index], cache["kv"].v[self.layer_index]
+        q = rope_and_cache(q, k, v, cos, signed_sin, k_cache, v_cache, cache["slots"], cache["positions"][:, 0])
+        out = decode_attention(q, k_cache, v_cache, cache["slots"], cache["lengths"], backend="triton")
+        return out.view(q.shape[0], 1, self.n_head * self.head_dim)
+
     def cached_attention(self, q, k, v, cache):
         """Writes this step's keys/values at their positions in each row's slot, then attends to the slot's
         prefix. Positions past a row's own length may hold stale values; the mask never lets a query see them,
@@ -279,9 +293,6 @@ class Attention(nn.Module):
         else:
             k_cache[slots[:, None], :, positions] = k.transpose(1, 2)  # (B, T, kv_heads, head_dim)
             v_cache[slots[:, None], :, positions] = v.transpose(1, 2)
-        if q.shape[2] == 1 and decode_kernel_enabled(q):  # one new token per row: the split-KV decode kernel
-            out = decode_attention(q[:, :, 0], k_cache, v_cache, slots, cache["lengths"], backend="triton")
-            return out[:, :, None]  # (B, n_head, 1, head_dim)
         if first_slot is not None:
             keys, values = k_cache[rows, :, :key_len], v_cache[rows, :, :key_len]
         else:

@@ -22,6 +22,7 @@ recomputes its old log-probs with the trainer at the sampling temperature withou
 choice: the policy gradient is taken w.r.t. the full softmax) and uses these only to report the mismatch.
 """
 
+import gc
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -147,8 +148,16 @@ class GraphedDecode:
                 one_step()
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), autocast:
-            one_step()
+        # Python's cyclic GC may finalize a Triton kernel object during capture; its destructor unloads a CUDA
+        # module, which is illegal while a stream is capturing and leaves a graph that faults on replay
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(self.graph), autocast:
+                one_step()
+        finally:
+            if gc_was_enabled:
+                gc.enable()
 
     def __call__(self, tokens, positions, steps, generator):
         """Decodes `steps` tokens for every slot from tokens (slots,) at positions (slots,); returns the sampled

@@ -103,10 +103,30 @@ if triton is not None:
         tl.store(PART_ACC + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
 
 
-def decode_config(head_dim, max_len):
-    """Keys per tile and per split: splits of 512 keys, at most 32 of them."""
+    @triton.jit
+    def _decode_merge_kernel(PART_MAX, PART_SUM, PART_ACC, OUT, stride_ob, stride_oh, n_head, n_splits,
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        # one (sequence, query head) per program: rescale each split's state to the common maximum and sum
+        row = tl.program_id(0)
+        seq, head = row // n_head, row % n_head
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_ok, d_ok = offs_s < n_splits, offs_d < HEAD_DIM
+        part_max = tl.load(PART_MAX + row * n_splits + offs_s, mask=s_ok, other=float("-inf"))
+        part_sum = tl.load(PART_SUM + row * n_splits + offs_s, mask=s_ok, other=0.0)
+        part_acc = tl.load(PART_ACC + (row * n_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                           mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_S, BLOCK_D)
+        weight = tl.exp2(part_max - tl.max(part_max, 0))  # 0 for empty splits; split 0 is never empty
+        out = tl.sum(part_acc * weight[:, None], 0) / tl.sum(part_sum * weight, 0)
+        tl.store(OUT + seq * stride_ob + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
+
+
+def decode_config(head_dim, max_len, dtype=torch.bfloat16):
+    """Keys per tile and per split: splits of 512 keys, at most 32 of them. fp32's full-precision products live
+    in registers rather than tensor cores: smaller tiles keep them from spilling."""
     split_len = max(512, triton.cdiv(max_len, 32))
-    return dict(BLOCK_N=32 if head_dim > 64 else 64, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    block_n = 16 if dtype == torch.float32 else 32 if head_dim > 64 else 64
+    return dict(BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                 split_len=triton.cdiv(split_len, 64) * 64, num_warps=4)
 
 
@@ -117,10 +137,11 @@ def decode_precision(dtype):
 
 
 def decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale=None):
+    """slots and lengths: int32 or int64 (the model passes its int64 positions; no conversion kernels)."""
     B, n_head, head_dim = q.shape
     n_kv_head, max_len = k_cache.shape[1], k_cache.shape[2]
     group = n_head // n_kv_head
-    config = decode_config(head_dim, max_len)
+    config = decode_config(head_dim, max_len, q.dtype)
     split_len = config.pop("split_len")
     n_splits = triton.cdiv(max_len, split_len)
     part_max = torch.empty((B, n_head, n_splits), device=q.device, dtype=torch.float32)
@@ -132,11 +153,11 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale=None):
         (scale or head_dim ** -0.5) * 1.4426950408889634, GROUP=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, PRECISION=decode_precision(q.dtype),
         **config)  # tl.dot needs 16 rows
-    # merge the splits: rescale each partial state to the common maximum (base 2)
-    best = part_max.max(dim=-1, keepdim=True).values  # (B, H, 1)
-    weight = torch.exp2(part_max - best)  # 0 for empty splits
-    out = (part_acc * weight[..., None]).sum(2) / (part_sum * weight).sum(2)[..., None]
-    return out.to(q.dtype)
+    out = torch.empty((B, n_head, head_dim), device=q.device, dtype=q.dtype)
+    _decode_merge_kernel[(B * n_head,)](part_max, part_sum, part_acc, out, out.stride(0), out.stride(1), n_head,
+                                        n_splits, HEAD_DIM=head_dim, BLOCK_D=config["BLOCK_D"],
+                                        BLOCK_S=max(2, triton.next_power_of_2(n_splits)))
+    return out
 
 
 def decode_kernel_enabled(tensor):
@@ -152,5 +173,5 @@ def decode_attention(q, k_cache, v_cache, slots, lengths, scale=None, backend=No
     if backend == "triton":
         if triton is None:
             raise RuntimeError("DECODE_ATTENTION_BACKEND=triton needs the triton package")
-        return decode_attention_triton(q, k_cache, v_cache, slots.to(torch.int32), lengths.to(torch.int32), scale)
+        return decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale)
     return decode_attention_ref(q, k_cache, v_cache, slots, lengths, scale)

@@ -42,6 +42,7 @@ def test_triton_matches_reference_in_float64(dtype, tolerance, heads, kv_heads, 
 
 COMPILE_SCRIPT = r"""
 import json, os, sys
+import torch
 import triton
 sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
 import kernels.decode_attention as K
@@ -51,7 +52,8 @@ rows = []
 for arch in (80, 90):
     for dtype in ("fp16", "bf16", "fp32"):
         for head_dim, group in ((64, 7), (128, 6), (128, 8)):
-            config = K.decode_config(head_dim, 32768)
+            config = K.decode_config(head_dim, 32768, getattr(torch, {"fp16": "float16", "bf16": "bfloat16",
+                                                                      "fp32": "float32"}[dtype]))
             constants = dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                              BLOCK_D=config["BLOCK_D"], BLOCK_N=config["BLOCK_N"],
                              PRECISION="ieee" if dtype == "fp32" else "tf32")
@@ -62,7 +64,7 @@ for arch in (80, 90):
                 elif arg in ("Q", "K", "V"):
                     signature[arg] = "*" + dtype
                 elif arg in ("SLOTS", "LENGTHS"):
-                    signature[arg] = "*i32"
+                    signature[arg] = "*i64"
                 elif arg.startswith("PART"):
                     signature[arg] = "*fp32"
                 elif arg == "scale_log2":
@@ -71,12 +73,17 @@ for arch in (80, 90):
                     signature[arg] = "i32"
             shared, usage = compile_for(K._decode_partial_kernel, signature, constants, arch, config["num_warps"])
             rows.append(dict(arch=arch, dtype=dtype, head_dim=head_dim, shared=shared, usage=usage))
+        merge_constants = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=64)
+        signature = {arg: "constexpr" if arg in merge_constants else "*" + dtype if arg == "OUT" else
+                     "*fp32" if arg.startswith("PART") else "i32" for arg in K._decode_merge_kernel.arg_names}
+        shared, usage = compile_for(K._decode_merge_kernel, signature, merge_constants, arch, 4)
+        rows.append(dict(arch=arch, dtype=dtype, head_dim="merge", shared=shared, usage=usage))
 print(json.dumps(rows))
 """
 
 
 def test_compiles_for_sm80_and_sm90_without_spills():
     rows = run_compile_script(COMPILE_SCRIPT, ROOT)
-    assert len(rows) == 18
+    assert len(rows) == 24
     for row in rows:
         assert_fits(row, f"decode sm_{row['arch']} {row['dtype']} d={row['head_dim']}")

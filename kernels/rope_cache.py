@@ -1,0 +1,89 @@
+"""
+Rope and the KV-cache write of one decode step, in one kernel, for the sampler.
+
+    q_out[b, h]                          = rope(q[b, h], position_b)
+    k_cache[slot_b, h, position_b]       = rope(k[b, h], position_b)
+    v_cache[slot_b, h, position_b]       = v[b, h]
+
+    rope(x) = x * cos + roll(x, head_dim / 2) * signed_sin,  signed_sin = (-sin, sin)  (model.apply_rope's form)
+
+q (B, n_head, head_dim), k and v (B, n_kv_head, head_dim), views with a unit last stride; cos and signed_sin
+(B, head_dim), the rows of model.rope_cos_sin; k_cache, v_cache (slots, n_kv_head, max_len, head_dim) as
+sampler.KVCache holds them; slots and positions (B,) int64. Products in fp32, stored in the tensors' dtypes.
+
+Why a kernel: when decoding one token per sequence, a step is a few hundred tiny kernels, and each costs a few
+microseconds however little it does. In torch, rope of q and k and the two cache writes are eight of them per
+layer; here they are one launch that reads q, k, v once and writes each result once.
+"""
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def rope_and_cache_ref(q, k, v, cos, signed_sin, k_cache, v_cache, slots, positions):
+    def rope(x):  # (B, heads, head_dim)
+        return x * cos[:, None] + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin[:, None]
+
+    k_cache[slots, :, positions] = rope(k).to(k_cache.dtype)
+    v_cache[slots, :, positions] = v.to(v_cache.dtype)
+    return rope(q)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_cache_kernel(Q, K, V, COS, SIN, K_CACHE, V_CACHE, SLOTS, POSITIONS, Q_OUT,
+                           stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cb,
+                           stride_cs, stride_ch, stride_ct, stride_ob, stride_oh, n_head,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+        # program ids: one sequence, one head; heads [0, n_head) rotate a query head, the rest write a KV head
+        seq, head = tl.program_id(0), tl.program_id(1)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        partner = (offs_d + HEAD_DIM // 2) % HEAD_DIM  # roll by half a head: element d meets d +- head_dim/2
+        cos = tl.load(COS + seq * stride_cb + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        sin = tl.load(SIN + seq * stride_cb + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        if head < n_head:
+            row = Q + seq * stride_qb + head * stride_qh
+            x = tl.load(row + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            rolled = tl.load(row + partner, mask=d_ok, other=0.0).to(tl.float32)
+            out = Q_OUT + seq * stride_ob + head * stride_oh + offs_d
+            tl.store(out, (x * cos + rolled * sin).to(Q_OUT.dtype.element_ty), mask=d_ok)
+        else:
+            kv_head = head - n_head
+            slot = tl.load(SLOTS + seq)
+            position = tl.load(POSITIONS + seq)
+            cache_offset = slot * stride_cs + kv_head * stride_ch + position * stride_ct + offs_d
+            row = K + seq * stride_kb + kv_head * stride_kh
+            x = tl.load(row + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            rolled = tl.load(row + partner, mask=d_ok, other=0.0).to(tl.float32)
+            tl.store(K_CACHE + cache_offset, (x * cos + rolled * sin).to(K_CACHE.dtype.element_ty), mask=d_ok)
+            value = tl.load(V + seq * stride_vb + kv_head * stride_vh + offs_d, mask=d_ok, other=0.0)
+            tl.store(V_CACHE + cache_offset, value.to(V_CACHE.dtype.element_ty), mask=d_ok)
+
+
+def rope_and_cache_triton(q, k, v, cos, signed_sin, k_cache, v_cache, slots, positions):
+    B, n_head, head_dim = q.shape
+    n_kv_head = k.shape[1]
+    if not (q.stride(2) == k.stride(2) == v.stride(2) == cos.stride(1) == signed_sin.stride(1) == 1) \
+            or cos.stride(0) != signed_sin.stride(0) or k_cache.stride() != v_cache.stride():
+        raise ValueError("rope_and_cache wants unit last strides, cos and sin laid out alike, k and v caches alike")
+    q_out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _rope_cache_kernel[(B, n_head + n_kv_head)](
+        q, k, v, cos, signed_sin, k_cache, v_cache, slots, positions, q_out, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), *k_cache.stride()[:3],
+        q_out.stride(0), q_out.stride(1), n_head, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=1)
+    return q_out
+
+
+def rope_and_cache(q, k, v, cos, signed_sin, k_cache, v_cache, slots, positions, backend="triton"):
+    """Public entry: backend "triton" (the decode path on a GPU) or "torch" (the reference)."""
+    if backend == "triton":
+        return rope_and_cache_triton(q, k, v, cos, signed_sin, k_cache, v_cache, slots, positions)
+    return rope_and_cache_ref(q, k, v, cos, signed_sin, k_cache, v_cache, slots, positions)

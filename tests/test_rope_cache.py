@@ -1,0 +1,111 @@
+# python -m pytest tests/test_rope_cache.py -q      (on CPU the Triton kernel runs in Triton's interpreter)
+import os
+
+import pytest
+import torch
+
+from aot import assert_fits, run_compile_script
+from conftest import ROOT, write_hf_checkpoint
+from kernels.rope_cache import rope_and_cache
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+
+
+def textbook_rope(x, positions, theta=10000.0):
+    """Rotates each pair (x[i], x[i + d/2]) by position * theta^(-2i/d), written out in float64."""
+    half = x.shape[-1] // 2
+    angles = positions.double()[:, None] * theta ** (-torch.arange(half, dtype=torch.float64) * 2 / x.shape[-1])
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, half)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def case(dtype, n_head, n_kv_head, head_dim, device, seed=0):
+    """Inputs laid out as the model has them: q, k, v are (B, heads, head_dim) views of projections."""
+    from model import rope_cos_sin
+
+    generator = torch.Generator().manual_seed(seed)
+    B, slots, max_len = 3, 5, 40
+    projections = torch.randn(B, (n_head + 2 * n_kv_head) * head_dim, generator=generator, dtype=torch.float64)
+    q, k, v = projections.split([n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim], dim=-1)
+    q, k, v = q.view(B, n_head, head_dim), k.view(B, n_kv_head, head_dim), v.view(B, n_kv_head, head_dim)
+    positions = torch.tensor([0, 17, 39])
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    cos, signed_sin = (t[:, 0, 0] for t in rope_cos_sin(positions[:, None], inv_freq, torch.float64))
+    k_cache = torch.randn(slots, n_kv_head, max_len, head_dim, generator=generator, dtype=torch.float64)
+    v_cache = torch.randn(slots, n_kv_head, max_len, head_dim, generator=generator, dtype=torch.float64)
+    slot_ids = torch.tensor([4, 0, 2])
+    to = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    return [to(t) for t in (q, k, v, cos, signed_sin, k_cache, v_cache, slot_ids, positions)]
+
+
+def test_reference_is_textbook_rope_and_writes_only_its_positions():
+    q, k, v, cos, sin, k_cache, v_cache, slots, positions = case(torch.float64, 4, 2, 16, "cpu")
+    old_k, old_v = k_cache.clone(), v_cache.clone()
+    q_out = rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slots, positions, backend="torch")
+    assert torch.allclose(q_out, textbook_rope(q, positions), atol=1e-12)
+    assert torch.allclose(k_cache[slots, :, positions], textbook_rope(k, positions), atol=1e-12)
+    assert torch.equal(v_cache[slots, :, positions], v)
+    written = torch.zeros_like(k_cache, dtype=torch.bool)
+    written[slots, :, positions] = True
+    assert torch.equal(k_cache[~written], old_k[~written]) and torch.equal(v_cache[~written], old_v[~written])
+
+
+@pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("n_head, n_kv_head, head_dim", [(4, 2, 64), (12, 2, 128), (2, 2, 80)])
+def test_triton_matches_reference_in_float64(dtype, tolerance, n_head, n_kv_head, head_dim):
+    inputs = case(dtype, n_head, n_kv_head, head_dim, DEVICE, seed=head_dim)
+    expected = [t.detach().cpu().double() if t.is_floating_point() else t.cpu() for t in inputs]
+    expected_q = rope_and_cache(*expected, backend="torch")
+    q_out = rope_and_cache(*inputs, backend="triton")
+    assert q_out.dtype == dtype and (q_out.double().cpu() - expected_q).abs().max() < tolerance
+    for ours, reference in ((inputs[5], expected[5]), (inputs[6], expected[6])):  # the whole caches
+        assert (ours.double().cpu() - reference).abs().max() < tolerance
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the CPU run of the kernel decode path needs Triton's interpreter")
+def test_model_decodes_the_same_through_the_kernels(tmp_path, monkeypatch):
+    """The model's kernel decode path (rope + cache write kernel, split-KV decode kernel) gives the greedy tokens
+    of its torch path, run here through the interpreter on an fp32 model."""
+    import model as model_module
+    from model import Transformer
+    from sampler import generate
+
+    write_hf_checkpoint(tmp_path, family="qwen2", seed=4)
+    model = Transformer.from_pretrained(tmp_path)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [3]]
+    through_torch = generate(model, prompts, max_new_tokens=12, temperature=0, logprobs_mode="raw")
+    monkeypatch.setattr(model_module, "decode_kernel_enabled", lambda tensor: True)
+    through_kernels = generate(model, prompts, max_new_tokens=12, temperature=0, logprobs_mode="raw")
+    assert [c.tokens for c in through_kernels] == [c.tokens for c in through_torch]
+    for a, b in zip(through_kernels, through_torch):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+COMPILE_SCRIPT = r"""
+import json, os, sys
+import triton
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+import kernels.rope_cache as K
+from aot import compile_for
+
+rows = []
+for arch in (80, 90):
+    for dtype in ("fp16", "bf16", "fp32"):
+        for head_dim in (64, 128, 256):
+            constants = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim)
+            signature = {arg: "constexpr" if arg in constants else "*i64" if arg in ("SLOTS", "POSITIONS") else
+                         "*" + dtype if arg.isupper() else "i32" for arg in K._rope_cache_kernel.arg_names}
+            shared, usage = compile_for(K._rope_cache_kernel, signature, constants, arch, num_warps=1)
+            rows.append(dict(arch=arch, dtype=dtype, head_dim=head_dim, shared=shared, usage=usage))
+print(json.dumps(rows))
+"""
+
+
+def test_compiles_for_sm80_and_sm90_without_spills():
+    rows = run_compile_script(COMPILE_SCRIPT, ROOT)
+    assert len(rows) == 18
+    for row in rows:
+        assert_fits(row, f"rope_cache sm_{row['arch']} {row['dtype']} d={row['head_dim']}")
