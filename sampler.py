@@ -126,7 +126,8 @@ class GraphedDecode:
         self.step = torch.zeros(1, dtype=torch.long, device=device)
         self.token_history = torch.zeros((max_steps, slots), dtype=torch.long, device=device)
         self.logprob_history = torch.zeros((max_steps, slots), dtype=torch.float32, device=device)
-        cache_step = dict(kv=cache, slots=torch.arange(slots, device=device), positions=self.positions,
+        self.slots = torch.arange(slots, device=device)  # the graph reads it at every replay: it must outlive __init__
+        cache_step = dict(kv=cache, slots=self.slots, positions=self.positions,
                           key_len=cache.max_len, first_slot=0)
 
         def one_step():

@@ -14,8 +14,8 @@ prefix in place, loads each KV head once for all the query heads of its group, a
 several programs whose partial softmax states (max, sum, weighted values) are merged afterwards, so that a batch
 of a few long sequences still fills the GPU. Tolerance vs the float64 reference: ~1e-5 (fp32), ~2e-3 (fp16/bf16).
 
-`decode_attention` dispatches: Triton when DECODE_ATTENTION_BACKEND=triton (or backend="triton"), the reference
-otherwise. It defaults to the reference until bench/gpu_check.py has validated it on a GPU (README, not done yet).
+`decode_attention` dispatches: Triton for CUDA tensors (validated on an H200, inside the sampler's CUDA graph too),
+the reference otherwise; DECODE_ATTENTION_BACKEND=torch (or backend="torch") forces the reference.
 """
 
 import os
@@ -161,13 +161,14 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale=None):
 
 
 def decode_kernel_enabled(tensor):
-    """Whether the model decodes through the Triton kernel: on a GPU with DECODE_ATTENTION_BACKEND=triton."""
-    return triton is not None and tensor.is_cuda and os.environ.get("DECODE_ATTENTION_BACKEND", "torch") == "triton"
+    """Whether the model decodes through the Triton kernels: on a GPU unless DECODE_ATTENTION_BACKEND=torch."""
+    return triton is not None and tensor.is_cuda and os.environ.get("DECODE_ATTENTION_BACKEND", "triton") == "triton"
 
 
 def decode_attention(q, k_cache, v_cache, slots, lengths, scale=None, backend=None):
-    """Public entry. backend: "triton" or "torch"; DECODE_ATTENTION_BACKEND sets the default (torch for now)."""
-    backend = backend or os.environ.get("DECODE_ATTENTION_BACKEND", "torch")
+    """Public entry. backend: "triton" or "torch"; the default is DECODE_ATTENTION_BACKEND, else Triton for CUDA
+    tensors and the reference for CPU ones."""
+    backend = backend or os.environ.get("DECODE_ATTENTION_BACKEND") or ("triton" if q.is_cuda else "torch")
     if backend not in ("torch", "triton"):
         raise ValueError(f"decode attention backend must be torch or triton, not {backend!r}")
     if backend == "triton":
