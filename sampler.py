@@ -12,9 +12,12 @@ How it works
   - One preallocated cache (layers x slots x kv_heads x max_len x head_dim), sized from the model before it is
     allocated; a request that cannot fit is refused with the number of bytes it needs.
   - A prompt is admitted when n slots are free: its prompt is prefilled once (prompts admitted together are
-    batched, right-padded) and the cache rows are copied to its n slots.
-  - Every step decodes one token for every active slot, each at its own position. A finished sequence frees its
-    slot at once and the next pending prompt takes it (continuous batching): no batch waits for its longest row.
+    packed back to back on a GPU, right-padded on CPU) and the cache rows are copied to its n slots.
+  - Every step decodes one token for every active slot, each at its own position; `sync_every` steps run on the
+    device before the host reads their tokens. A finished sequence frees its slot at the end of that run and the
+    next pending prompt takes it (continuous batching): no batch waits for its longest row.
+  - On a GPU one step (forward, sampling, bookkeeping) is a captured CUDA graph, and decoding goes through the
+    Triton kernels of kernels/rope_cache.py and kernels/decode_attention.py.
 
 Log-probs: by default each returned log-prob is that of the distribution actually sampled from (after temperature,
 top-k and top-p). logprobs_mode="raw" returns the untruncated temperature-1 log-probs instead. train_grpo.py
