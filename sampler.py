@@ -16,8 +16,9 @@ How it works
   - Every step decodes one token for every active slot, each at its own position; `sync_every` steps run on the
     device before the host reads their tokens. A finished sequence frees its slot at the end of that run and the
     next pending prompt takes it (continuous batching): no batch waits for its longest row.
-  - On a GPU one step (forward, sampling, bookkeeping) is a captured CUDA graph, and decoding goes through the
-    Triton kernels of kernels/rope_cache.py and kernels/decode_attention.py.
+  - On a GPU, decoding goes through the Triton kernels of kernels/rope_cache.py and kernels/decode_attention.py,
+    and with cuda_graph=True (train_grpo.py's and eval.py's default) a step (forward, sampling, bookkeeping) is
+    one captured CUDA graph.
 
 Log-probs: by default each returned log-prob is that of the distribution actually sampled from (after temperature,
 top-k and top-p). logprobs_mode="raw" returns the untruncated temperature-1 log-probs instead. train_grpo.py
