@@ -250,8 +250,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
+        if hasattr(self, "q_norm"):  # under autocast the fp32 norm weights promote q and k: back to v's dtype
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         if cache is not None and cu_seqlens is None and T == 1 and decode_kernel_enabled(x):
             return self.o_proj(self.kernel_decode(q[:, 0], k[:, 0], v[:, 0], cos[:, 0, 0], sin[:, 0, 0], cache))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)

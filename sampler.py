@@ -86,8 +86,9 @@ def _available_bytes(device) -> int | None:
 
 
 def _cache_dtype(weight):
-    if weight.is_cuda and torch.is_autocast_enabled("cuda"):  # keys and values come out of autocast's matmuls
-        return torch.get_autocast_dtype("cuda")
+    device_type = weight.device.type
+    if torch.is_autocast_enabled(device_type):  # keys and values come out of autocast's matmuls
+        return torch.get_autocast_dtype(device_type)
     return weight.dtype
 
 

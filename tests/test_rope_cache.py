@@ -66,22 +66,26 @@ def test_triton_matches_reference_in_float64(dtype, tolerance, n_head, n_kv_head
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="the CPU run of the kernel decode path needs Triton's interpreter")
-def test_model_decodes_the_same_through_the_kernels(tmp_path, monkeypatch):
+@pytest.mark.parametrize("family, autocast_dtype, tolerance", [("qwen2", None, 1e-5), ("qwen3", torch.float16, 2e-3)])
+def test_model_decodes_the_same_through_the_kernels(tmp_path, monkeypatch, family, autocast_dtype, tolerance):
     """The model's kernel decode path (rope + cache write kernel, split-KV decode kernel) gives the greedy tokens
-    of its torch path, run here through the interpreter on an fp32 model."""
+    of its torch path, run here through the interpreter: an fp32 model, and a Qwen3 model (q/k norms) under fp16
+    autocast with fp32 weights, the mixed-precision set-up train_grpo.py samples in on a GPU (there in bf16)."""
     import model as model_module
     from model import Transformer
     from sampler import generate
 
-    write_hf_checkpoint(tmp_path, family="qwen2", seed=4)
+    write_hf_checkpoint(tmp_path, family=family, seed=4)
     model = Transformer.from_pretrained(tmp_path)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [3]]
-    through_torch = generate(model, prompts, max_new_tokens=12, temperature=0, logprobs_mode="raw")
-    monkeypatch.setattr(model_module, "decode_kernel_enabled", lambda tensor: True)
-    through_kernels = generate(model, prompts, max_new_tokens=12, temperature=0, logprobs_mode="raw")
+    autocast = torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    with autocast:
+        through_torch = generate(model, prompts, max_new_tokens=12, temperature=0, logprobs_mode="raw")
+        monkeypatch.setattr(model_module, "decode_kernel_enabled", lambda tensor: True)
+        through_kernels = generate(model, prompts, max_new_tokens=12, temperature=0, logprobs_mode="raw")
     assert [c.tokens for c in through_kernels] == [c.tokens for c in through_torch]
     for a, b in zip(through_kernels, through_torch):
-        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+        assert a.logprobs == pytest.approx(b.logprobs, abs=tolerance)
 
 
 COMPILE_SCRIPT = r"""
