@@ -30,8 +30,8 @@ from safetensors.torch import save_file
 
 from kernels.attention import attention
 from kernels.decode_attention import decode_attention, decode_kernel_enabled, grouped_decode_attention
-from kernels.rope_cache import rope_and_cache
 from kernels.logprob import IGNORE_INDEX, token_logprobs
+from kernels.rope_cache import rope_and_cache
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
