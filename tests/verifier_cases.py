@@ -263,7 +263,7 @@ CASES = [
     (B("3 ± 2√2"), "3 \\pm 2 \\sqrt{2}", True, "unicode pm"),
     (B("\\pm 3"), "3", False, "pm where the gold has none"),
     (B("x = 2, 3"), "2, 3", True, "list with prefix"),
-    (B("2 and 3"), "2, 3", False, "words joining is not accepted as list"),
+    (B("2 and 3"), "2, 3", True, "values joined by 'and' when the gold lists several values"),
     # --- text and multiple choice -------------------------------------------------------------------------
     (B("\\text{Evelyn}"), "\\text{Evelyn}", True, "name"),
     (B("Evelyn"), "\\text{Evelyn}", True, "name without text"),
