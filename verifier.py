@@ -92,7 +92,7 @@ def _boxed_spans(text: str) -> list[tuple[int, int, str]]:
         else:
             word = re.match(r"[^\s$.,]+", text[start:])
             content, end = (word.group(0), start + word.end()) if word else ("", start)
-        if content.strip():
+        if not re.fullmatch(r"(?:\\phantom\{[^{}]*\}|\\[qh]?quad|\\[,;! ]|\s)*", content):  # the problem's blank
             spans.append((match.start(), end, content.strip()))
     return spans
 
@@ -123,7 +123,8 @@ def committed_boxes(region: str) -> list[str]:
 _MARKERS = re.compile(r"final answer\s*(?:is)?\s*[:=]?|(?:the|my) (?:final )?answer (?:is|would be|should be)\s*[:=]?|"
                       r"answer\s*[:=]|####|^[ \t]*(?:final )?(?:answer|result|solution)s?[ \t]*:?[ \t]*$",
                       re.IGNORECASE | re.MULTILINE)
-_MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$])+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+_MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$])+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]|"
+                        r"\\begin\{(?:align|equation|gather)\*?\}(.+?)\\end\{(?:align|equation|gather)\*?\}", re.DOTALL)
 # where an answer written in prose ends: a sentence end, or a comma before a clause ("7, which we check below")
 _ANSWER_END = re.compile(r"\.(?:\s|$)|[;!?]|,\s+(?!and\b|or\b)(?=[a-z]{2,})|\s(?:which|since|because|as|so|where)\s")
 
@@ -138,6 +139,7 @@ def answer_region(text: str) -> str | None:
     elif "<think>" in text:
         return None
     text = text[-MAX_TEXT_TAIL:].replace("**", "").replace("__", "")
+    text = re.sub(r"\[asy\].*?(?:\[/asy\]|$)", " ", text, flags=re.DOTALL)  # figure code holds no answer
     return re.sub(r"(?m)^[ \t]*#{1,6}[ \t]+(?=[A-Za-z])", "", text)
 
 
@@ -168,7 +170,7 @@ def _after_last_marker(region: str) -> str | None:
     opening = _MATH_SPAN.match(rest)
     line_end = rest.find("\n", opening.end() if opening else 0)
     line = rest if line_end < 0 else rest[:line_end]
-    spans = [(m.start(), m.end()) for m in _MATH_SPAN.finditer(line)]
+    spans = [(m.start(), m.end()) for m in _math_spans(line)]
     cut = next((m.start() for m in _ANSWER_END.finditer(line) if not any(a <= m.start() < b for a, b in spans)),
                len(line))
     answer = _MATH_SPAN.sub(_span_text, line[:cut]).strip()
@@ -178,8 +180,25 @@ def _after_last_marker(region: str) -> str | None:
     return answer if re.search(r"[\d\\]", answer) or len(answer.split()) <= 3 else None
 
 
+def _math_spans(text: str) -> list[re.Match]:
+    """Math spans, less the ones two currency signs make ("pays $30 - $12 = $18"): a $-span that opens on a digit
+    and closes after a space or an operator, or that holds prose."""
+    spans = []
+    for span in _MATH_SPAN.finditer(text):
+        content = span.group(2)
+        if content is not None and re.match(r"\d", content) and re.search(r"[\s=+*/-]$", content):
+            continue
+        if _PROSE_WORD.search(re.sub(r"\\(?:text\w*|mbox|mathrm)\s*\{[^{}]*\}", "", _span_text(span))):
+            continue
+        spans.append(span)
+    return spans
+
+
 def _span_text(span: re.Match) -> str:
-    return next(group for group in span.groups() if group is not None).strip()
+    """A math span's content; of a multi-line display (align), its last row without alignment marks."""
+    content = next(group for group in span.groups() if group is not None)
+    rows = [row for row in re.split(r"\\\\", content) if row.strip()]
+    return re.sub(r"^\s*=", "", (rows[-1] if rows else content).replace("&", "")).strip()
 
 
 _PROSE_WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{4,}")
@@ -205,14 +224,16 @@ def _bare_answer(region: str) -> str | None:
 
 
 def _last_math_in_final_sentence(region: str) -> str | None:
-    """The last math span of the text if nothing but words follows it, else the last number of the last
-    sentence."""
-    spans = list(_MATH_SPAN.finditer(region))
-    if spans and not re.search(r"\d", region[spans[-1].end():]):
-        return _span_text(spans[-1]) or None
+    """The last math span of the text if it stands in the final sentence or only words follow it; else the last
+    number of the final sentence. A span with prose in it is two currency signs, not math."""
+    spans = _math_spans(region)
+    if spans:
+        after = region[spans[-1].end():]
+        if not re.search(r"\d", after) or not re.search(r"[.!?]\s+[A-Z\\$]|\n\s*\S", after):
+            return _span_text(spans[-1]) or None
     stripped = region.strip().rstrip(".")
     sentence = re.split(r"(?<=[.!?])\s+(?=[A-Z\\$])|\n", stripped)[-1] if stripped else ""
-    numbers = re.findall(r"-?(?:\d[\d,]*(?:\.\d+)?(?:/\d+)?|\.\d+)", sentence)
+    numbers = re.findall(r"-?(?:\d{1,3}(?: \d{3})+(?![\d.])|\d[\d,]*(?:\.\d+)?(?:/\d+)?|\.\d+)", sentence)
     return numbers[-1].rstrip(",") if numbers else None
 
 
@@ -282,20 +303,23 @@ def normalize(s: str) -> str:
     s = re.sub(r"(?<!\\)\\(?:displaystyle|!|,|;|:|quad|qquad| )(?![a-zA-Z])|~", " ", s)
     s = s.replace("{,}", ",")  # 12{,}500
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
+    s = re.sub(r"\\equiv", "=", re.sub(r"\\pmod\s*\{?\s*\d+\s*\}?", " ", s))  # 24 \equiv 3 \pmod{7}
     for pattern, replacement in _RELATIONS:
         s = re.sub(pattern, replacement, s)
     s = s.replace(r"\$", "").replace("$", "").replace(r"\%", "").replace("%", "")
-    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree", "", s)
+    s = re.sub(r"\^\s*(?:\{\s*\\circ\s*\}|\\circ)|\\circ|\\degree", "", s)
     s = re.sub(r"\\operatorname\s*\{\s*(arc(?:sin|cos|tan)|sinh|cosh|tanh|ln|log)\s*\}", r"\\\1 ", s)
     s = _unwrap_text_commands(s)
     s = re.sub(r"\\(?:mathbb|boldsymbol|bm)\s*\{([^{}]*)\}", r"\1", s)
     s = re.sub(rf"(?<![a-zA-Z\\])(?:{_UNITS})(?:\s*\^\s*\{{?[23]\}}?)?(?![a-zA-Z])", " ", s) \
         if re.search(r"\d", s) else s  # units only follow numbers; a text answer keeps its words
+    s = re.sub(r"\(\s*\)", " ", s)  # what "18 (dollars)" leaves
     s = re.sub(r"\s+", " ", s).strip()
     s = re.sub(r"^(-?\d+(?:\.\d+)?)[eE]([-+]?\d+)$", r"\1\\times10^{\2}", s)  # 1.5e3
     s = re.sub(r"^[a-zA-Z]\s*(?:=|\\in)\s*(?=[^=]+$)(?!.*(?<![\\a-zA-Z])[a-zA-Z](?![a-zA-Z]))", "", s)  # "x = 5", not "y = 2x"
     s = re.sub(r"[.\s]+$", "", s)
-    s = re.sub(r"(\d)\.$", r"\1", s)
+    while _enclosed(s, "{", "}"):  # ${9}.$
+        s = re.sub(r"[.\s]+$", "", s[1:-1].strip())
     return _number_spelling(s)
 
 
@@ -948,7 +972,8 @@ def _right_hand_side(answer: str, gold: str) -> str:
         return answer
     sides = _split_top_level(answer, "=")
     if len(sides) > 1 and len(_split_top_level(answer, ",")) == 1:
-        return _rename_variable(answer, gold).split("=")[-1].strip() if len(sides) == 2 else sides[-1]
+        side = _rename_variable(answer, gold).split("=")[-1] if len(sides) == 2 else sides[-1]
+        return normalize(side)  # the side may hold what normalising the whole could not reach: {(-2, 1)}
     return answer
 
 

@@ -385,6 +385,42 @@ def make_pairs(golds, seed=0, gsm8k_golds=300):
 
 
 # -----------------------------------------------------------------------------
+# real text: reference solutions with their final line rewritten, and sampled model outputs
+
+
+def solution_pairs(data_dir, rng, gsm8k_solutions=300):
+    """Reference solutions of GSM8K (their '#### N' line replaced by the ways a model ends) and MATH-500 (the box
+    taken off, so the answer must be found in the prose), and the Qwen2.5-Math chain-of-thought samples of
+    sft_demo/ as they are and with their boxed value changed."""
+    pairs = []
+    path = os.path.join(data_dir, "gsm8k", "test.jsonl")
+    if os.path.exists(path):
+        rows = [json.loads(line) for line in open(path)]
+        for row in rng.sample(rows, min(gsm8k_solutions, len(rows))):
+            body, gold = row["answer"].split("####")
+            body, gold = re.sub(r"<<[^>]*>>", "", body).strip(), gold.strip()
+            value = int(gold.replace(",", ""))
+            for family, ending in (("no marker", ""), ("the answer is", f"The answer is {gold}."),
+                                   ("bold answer", f"**Answer:** {gold}"), ("boxed", f"So \\boxed{{{gold}}}."),
+                                   ("minerva", f"Final Answer: The final answer is ${gold}$. I hope it is correct.")):
+                pairs.append((f"gsm8k solution:{family}", f"{body}\n{ending}".strip(), gold, True))
+            pairs.append(("gsm8k wrong:solution off by one", f"{body}\nThe answer is {value + 1}.", gold, False))
+    path = os.path.join(data_dir, "math500", "test.jsonl")
+    if os.path.exists(path):
+        for row in map(json.loads, open(path)):
+            unboxed = re.sub(r"\\boxed\{", "{", row["solution"])
+            pairs.append(("math500 solution:box taken off", unboxed, row["answer"], True))
+    path = os.path.join(data_dir, "sft_demo", "math_cot_qwen25math.jsonl")
+    if os.path.exists(path):
+        for row in map(json.loads, open(path)):
+            pairs.append(("qwen25math sample:as written", row["response"], row["answer"], True))
+            wrong = row["response"].replace(f"\\boxed{{{row['answer']}}}", "\\boxed{0}")
+            if wrong != row["response"] and row["answer"] != "0":
+                pairs.append(("qwen25math wrong:sample with another boxed value", wrong, row["answer"], False))
+    return pairs
+
+
+# -----------------------------------------------------------------------------
 # the two verifiers and the report
 
 
@@ -466,7 +502,7 @@ def main():
     golds = load_golds(args.data_dir)
     if not golds:
         sys.exit(f"no benchmark files under {args.data_dir}: point --data_dir at the folder with math500/, gsm8k/")
-    pairs = make_pairs(golds, args.seed)
+    pairs = make_pairs(golds, args.seed) + solution_pairs(args.data_dir, random.Random(args.seed))
     ours, our_seconds = run_ours(pairs)
     print(f"ours: {len(pairs) / our_seconds:,.0f} pairs/s (verify_batch)")
     peer = None
