@@ -130,13 +130,20 @@ def is_sharded(model) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def full_state_dict(model) -> dict:
-    """Whole (unsharded) weights on the CPU on every rank; under FSDP2 this gathers the shards."""
-    if is_sharded(model):
+def full_state_dict(model, device="cpu", rank0_only=False) -> dict:
+    """Whole (unsharded) weights on `device`, on every rank; every rank must call it. Under FSDP2 the shards are
+    all-gathered one tensor at a time. rank0_only: the other ranks get {} (a checkpoint is written by rank 0
+    alone, and a full copy in host memory per rank would not fit a large model)."""
+    if not is_sharded(model):
+        return {k: v.detach().to(device) for k, v in model.state_dict().items()}
+    if rank0_only:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().to(device)
+            for k, v in model.state_dict().items()}
 
 
 def unsharded_copy(model):
@@ -147,10 +154,9 @@ def unsharded_copy(model):
         return model
     from model import Transformer
 
-    device = next(model.parameters()).device
     with torch.device("meta"):
         copy = Transformer(model.config)
-    copy.load_state_dict({k: v.to(device) for k, v in full_state_dict(model).items()}, assign=True)
+    copy.load_state_dict(full_state_dict(model, device=next(model.parameters()).device), assign=True)
     return copy.eval()
 
 
@@ -207,7 +213,7 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, step, config, metrics,
 
     path = os.path.join(out_dir, name or f"step_{step:06d}")
     tmp = path + ".tmp"
-    weights = full_state_dict(model)
+    weights = full_state_dict(model, rank0_only=True)
     optimizer_state = _optimizer_state(model, optimizer)
     if rank == 0:
         os.makedirs(tmp, exist_ok=True)
@@ -237,6 +243,7 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, step, config, metrics,
 
 
 def _optimizer_state(model, optimizer):
+    """Under FSDP2 the whole (gathered) state on rank 0 and {} on the others; load_run_state broadcasts it back."""
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -264,7 +271,7 @@ def load_run_state(path, model, optimizer, rank):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     else:
         optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])

@@ -435,7 +435,7 @@ def main(argv=None):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if ref_model is not None and config.ref_update_every and (step + 1) % config.ref_update_every == 0:
-            ref_model.load_state_dict({k: v.to(device) for k, v in full_state_dict(model).items()})
+            ref_model.load_state_dict(full_state_dict(model, device=device))
         times["update"] = time.time() - t0
 
         # 5. log: everything below is diagnostics, evaluation and checkpoints

@@ -4,6 +4,7 @@ import math
 import json
 import os
 import types
+import zlib
 
 import pytest
 import torch
@@ -198,12 +199,76 @@ def fake_rollout(policy, tokenizer, problems, config, seed):
     return samples
 
 
-def run_rank(rank, world_size, port, args):
+REAL_ROLLOUT = train_grpo.rollout
+
+
+def sampled_rollout(policy, tokenizer, problems, config, seed):
+    """The real sampler, one problem at a time with a seed of its own, so that a problem gets the same completions
+    whichever rank draws it; the reward is rigged from the sampled tokens (an untrained model earns none), so that
+    groups differ and the update does something."""
+    samples = []
+    for problem in problems:
+        group = REAL_ROLLOUT(policy, tokenizer, [problem], config, seed=zlib.crc32(problem["problem"].encode()))
+        for s in group:
+            s["reward"] = float(sum(s["tokens"]) % 3 == 0)
+        samples += group
+    return samples
+
+
+def run_rank(rank, world_size, port, args, rollout=fake_rollout):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    train_grpo.rollout = fake_rollout
+    train_grpo.rollout = rollout
     train_grpo.main(args)
+
+
+def spawn(world_size, args, **kwargs):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(run_rank, args=(world_size, port, args, *kwargs.values()), nprocs=world_size)
+
+
+def metrics_lines(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_with_eval_rollouts_reference_refresh_and_resume_equal_one(tmp_path, demo_model,
+                                                                                      monkeypatch):
+    """FSDP on 2 processes through everything a sharded model must survive: the held-out eval and the rollouts
+    (a gathered copy on every rank), a reference refresh, a checkpoint and a resume (the optimizer state of every
+    rank). Greedy evals and per-problem sampling seeds make 1 and 2 processes see the same completions."""
+    from safetensors.torch import load_file
+
+    args = TINY + [f"--model={demo_model}", "--eval_problems=4", "--eval_temperature=0", "--beta=0.05",
+                   "--ref_update_every=2", "--temperature=0.7", "--micro_batch_size=3", "--warmup_steps=1"]
+    monkeypatch.setattr(train_grpo, "rollout", sampled_rollout)
+    train_grpo.main(args + [f"--out_dir={tmp_path / 'one'}", "--max_steps=3"])
+    two = args + [f"--out_dir={tmp_path / 'two'}", "--parallel=fsdp"]
+    spawn(2, two + ["--max_steps=2"], rollout=sampled_rollout)
+    spawn(2, two + ["--max_steps=3", "--resume=true"], rollout=sampled_rollout)
+    one, two = metrics_lines(tmp_path / "one"), metrics_lines(tmp_path / "two")
+    assert [m["step"] for m in two] == [0, 1, 2, 2, 3, 3]  # eval at 0, steps 1-2, eval; resumed: its eval, step 3
+    train_one, train_two = [m for m in one if "reward" in m], [m for m in two if "reward" in m]
+    for a, b in zip(train_one, train_two, strict=True):
+        assert (a["reward"], a["length"]) == (b["reward"], b["length"])  # the same completions
+        assert b["mismatch"] < 1e-5  # the gathered copy samples what the sharded model scores
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=1e-9)
+    # the reference is the initial policy for steps 1-2, then refreshed (and saved, and reloaded by the resume)
+    assert train_two[1]["kl"] > 1e-6 and train_two[2]["kl"] < 1e-9
+    evals_one = {m["step"]: m["heldout_accuracy"] for m in one if "reward" not in m}
+    evals_two = {m["step"]: m["heldout_accuracy"] for m in two if "reward" not in m}
+    assert evals_one == {0: evals_two[0], 3: evals_two[3]}
+    final_one, final_two = load_file(tmp_path / "one" / "final" / "model.safetensors"), \
+        load_file(tmp_path / "two" / "final" / "model.safetensors")
+    for name in final_one:
+        assert torch.allclose(final_one[name], final_two[name], atol=2e-5), name
 
 
 @pytest.mark.parametrize("extra", [[], ["--mu=2", "--beta=0.05", "--loss_agg=token-mean"]])

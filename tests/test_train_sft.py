@@ -104,11 +104,31 @@ def test_jsonl_formats_train(tmp_path, demo_folder):
     assert metrics["loss"] > 0
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_process_gloo_equals_one_process(tmp_path, parallel):
+def test_two_process_ddp_equals_one_process(tmp_path):
     args = TINY + ["--max_steps=2", "--micro_batch_size=2"]
     torchrun(1, args + [f"--out_dir={tmp_path / 'one'}", "--parallel=ddp"], tmp_path)
-    torchrun(2, args + [f"--out_dir={tmp_path / 'two'}", f"--parallel={parallel}"], tmp_path)
+    torchrun(2, args + [f"--out_dir={tmp_path / 'two'}", "--parallel=ddp"], tmp_path)
     one, two = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
     for name in one:
         assert torch.allclose(one[name], two[name], atol=2e-5), name  # Adam amplifies summation-order noise
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_with_eval_and_resume_equal_one_process(tmp_path):
+    """FSDP on 2 processes with the held-out eval on (a gathered copy of the weights on every rank) and a resume
+    (every rank's optimizer state), against one process; greedy evals score the same on any number of ranks."""
+    args = ["--micro_batch_size=2", "--eval_problems=4", "--eval_temperature=0", "--eval_every=2"]
+    run(tmp_path / "one", *args)
+    two = TINY + args + [f"--out_dir={tmp_path / 'two'}", "--parallel=fsdp"]
+    torchrun(2, two + ["--max_steps=2"], tmp_path)
+    torchrun(2, two + ["--resume=true"], tmp_path)
+    one_lines = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
+    two_lines = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert [m["step"] for m in two_lines] == [1, 2, 3, 4]  # each step once: the second run resumed at step 2
+    for a, b in zip(one_lines, two_lines, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a.get("heldout_accuracy") == b.get("heldout_accuracy")
+    assert "heldout_accuracy" in two_lines[1] and "heldout_accuracy" in two_lines[3]  # both runs evaluated
+    one, two = weights(tmp_path / "one" / "final"), weights(tmp_path / "two" / "final")
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=2e-5), name
