@@ -326,17 +326,129 @@ def test_switches_run_with_the_real_sampler_and_verifier(tmp_path, demo_model, o
     assert all(math.isfinite(v) for v in metrics.values())
 
 
+def spy(monkeypatch, name, calls):
+    """Replaces train_grpo.<name> by a wrapper that records (args, kwargs, result) of every call."""
+    original = getattr(train_grpo, name)
+
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append((args, kwargs, result))
+        return result
+
+    monkeypatch.setattr(train_grpo, name, wrapper)
+
+
 def test_resume_continues_from_the_last_checkpoint(tmp_path, demo_model, monkeypatch):
+    """A resumed run ends with the weights of a straight one, and it did resume: the metrics have each step once,
+    the step loaded is the step saved, and the rollout seeds continue where they stopped."""
     from safetensors.torch import load_file
 
-    monkeypatch.setattr(train_grpo, "rollout", fake_rollout)
+    seeds, loaded = [], []
+    monkeypatch.setattr(train_grpo, "rollout", lambda *args, seed: seeds.append(seed) or fake_rollout(*args, seed))
+    spy(monkeypatch, "load_run_state", loaded)
     base = TINY + [f"--model={demo_model}", "--max_steps=4", "--beta=0.05", "--ref_update_every=2"]
     train_grpo.main(base + [f"--out_dir={tmp_path / 'straight'}"])
+    straight_seeds, seeds[:] = list(seeds), []
     train_grpo.main(base + [f"--out_dir={tmp_path / 'split'}", "--save_every=2", "--max_steps=2"])
     train_grpo.main(base + [f"--out_dir={tmp_path / 'split'}", "--resume=true"])
+    assert [result[0] for _, _, result in loaded] == [2]
+    assert [m["step"] for m in metrics_lines(tmp_path / "split")] == [1, 2, 3, 4]
+    assert seeds == straight_seeds and len(set(seeds)) == 4
     straight = load_file(tmp_path / "straight" / "final" / "model.safetensors")
     resumed = load_file(tmp_path / "split" / "final" / "model.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+# --- how main wires the pieces together ------------------------------------------------------------------------
+
+
+def test_collate_marks_the_completion_and_its_stop_token_only():
+    samples = [dict(prompt=[5, 6, 7], tokens=[8, 9, 2]), dict(prompt=[5], tokens=[3, 2]), dict(prompt=[4, 4],
+                                                                                             tokens=[9])]
+    input_ids, completion_mask = train_grpo.collate(samples, pad_id=0, device=torch.device("cpu"))
+    assert input_ids.tolist() == [[5, 6, 7, 8, 9, 2], [5, 3, 2, 0, 0, 0], [4, 4, 9, 0, 0, 0]]
+    assert completion_mask.tolist() == [[0, 0, 0, 1, 1, 1], [0, 1, 1, 0, 0, 0], [0, 0, 1, 0, 0, 0]]
+
+
+def test_sampler_and_trainer_log_probs_agree_at_temperature_0_7(tmp_path, demo_model):
+    """The real sampler and verifier at temperature 0.7: the trainer's recomputed log-probs of the sampled tokens
+    equal the sampler's (the logged mismatch is ~3e-7; ~0.1 when either side drops the temperature)."""
+    metrics = train_grpo.main(TINY + [f"--model={demo_model}", f"--out_dir={tmp_path}", "--temperature=0.7",
+                                      "--max_steps=1"])
+    assert metrics["mismatch"] < 1e-5
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "batch"])
+def test_main_passes_the_right_tensors_to_the_loss_and_the_kl(tmp_path, demo_model, monkeypatch, scale_rewards):
+    """What main hands kl_estimate and policy_loss, against a recomputation from the rollouts: the policy's
+    log-probs (with gradient) first and the reference's second, the configured estimator and direction, each
+    micro-batch's own rows, and advantages from the group mean and the sample std of the group or the batch."""
+    from model import sequence_logprobs
+
+    calls = {"collate": [], "kl_estimate": [], "policy_loss": []}
+    monkeypatch.setattr(train_grpo, "rollout", fake_rollout)
+    for name, recorded in calls.items():
+        spy(monkeypatch, name, recorded)
+    train_grpo.main(TINY + [f"--model={demo_model}", f"--out_dir={tmp_path}", "--beta=0.1", "--kl_estimator=k2",
+                            "--kl_direction=forward", "--micro_batch_size=3", "--temperature=0.7",
+                            f"--scale_rewards={scale_rewards}"])
+    reference = train_grpo.load_reference(demo_model, torch.device("cpu"))
+    micro_batches = math.ceil(16 / 3)
+    assert len(calls["collate"]) == 2 and len(calls["kl_estimate"]) == len(calls["policy_loss"]) == 2 * micro_batches
+    for step, ((samples, _, _), _, (input_ids, completion_mask)) in enumerate(calls["collate"]):
+        rewards = torch.tensor([s["reward"] for s in samples]).view(4, 4)
+        scale = rewards.std(dim=1, keepdim=True) if scale_rewards == "group" else rewards.std()
+        advantages = ((rewards - rewards.mean(dim=1, keepdim=True)) / (scale + 1e-4)).view(-1)
+        for k in range(micro_batches):
+            rows = slice(3 * k, 3 * k + 3)
+            (logprobs, ref_logprobs, estimator, direction), _, kl = calls["kl_estimate"][step * micro_batches + k]
+            args, _, _ = calls["policy_loss"][step * micro_batches + k]
+            assert (estimator, direction) == ("k2", "forward")
+            assert logprobs.requires_grad and not ref_logprobs.requires_grad
+            with torch.no_grad():
+                expected_ref = sequence_logprobs(reference, input_ids[rows], temperature=0.7)
+            assert torch.allclose(ref_logprobs, expected_ref, atol=1e-6)
+            if step == 1:  # the policy has moved away from the reference
+                assert not torch.allclose(logprobs, ref_logprobs, atol=1e-4)
+            assert args[0] is logprobs and torch.equal(args[1], logprobs.detach()) and args[7] is kl
+            assert torch.allclose(args[2].cpu(), advantages[rows], atol=1e-5)
+            assert torch.equal(args[3], completion_mask[rows])
+            assert args[5:7] == (16, float(completion_mask.sum()))
+
+
+def informative(problem):
+    return zlib.crc32(problem["problem"].encode()) % 4 == 0
+
+
+def rigged_rollout(policy, tokenizer, problems, config, seed):
+    """fake_rollout with one group in four (by problem) informative, rewards 1, 0, 0, 0; the others all 0.5."""
+    samples = fake_rollout(policy, tokenizer, problems, config, seed)
+    for i, s in enumerate(samples):
+        k = i % config.group_size
+        s["reward"] = float(k == 0) if informative(problems[i // config.group_size]) else 0.5
+    return samples
+
+
+def test_dynamic_sampling_keeps_the_informative_groups_and_stops_when_full(tmp_path, demo_model, monkeypatch):
+    calls, collated = [], []
+    monkeypatch.setattr(train_grpo, "rollout", rigged_rollout)
+    spy(monkeypatch, "rollout", calls)
+    spy(monkeypatch, "collate", collated)
+    metrics = train_grpo.main(TINY + [f"--model={demo_model}", f"--out_dir={tmp_path}", "--dynamic_sampling=true",
+                                      "--max_steps=1"])
+    needed, max_calls = 4 * 4, Config().max_resample_rounds + 1
+    kept, equal_groups = [], 0
+    for n, ((_, _, problems, _), _, samples) in enumerate(calls):
+        assert len(kept) < needed  # this round was needed
+        for i, problem in enumerate(problems):
+            if informative(problem):
+                kept += samples[4 * i: 4 * i + 4]
+            else:
+                equal_groups += 1
+    assert len(kept) >= needed or len(calls) == max_calls
+    assert len(calls) > 1  # the rigged draw needs more than one round
+    assert [id(s) for s in collated[0][0][0]] == [id(s) for s in kept[:needed]]
+    assert metrics["zero_variance"] == pytest.approx(equal_groups / (4 * len(calls)))
 
 
 def test_tiny_sft_then_grpo_raises_the_reward(tmp_path):
