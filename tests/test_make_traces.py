@@ -154,7 +154,9 @@ def test_hint_always_keeps_only_hinted_traces_never_none_and_keep_two(scripted_t
     (trace("3 * 2 = 6, which matches the hint.", "6"), "stop", "6", "x", True, "leak_mention"),
     (trace("3 * 2 = 6, as the problem says the answer is.", "6"), "stop", "6", "x", True, "leak_mention"),
     (trace("Working backwards from 6: 6 / 2 = 3.", "6"), "stop", "6", "x", True, "leak_mention"),
-    (trace("3 * 2 = 6 as if I did not know it", "6"), "stop", "6", "x", True, "leak_mention"),  # quotes the hint
+    (trace("3 * 2 = 6 as if I did not know it", "6"), "stop", "6", "x", True, "leak_mention"),
+    (trace("Solve the problem step by step as if you did not know it.\n3 * 2 = 6", "6"), "stop", "6", "x", True,
+     "leak_mention"),  # quotes the hint
     (trace("We are given that x = 3.\nSo 2x = 6.\nThe correct final answer is 6", "6"), "stop", "6",
      "x", True, None),  # ordinary words of a genuine trace
     (trace("Let me solve the problem step by step.\n3 * 2 = 6", "6"), "stop", "6", "x", True, None),
