@@ -188,7 +188,7 @@ def _math_spans(text: str) -> list[re.Match]:
         content = span.group(2)
         if content is not None and re.match(r"\d", content) and re.search(r"[\s=+*/-]$", content):
             continue
-        if _PROSE_WORD.search(re.sub(r"\\(?:text\w*|mbox|mathrm)\s*\{[^{}]*\}", "", _span_text(span))):
+        if _has_prose(_span_text(span)):
             continue
         spans.append(span)
     return spans
@@ -197,12 +197,21 @@ def _math_spans(text: str) -> list[re.Match]:
 def _span_text(span: re.Match) -> str:
     """A math span's content; of a multi-line display (align), its last row without alignment marks."""
     content = next(group for group in span.groups() if group is not None)
-    rows = [row for row in re.split(r"\\\\", content) if row.strip()]
-    return re.sub(r"^\s*=", "", (rows[-1] if rows else content).replace("&", "")).strip()
+    if span.group(5) is not None:  # align / equation / gather: the last row (a matrix keeps its rows)
+        rows = [row for row in re.split(r"\\\\", content) if row.strip()]
+        content = re.sub(r"^\s*=", "", (rows[-1] if rows else content).replace("&", ""))
+    return content.strip()
 
 
 _PROSE_WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{4,}")
 _ANSWER_WORDS = {"thousand", "million", "billion", "percent", "dollars", "cents", "units", "degrees"}
+
+
+def _has_prose(text: str) -> bool:
+    """Words of four letters or more outside LaTeX commands and \\text{}, other than units and number words."""
+    text = re.sub(r"\\(?:text\w*|mbox|mathrm|operatorname)\s*\{[^{}]*\}|\\(?:begin|end)\{\w+\}", "", text)
+    return any(word.lower() not in _ANSWER_WORDS and word.lower() not in _NUMBER_WORDS
+               for word in _PROSE_WORD.findall(text))
 
 
 def _bare_answer(region: str) -> str | None:
@@ -216,9 +225,7 @@ def _bare_answer(region: str) -> str | None:
         return None
     if re.fullmatch(r"[A-Za-z]+", inner):
         return inner
-    outside_text = re.sub(r"\\(?:text\w*|mbox|mathrm)\s*\{[^{}]*\}|\\(?:begin|end)\{\w+\}", "", inner)
-    words = [word.lower() for word in _PROSE_WORD.findall(outside_text)]
-    if any(word not in _ANSWER_WORDS and word not in _NUMBER_WORDS for word in words):
+    if _has_prose(inner):
         return None
     return inner.rstrip(".").strip()
 
@@ -288,6 +295,7 @@ def _number_word(s: str):
     return str(total + current)
 
 
+_SIMPLE_NUMBER = re.compile(r"-?[1-9]\d{0,15}(?:\.\d*[1-9])?|0")
 _RELATIONS = ((r"\\leqslant|\\leq|<=|\\le(?![a-zA-Z])", r"\\le "), (r"\\geqslant|\\geq|>=|\\ge(?![a-zA-Z])", r"\\ge "),
               (r"\\neq|!=|\\ne(?![a-zA-Z])", r"\\ne "))
 _SCALES = {"thousand": 1000, "million": 10 ** 6, "billion": 10 ** 9}
@@ -296,6 +304,8 @@ _SCALES = {"thousand": 1000, "million": 10 ** 6, "billion": 10 ** 9}
 def normalize(s: str) -> str:
     """Canonical spelling of an answer: LaTeX noise, units, currency, degrees, percent and unicode removed."""
     s = s.strip()
+    if _SIMPLE_NUMBER.fullmatch(s):  # most answers: nothing to remove
+        return s
     s = re.sub(r"√\s*(\d+|[a-zA-Z])", r"\\sqrt{\1}", s)  # √13 is sqrt(13), not sqrt(1) times 3
     for char, replacement in _UNICODE.items():
         s = s.replace(char, replacement)
@@ -887,6 +897,7 @@ def values_equal(answer, gold, gold_places=None) -> bool:
 # 5. grading
 
 
+@lru_cache(maxsize=4096)
 def normalize_gold(gold: str) -> str:
     gold = str(gold)
     if "####" in gold:  # a GSM8K solution: the answer is after the marker
@@ -1031,12 +1042,12 @@ def _prepare(completion: str, gold: str):
     """Extraction and the cheap checks, in the caller: returns a Verdict, or (answer, gold) for the sympy path."""
     if not isinstance(gold, str) or not normalize_gold(gold):
         raise ValueError(f"gold answer must be a non-empty string, got {gold!r}")
+    gold = normalize_gold(gold)
     raw = extract_answer(completion)
     if raw is None:
         return Verdict("no_answer", None, "no final answer found")
     if len(raw) > MAX_ANSWER_CHARS:
         return Verdict("unparseable", raw[:80], "answer too long")
-    gold = normalize_gold(gold)
     answer = _fit_to_gold(" ; ".join(normalize(part) for part in raw.split(" ; ")), gold)
     if not answer.replace(";", "").strip():
         return Verdict("no_answer", raw, "the answer is empty")

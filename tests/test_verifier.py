@@ -3,13 +3,14 @@ import json
 import os
 import random
 import re
+import sys
 import threading
 import time
 
 import pytest
 
 from conftest import ROOT, SHARED, requires_shared
-from verifier import extract_answer, format_reward, grade, math_reward, normalize_gold, verify_batch
+from verifier import extract_answer, format_reward, grade, math_reward, normalize_gold, verify, verify_batch
 from verifier_cases import CASES
 
 
@@ -42,7 +43,9 @@ def test_case(verdicts, index):
 
 
 def test_whole_table_within_deadline(verdicts):
-    assert verdicts[1] < 2.0 * len(CASES) / 2  # every item well inside its 2 s budget
+    # 20 ms per item at most: the table takes 0.3 s with a warm pool and 2.6 s with the pool's start on a loaded
+    # 2-core machine (the old bound, 2 s per item, was 428 s and could not fail)
+    assert verdicts[1] < 0.02 * len(CASES), f"{len(CASES)} items took {verdicts[1]:.1f} s"
 
 
 def test_grade_statuses():
@@ -124,3 +127,82 @@ def test_gsm8k_reference_solutions_verify_and_perturbed_answers_do_not():
     rng = random.Random(0)
     perturbed = [(f"#### {int(g.replace(',', '')) + rng.choice([-10, -1, 1, 10])}", g) for g in golds]
     assert not any(v.correct for v in verify_batch(perturbed))
+
+
+OVERFLOWING = ["\\pi^{9999}", "e^{9999}", "9^{9999} \\pi", "\\frac{\\pi^{9999}}{2}"]
+
+
+@pytest.mark.parametrize("gold", ["42", "\\frac{3}{7}", "x+1", "y=2x+1", "1", "e^{9998}", "\\infty"])
+def test_values_that_overflow_a_float_are_never_equal_to_anything(gold):
+    # a reward hack: inf - inf is nan and inf <= 1e-12 * inf held, so pi^9999 matched almost any gold
+    completions = [f"<think>x</think> \\boxed{{{value}}}" for value in OVERFLOWING]
+    assert not any(verify(c, gold) for c in completions)
+    assert not any(v.correct for v in verify_batch([(c, gold) for c in completions]))
+    assert not any(grade(c, gold, timeout=None).correct for c in completions)
+
+
+@pytest.mark.parametrize("gold", ["", "  ", "$$", None, 5])
+def test_empty_or_non_string_gold_is_an_error_not_a_gold(gold):
+    with pytest.raises(ValueError, match="gold answer must be a non-empty string"):
+        verify_batch([("\\boxed{.}", gold)])
+
+
+def test_generated_pairs_of_every_family_are_graded_as_labelled():
+    """The differential benchmark's generator (bench/verifier_diff.py) on a few golds of each kind: every pair is
+    labelled by construction (a layout or notation of the gold, or a near miss), so the verifier must agree with
+    every label. The full run against Math-Verify over the benchmarks' golds is the benchmark itself."""
+    pairs = generated_pairs()
+    verdicts = verify_batch([(completion, gold) for _, completion, gold, _ in pairs], timeout=2.0)
+    wrong = [(family, completion[-80:], gold) for (family, completion, gold, label), v in zip(pairs, verdicts)
+             if v.correct != label]
+    assert len(pairs) > 1500 and wrong == []
+
+
+def generated_pairs():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import verifier_diff
+
+    golds = [("math500", g) for g in ("\\frac{14}{3}", "(3, \\frac{\\pi}{2})", "p - q", "\\text{Evelyn}",
+                                        "[-2, 7]", "3\\sqrt{13}", "-2, 1", "\\begin{pmatrix} 1 \\\\ -2 \\end{pmatrix}",
+                                        "30^\\circ", "0.35", "\\frac{2}{3}", "\\$32,\\!348", "11,\\! 111,\\! 100")]
+    golds += [("gsm8k", g) for g in ("18", "3", "1200", "56000", "70", "5")] + [("aime", g) for g in ("25", "204")]
+    return verifier_diff.make_pairs(golds, seed=0)
+
+
+def test_math_verify_agrees_on_what_it_accepts():
+    """Differential check against Math-Verify (a test-only peer): of the generated pairs that state the gold, every
+    one Math-Verify accepts we accept too, and we accept none of the near misses it rejects."""
+    math_verify = pytest.importorskip("math_verify")
+    pairs = [p for p in generated_pairs()[::8] if "overflow" not in p[0]]  # those take the peer seconds each
+    ours = [v.correct for v in verify_batch([(c, g) for _, c, g, _ in pairs], timeout=2.0)]
+    for (family, completion, gold, label), our_verdict in zip(pairs, ours):
+        peer = bool(math_verify.verify(math_verify.parse(f"${gold}$"), math_verify.parse(completion)))
+        if peer and label:
+            assert our_verdict, (family, completion[-80:], gold)
+        if not peer and not label:
+            assert not our_verdict, (family, completion[-80:], gold)
+
+
+@requires_shared("data", "sft_demo")
+def test_real_model_outputs_verify_and_changed_answers_do_not():
+    """91 chain-of-thought samples of a Qwen2.5-Math model on MATH problems, each graded correct by Qwen's own
+    evaluation: written by a model, not by us."""
+    rows = [json.loads(line) for line in open(os.path.join(SHARED, "data", "sft_demo", "math_cot_qwen25math.jsonl"))]
+    verdicts = verify_batch([(r["response"], r["answer"]) for r in rows], timeout=2.0)
+    assert [r["id"] for r, v in zip(rows, verdicts) if not v.correct] == []
+    changed = [(r["response"].replace(f"\\boxed{{{r['answer']}}}", "\\boxed{0}"), r["answer"]) for r in rows
+               if f"\\boxed{{{r['answer']}}}" in r["response"] and r["answer"] != "0"]
+    assert len(changed) > 60 and not any(v.correct for v in verify_batch(changed, timeout=2.0))
+
+
+@requires_shared("data", "gsm8k")
+def test_gsm8k_solutions_ending_the_ways_models_end_them():
+    rows = [json.loads(line) for line in open(os.path.join(SHARED, "data", "gsm8k", "test.jsonl"))][:200]
+    pairs = []
+    for row in rows:
+        body, gold = row["answer"].split("####")
+        body, gold = re.sub(r"<<[^>]*>>", "", body).strip(), gold.strip()
+        for ending in (f"The answer is {gold}.", f"**Answer:** {gold}", f"### Final Answer\n\n${gold}$",
+                       f"Final Answer: The final answer is ${gold}$. I hope it is correct."):
+            pairs.append((f"{body}\n{ending}", gold))
+    assert all(v.correct for v in verify_batch(pairs))
