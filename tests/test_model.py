@@ -38,6 +38,27 @@ def test_logits_match_transformers(tmp_path, name):
     assert (ours - hf_logits(hf_model, ids)).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprob_path_matches_transformers_at_a_temperature(tmp_path, temperature):
+    """model(targets=..., temperature=T): log_softmax(transformers' logits / T) at the targets, and its entropy."""
+    from kernels.logprob import IGNORE_INDEX
+
+    hf_model = write_hf_checkpoint(tmp_path, family="qwen2", seed=5)
+    model = Transformer.from_pretrained(tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 300, (2, 9), generator=generator)
+    targets = torch.randint(0, 300, (2, 9), generator=generator)
+    targets[0, -3:] = IGNORE_INDEX
+    with torch.no_grad():
+        logprobs, entropy = model(ids, targets=targets, temperature=temperature, return_entropy=True)
+    expected = torch.log_softmax(hf_logits(hf_model, ids) / temperature, dim=-1)  # (B, T, V)
+    valid = targets != IGNORE_INDEX
+    picked = expected.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    assert torch.allclose(logprobs[valid], picked[valid], atol=1e-5)
+    assert torch.all(logprobs[~valid] == 0)
+    assert torch.allclose(entropy[valid], -(expected.exp() * expected).sum(-1)[valid], atol=1e-5)
+
+
 def test_round_trip_through_transformers(tmp_path):
     import transformers
 
@@ -153,12 +174,16 @@ def test_gradient_checkpointing_gives_same_gradients(tmp_path):
 
 
 @requires_shared("assets", "configs")
-@pytest.mark.parametrize("name", ["qwen2.5-1.5b-instruct.json", "deepseek-r1-distill-qwen-7b.json",
-                                  "llama-3.2-1b-instruct.json", "qwen3-1.7b.json"])
-def test_real_configs_build_on_meta_without_memory(name):
+@pytest.mark.parametrize("name, parameters", [
+    ("qwen2.5-1.5b-instruct.json", 1_543_714_304),  # model card: 1.54B, 1.31B without the (tied) embedding
+    ("deepseek-r1-distill-qwen-7b.json", 7_615_616_512),  # 7.62B, untied head
+    ("llama-3.2-1b-instruct.json", 1_235_814_400),  # 1.24B, tied
+    # 1.7B (1.4B without the embedding): 28 x 50,336,000 per block + 151,936 x 2,048 tied + the final norm
+    ("qwen3-1.7b.json", 1_720_574_976)])
+def test_real_configs_build_on_meta_without_memory(name, parameters):
     with open(os.path.join(SHARED, "assets", "configs", name)) as f:
         config = ModelConfig.from_hf(json.load(f), source=name)
     with torch.device("meta"):
         model = Transformer(config)
     assert all(p.is_meta for p in model.parameters())
-    assert model.num_parameters() > 1e9
+    assert model.num_parameters() == parameters

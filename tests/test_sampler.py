@@ -35,13 +35,14 @@ def test_greedy_matches_transformers_generate(checkpoint, packed):
         assert completion.finish_reason == "length" and len(completion.tokens) == 70
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_cached_decode_equals_full_recomputation(checkpoint, packed):
+@pytest.mark.parametrize("packed, n", [(False, 1), (True, 1), (False, 3), (True, 3)])
+def test_cached_decode_equals_full_recomputation(checkpoint, packed, n):
+    """n > 1: the siblings of a prompt decode from a copy of its prefilled cache, every position of it."""
     _, model = checkpoint
     prompts = random_prompts([4, 9, 2])
     completions = generate(model, prompts, max_new_tokens=20, temperature=1.0, seed=1, logprobs_mode="raw",
-                           packed_prefill=packed)
-    for prompt, completion in zip(prompts, completions):
+                           packed_prefill=packed, n=n)
+    for prompt, completion in zip([p for p in prompts for _ in range(n)], completions, strict=True):
         sequence = torch.tensor([prompt + completion.tokens])
         with torch.no_grad():
             logprobs = torch.log_softmax(model(sequence)[0], dim=-1)  # (T, V)
@@ -126,6 +127,30 @@ def test_sampling_distribution_chi_square(temperature, top_k, top_p):
     assert chi_square < 24.3, (counts, expected)
     for token, logprob in zip(tokens[:50].tolist(), logprobs[:50].tolist()):
         assert abs(logprob - math.log(expected[token])) < 1e-5
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.8),
+                                                       (1.3, 4, 0.9)])
+def test_generate_first_token_frequencies(tmp_path, temperature, top_k, top_p):
+    """generate() itself (prefill, the n copies, its sampling settings) draws the first token with the
+    probabilities written from the definitions, over a model with an 8-token vocabulary."""
+    write_hf_checkpoint(tmp_path, family="qwen2", seed=4, vocab_size=8)
+    model = Transformer.from_pretrained(tmp_path)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)  # spread the logits, so that temperature, top-k and top-p matter
+        logits = model(torch.tensor([[1, 2, 3]]))[0, -1].tolist()
+    expected = expected_probabilities(logits, temperature, top_k, top_p)
+    draws = 4000
+    completions = generate(model, [[1, 2, 3]], max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p,
+                           n=draws, seed=0)
+    counts = [0] * 8
+    for completion in completions:
+        counts[completion.tokens[0]] += 1
+    support = [i for i, p in enumerate(expected) if p > 0]
+    assert all(counts[i] == 0 for i in range(8) if expected[i] == 0), (counts, expected)
+    assert 1 < len(support) < 8 or (top_k, top_p) == (0, 1.0)
+    chi_square = sum((counts[i] - draws * expected[i]) ** 2 / (draws * expected[i]) for i in support)
+    assert chi_square < 24.3, (counts, expected)  # the 99.9% quantile for up to 7 degrees of freedom
 
 
 def test_raw_logprobs_are_untruncated_temperature_one():

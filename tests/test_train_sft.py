@@ -75,10 +75,16 @@ def test_tiny_run_loss_falls_and_matches_golden_losses(tmp_path):
     assert Transformer.from_pretrained(tmp_path / "final").num_parameters() > 1e6
 
 
-def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, monkeypatch):
+    """...and it did resume: each step is in the metrics once and the step loaded is the step saved."""
+    loaded = []
+    original = train_sft.load_run_state
+    monkeypatch.setattr(train_sft, "load_run_state", lambda *args: loaded.append(original(*args)) or loaded[-1])
     run(tmp_path / "straight")
     run(tmp_path / "split", "--max_steps=2")
     run(tmp_path / "split", "--resume=true")
+    assert [result[0] for result in loaded] == [2]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "split" / "metrics.jsonl")] == [1, 2, 3, 4]
     straight, resumed = weights(tmp_path / "straight" / "final"), weights(tmp_path / "split" / "final")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
@@ -100,8 +106,21 @@ def test_jsonl_formats_train(tmp_path, demo_folder):
             {"messages": [{"role": "user", "content": "Ben has 2 eggs."}, {"role": "assistant", "content": "2"}]},
             {"problem": "Cleo has 5 cards.", "reasoning": "5", "answer": "5"}] * 4
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    metrics = run(tmp_path / "out", f"--data={data}", f"--model={demo_folder}", "--max_steps=2")
-    assert metrics["loss"] > 0
+    tokenizer = Tokenizer.from_pretrained(demo_folder)
+    config = train_sft.parse_config(train_sft.Config, {}, [f"--data={data}"])
+    examples = train_sft.load_examples(config, tokenizer, rank=0)
+    completions = [tokenizer.decode([t for t, m in zip(ids, mask) if m]) for ids, mask in examples[:3]]
+    assert completions == ["<think>\n3\n</think>\n\n\\boxed{3}<|im_end|>", "2<|im_end|>",
+                           "<think>\n5\n</think>\n\n\\boxed{5}<|im_end|>"]
+    run(tmp_path / "out", f"--data={data}", f"--model={demo_folder}", "--max_steps=1", "--batch_size=12",
+        "--micro_batch_size=12")
+    # the first step's loss is the untrained model's mean NLL of exactly those completion tokens
+    batch = train_sft.make_batch(examples, False, tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        logprobs = sequence_logprobs(Transformer.from_pretrained(demo_folder), batch["input_ids"])
+    expected = -(logprobs * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+    logged = json.loads(open(tmp_path / "out" / "metrics.jsonl").readline())["loss"]
+    assert logged == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_two_process_ddp_equals_one_process(tmp_path):
