@@ -220,31 +220,31 @@ def judge(problems, completions, n, hint_template=None):
 
 
 def make_chunk(teacher, tokenizer, problems, first_index, config, seed, progress):
-    """Records of one chunk of problems: counts, rejections by reason, and the accepted candidates by kind."""
+    """One record per problem: counts, rejections by reason, and the accepted candidates of each kind."""
     messages = [user_message(p["problem"], config.instruction) for p in problems]
-    lengths = []
-    sampled = sample(teacher, tokenizer, messages, config.samples, config, seed, progress)
-    lengths += [length for _, _, length in sampled]
+    # 1. sample and 2. grade, without the hint
+    n = config.samples
+    sampled = sample(teacher, tokenizer, messages, n, config, seed, progress)
     records = []
-    for i, (correct, candidates, rejected) in enumerate(judge(problems, sampled, config.samples)):
+    for i, (correct, candidates, rejected) in enumerate(judge(problems, sampled, n)):
         records.append({"problem_index": first_index + i, "prompt": messages[i], "answer": problems[i]["answer"],
-                        "samples": config.samples, "correct": correct, "sampled_lengths": lengths[
-                            i * config.samples: (i + 1) * config.samples], "sampled": candidates,
-                        "rejected_sampled": dict(rejected), "hinted_samples": 0, "hinted_correct": 0,
-                        "hinted": [], "rejected_hinted": {}, "hinted_lengths": []})
-    # 3. the hint: for every problem, or for those without a sampled trace
+                        "samples": n, "correct": correct, "sampled": candidates, "rejected_sampled": dict(rejected),
+                        "sampled_lengths": [length for _, _, length in sampled[i * n: (i + 1) * n]],
+                        "hinted_samples": 0, "hinted_correct": 0, "hinted": [], "rejected_hinted": {},
+                        "hinted_lengths": []})
+    # 3. the hint, for every problem or for those without a trace; the records keep the message without it
     to_hint = [i for i, r in enumerate(records) if config.hint == "always" or
                (config.hint == "fallback" and not r["sampled"])]
     if to_hint:
+        n = config.hint_samples
         hinted_messages = [messages[i] + config.hint_template.replace("{answer}", problems[i]["answer"])
                            for i in to_hint]
-        hinted = sample(teacher, tokenizer, hinted_messages, config.hint_samples, config, seed + 1, progress)
-        judged = judge([problems[i] for i in to_hint], hinted, config.hint_samples, config.hint_template)
+        hinted = sample(teacher, tokenizer, hinted_messages, n, config, seed + 1, progress)
+        judged = judge([problems[i] for i in to_hint], hinted, n, config.hint_template)
         for k, (i, (correct, candidates, rejected)) in enumerate(zip(to_hint, judged)):
-            records[i].update(hinted_samples=config.hint_samples, hinted_correct=correct, hinted=candidates,
-                              rejected_hinted=dict(rejected), hinted_lengths=[
-                                  length for _, _, length in hinted[k * config.hint_samples:
-                                                                    (k + 1) * config.hint_samples]])
+            records[i].update(hinted_samples=n, hinted_correct=correct, hinted=candidates,
+                              rejected_hinted=dict(rejected),
+                              hinted_lengths=[length for _, _, length in hinted[k * n: (k + 1) * n]])
     return records
 
 
@@ -322,20 +322,19 @@ def settings_key(config):
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("keep", "out_dir")}
 
 
-def check_out_dir(config, rank):
-    """A chunk written with other settings must not be mixed in: refuse, naming what differs."""
-    path = os.path.join(config.out_dir, "settings.json")
+def check_out_dir(config):
+    """Chunks written with other settings must not be mixed in: refuse, naming what differs. Rank 0 only."""
+    path, settings = os.path.join(config.out_dir, "settings.json"), settings_key(config)
     if os.path.exists(path):
         with open(path) as f:
             stored = json.load(f)
-        differ = sorted(k for k in set(stored) | set(settings_key(config)) if stored.get(k) != settings_key(config).get(k))
+        differ = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
         if differ:
             raise SystemExit(f"{config.out_dir} holds chunks made with other settings ({', '.join(differ)} differ): "
                              f"use another --out_dir, or delete it to start again")
-    elif rank == 0:
+    else:
         os.makedirs(os.path.join(config.out_dir, "chunks"), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(settings_key(config), f, indent=2)
+        write_json(path, settings)
 
 
 def chunk_path(config, index):
@@ -368,7 +367,8 @@ def main(argv=None):
     problems = problems[: config.limit or None] if config.data else problems[: config.demo_problems]
     if not problems:
         raise SystemExit(f"{config.data or 'the demo'}: no problems")
-    check_out_dir(config, rank)
+    if master:
+        check_out_dir(config)
     if world_size > 1:
         torch.distributed.barrier()  # settings.json and chunks/ exist before any rank writes a chunk
     teacher, tokenizer = load_teacher(config, device)
