@@ -988,8 +988,9 @@ def _right_hand_side(answer: str, gold: str) -> str:
     return answer
 
 
-def cheap_grade(answer: str, gold: str):
-    """Decides exact strings, integers, decimals and simple fractions without sympy; None when it cannot."""
+def cheap_grade(answer: str, gold: str, gold_is_percent: bool = False):
+    """Decides exact strings, integers, decimals and simple fractions without sympy; None when it cannot. A gold
+    written as a percentage (24\\%) also accepts its value as a fraction (0.24), as Qwen2.5-Math's grader does."""
     if answer == gold:
         return Verdict("correct", answer, "identical after normalisation")
     if " ; " in answer:
@@ -1001,6 +1002,8 @@ def cheap_grade(answer: str, gold: str):
         return None
     if a == g:
         return Verdict("correct", answer, "equal numbers")
+    if gold_is_percent and a == g / 100:
+        return Verdict("correct", answer, "the gold's percentage as a fraction")
     places = decimal_places(gold)
     if places is not None and round(a, places) == g and decimal_places(answer.replace(" ", "")) is not None \
             and decimal_places(answer.replace(" ", "")) >= places:
@@ -1042,7 +1045,7 @@ def _prepare(completion: str, gold: str):
     """Extraction and the cheap checks, in the caller: returns a Verdict, or (answer, gold) for the sympy path."""
     if not isinstance(gold, str) or not normalize_gold(gold):
         raise ValueError(f"gold answer must be a non-empty string, got {gold!r}")
-    gold = normalize_gold(gold)
+    raw_gold, gold = gold, normalize_gold(gold)
     raw = extract_answer(completion)
     if raw is None:
         return Verdict("no_answer", None, "no final answer found")
@@ -1054,7 +1057,7 @@ def _prepare(completion: str, gold: str):
     hedge = _hedge_reason(answer, gold)
     if hedge:
         return Verdict("incorrect", raw, hedge)
-    verdict = cheap_grade(answer, gold)
+    verdict = cheap_grade(answer, gold, "%" in raw_gold)
     if verdict is not None:
         verdict.answer = raw
         return verdict

@@ -325,7 +325,7 @@ def synthetic_families(rng):
         ("symbolic:complex", f"{a} - {c}i", [f"-{c}i + {a}", f"{a}-{c}\\cdot i"], [f"{a} + {c}i"]),
         ("number:currency with cents", f"{a}{b}.50", [f"\\${a}{b}.50", f"{a}{b}.5 dollars", f"\\${a}{b}.50"],
          [f"{a}{b}.05", f"{a}{b}"]),
-        ("number:percent", f"{b}\\%", [f"{b}", f"{b} percent", f"{b}%"], [f"{b + 1}\\%", f"0.{b}"]),
+        ("number:percent", f"{b}\\%", [f"{b}", f"{b} percent", f"{b}%", f"0.{b}"], [f"{b + 1}\\%", f"{b / 1000}"]),
         ("number:decimal gold rounding", f"{a}.{c}", [f"{a}.{c}0", f"{a}.{c}"], [f"{a}.{c + 1}", f"{a}"]),
     ]
 

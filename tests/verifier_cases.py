@@ -399,6 +399,8 @@ CASES = [
     (B("\\textbf{42}"), "42", True, "textbf"),
     (B("25 percent"), "25", True, "percent as a word"),
     (B("25 pct"), "25", True, "percent abbreviated"),
+    (B("0.25"), "25\\%", True, "a percentage gold accepts its fraction (Qwen2.5-Math's grader does)"),
+    (B("0.25"), "25", False, "a gold without a percent sign does not"),
     (B("42 dollars"), "42", True, "currency word"),
     (B("18 (dollars)"), "18", True, "unit in parentheses"),
     # --- relations ----------------------------------------------------------------------------------------
