@@ -271,7 +271,7 @@ def test_fsdp_two_processes_with_eval_rollouts_reference_refresh_and_resume_equa
         assert torch.allclose(final_one[name], final_two[name], atol=2e-5), name
 
 
-@pytest.mark.parametrize("extra", [[], ["--mu=2", "--beta=0.05", "--loss_agg=token-mean"]])
+@pytest.mark.parametrize("extra", [["--scale_rewards=batch"], ["--mu=2", "--beta=0.05", "--loss_agg=token-mean"]])
 def test_two_processes_give_the_same_update_as_one(tmp_path, demo_model, extra):
     import socket
 

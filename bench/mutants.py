@@ -1,0 +1,242 @@
+"""
+Mutation check of the tests: plausible one-line bugs, each put into a scratch copy of the repository (never the
+working tree), must each make the tests named beside it fail. A mutant the tests do not catch "survives": the
+tests have a hole there.
+
+    python bench/mutants.py                       # every mutant (about 20-30 minutes on 2 cores), then a summary
+    python bench/mutants.py collate_mask_shifted  # only the named mutants
+    python bench/mutants.py --list                # names, files and tests, nothing run
+    python bench/mutants.py --no-baseline         # skip the first run of all the named tests on unmutated code
+
+It exits 1 when a mutant survives, or when the unmutated copy already fails the tests (then every mutant would
+look caught). A new feature adds its own mutants to MUTANTS: the file, the original text (it must occur exactly
+once in that file; tests/test_mutants.py checks), the mutated text, and the tests that must catch it, fewest and
+fastest first (pytest stops at the first failure).
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GRPO, SFT = "tests/test_train_grpo.py::", "tests/test_train_sft.py::"
+SAMPLER, MODEL = "tests/test_sampler.py::", "tests/test_model.py::"
+SFT_FSDP = SFT + "test_fsdp_two_processes_with_eval_and_resume_equal_one_process"
+GRPO_FSDP = GRPO + "test_fsdp_two_processes_with_eval_rollouts_reference_refresh_and_resume_equal_one"
+WIRING = GRPO + "test_main_passes_the_right_tensors_to_the_loss_and_the_kl"
+TEMPERATURE = GRPO + "test_sampler_and_trainer_log_probs_agree_at_temperature_0_7"
+FREQUENCIES = SAMPLER + "test_generate_first_token_frequencies"
+
+
+def mutant(name, file, original, mutated, tests):
+    return dict(name=name, file=file, original=original, mutated=mutated, tests=tests)
+
+
+MUTANTS = [
+    # the table of issue 16: bugs that passed every test before
+    mutant("collate_mask_shifted", "train_grpo.py",
+           'completion_mask[row, len(s["prompt"]): len(sequence)] = 1',
+           'completion_mask[row, len(s["prompt"]) - 1: len(sequence) - 1] = 1',
+           [GRPO + "test_collate_marks_the_completion_and_its_stop_token_only"]),
+    mutant("trainer_logprobs_without_temperature", "train_grpo.py",
+           "logprobs, entropy = sequence_logprobs(wrapped, input_ids[rows], temperature=config.temperature,",
+           "logprobs, entropy = sequence_logprobs(wrapped, input_ids[rows],",
+           [TEMPERATURE]),
+    mutant("forward_logprob_path_drops_temperature", "model.py",
+           "targets.reshape(-1),\n                                    temperature=temperature,",
+           "targets.reshape(-1),\n                                    temperature=1.0,",
+           [MODEL + "test_logprob_path_matches_transformers_at_a_temperature", TEMPERATURE]),
+    mutant("kl_policy_and_reference_swapped", "train_grpo.py",
+           "else kl_estimate(logprobs, ref_logprobs[rows],",
+           "else kl_estimate(ref_logprobs[rows], logprobs,",
+           [WIRING]),
+    mutant("batch_std_population", "train_grpo.py",
+           "** 2).sum().item(), device) / max(count - 1, 1))",
+           "** 2).sum().item(), device) / max(count, 1))",
+           [WIRING]),
+    mutant("resume_starts_from_scratch", "common.py",
+           "    path = latest_checkpoint(config.out_dir, verbose=rank == 0)\n",
+           "    path = None\n",
+           [GRPO + "test_resume_continues_from_the_last_checkpoint",
+            SFT + "test_resume_gives_the_same_weights_as_a_straight_run"]),
+    mutant("rollout_seed_relative_to_start_step", "train_grpo.py",
+           "seed=config.seed * 1_000_003 + step * 101 + rounds * 13 + rank)",
+           "seed=config.seed * 1_000_003 + (step - start_step) * 101 + rounds * 13 + rank)",
+           [GRPO + "test_resume_continues_from_the_last_checkpoint"]),
+    mutant("generate_ignores_top_p", "sampler.py",
+           "sample_next(logits, temperature, top_k, top_p, generator, logprobs_mode,",
+           "sample_next(logits, temperature, top_k, 1.0, generator, logprobs_mode,",
+           [FREQUENCIES]),
+    mutant("sibling_slots_one_position_short", "sampler.py",
+           "torch.tensor(group[1:], device=device), len(prompts[prompt_index]))",
+           "torch.tensor(group[1:], device=device), len(prompts[prompt_index]) - 1)",
+           [SAMPLER + "test_cached_decode_equals_full_recomputation"]),
+    mutant("dynamic_sampling_keeps_equal_groups", "train_grpo.py",
+           'groups = [g for g in groups if max(s["reward"] for s in g) > min(s["reward"] for s in g)]',
+           'groups = [g for g in groups if max(s["reward"] for s in g) >= min(s["reward"] for s in g)]',
+           [GRPO + "test_dynamic_sampling_keeps_the_informative_groups_and_stops_when_full"]),
+    # the table's bugs that were caught already
+    mutant("group_std_population", "train_grpo.py",
+           "centred = centred / (grouped.std(dim=1, keepdim=True) + eps)",
+           "centred = centred / (grouped.std(dim=1, keepdim=True, unbiased=False) + eps)",
+           [GRPO + "test_group_advantages_hand_example", WIRING]),
+    mutant("kl_forward_weight_inverted", "train_grpo.py",
+           "weight = torch.exp(-log_ratio)  # ref / pi",
+           "weight = torch.exp(log_ratio)  # ref / pi",
+           [GRPO + "test_expected_gradient_of_each_kl_estimator_in_the_loss"]),
+    mutant("optimizer_not_restored", "common.py",
+           '        optimizer.load_state_dict(state["optimizer"])\n',
+           "        pass\n",
+           [SFT + "test_resume_gives_the_same_weights_as_a_straight_run"]),
+    mutant("reference_not_restored", "train_grpo.py",
+           'ref_path = resume_from if resume_from and os.path.exists(os.path.join(resume_from, "reference")) else None',
+           "ref_path = None",
+           [GRPO + "test_resume_continues_from_the_last_checkpoint"]),
+    mutant("world_size_scaling_dropped", "train_grpo.py",
+           "(loss * world_size).backward()",
+           "loss.backward()",
+           [GRPO + "test_two_processes_give_the_same_update_as_one"]),
+    mutant("decode_key_lengths_off_by_one", "model.py",
+           'cache["lengths"] = cache["positions"][:, 0] + 1',
+           'cache["lengths"] = cache["positions"][:, 0]',
+           [SAMPLER + "test_cached_decode_equals_full_recomputation"]),
+    mutant("logprob_backward_without_inverse_temperature", "kernels/logprob.py",
+           "dz = dz.div_(temperature).to(hidden.dtype)",
+           "dz = dz.to(hidden.dtype)",
+           ["tests/test_logprob.py::test_triton_matches_naive"]),
+    # the FSDP path of issue 16
+    mutant("fsdp_rollout_copy_gathered_on_rank_0_only", "common.py",
+           "copy.load_state_dict(full_state_dict(model, device=next(model.parameters()).device), assign=True)",
+           "copy.load_state_dict(full_state_dict(model, rank0_only=True), assign=True)",
+           [SFT_FSDP]),
+    mutant("fsdp_optimizer_state_not_broadcast", "common.py",
+           "options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))",
+           "options=StateDictOptions(full_state_dict=True))",
+           [SFT_FSDP]),
+    mutant("reference_never_refreshed", "train_grpo.py",
+           "config.ref_update_every and (step + 1) % config.ref_update_every == 0:",
+           "config.ref_update_every and (step + 1) % config.ref_update_every == -1:",
+           [GRPO_FSDP]),
+    # others
+    mutant("advantages_of_the_wrong_rows", "train_grpo.py",
+           "advantages[rows].to(device)",
+           "advantages[: config.micro_batch_size].to(device)",
+           [WIRING]),
+    mutant("reference_logprobs_without_temperature", "train_grpo.py",
+           "ref_logprobs = sequence_logprobs(ref_model, input_ids, temperature=config.temperature)",
+           "ref_logprobs = sequence_logprobs(ref_model, input_ids)",
+           [WIRING]),
+    mutant("targets_not_shifted", "model.py",
+           "targets[:, :-1] = input_ids[:, 1:]  # position t predicts token t + 1",
+           "targets[:, :-1] = input_ids[:, :-1]  # position t predicts token t + 1",
+           [TEMPERATURE]),
+    mutant("generate_ignores_top_k", "sampler.py",
+           "sample_next(logits, temperature, top_k, top_p, generator, logprobs_mode,",
+           "sample_next(logits, temperature, 0, top_p, generator, logprobs_mode,",
+           [FREQUENCIES]),
+    mutant("generate_ignores_temperature", "sampler.py",
+           "sample_next(logits, temperature, top_k, top_p, generator, logprobs_mode,",
+           "sample_next(logits, 1.0 if temperature else 0, top_k, top_p, generator, logprobs_mode,",
+           [FREQUENCIES]),
+    mutant("sft_world_size_scaling_dropped", "train_sft.py",
+           "(token_loss * world_size / global_tokens).backward()",
+           "(token_loss / global_tokens).backward()",
+           [SFT + "test_two_process_ddp_equals_one_process"]),
+    mutant("sft_data_position_relative_to_start_step", "train_sft.py",
+           "indices = step_examples(step, config.batch_size,",
+           "indices = step_examples(step - start_step, config.batch_size,",
+           [SFT + "test_resume_gives_the_same_weights_as_a_straight_run"]),
+    mutant("sft_stop_token_not_learned", "data.py",
+           "loss_mask = [0] * len(prompt_ids) + [1] * (len(completion_ids) + len(end_ids))",
+           "loss_mask = [0] * len(prompt_ids) + [1] * len(completion_ids) + [0] * len(end_ids)",
+           [SFT + "test_loss_mask_covers_completion_tokens_only", SFT + "test_jsonl_formats_train"]),
+    mutant("seq_mean_over_padded_length", "train_grpo.py",
+           "per_sequence = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)",
+           "per_sequence = (per_token * mask).sum(1) / mask.shape[1]",
+           [GRPO + "test_policy_loss_matches_per_token_loop"]),
+    mutant("warmup_off_by_one", "common.py",
+           "return lr * (step + 1) / warmup_steps",
+           "return lr * step / warmup_steps",
+           [SFT + "test_tiny_run_loss_falls_and_matches_golden_losses"]),
+]
+
+
+def scratch_copy():
+    """The working tree (tracked and untracked files, not .git, the virtualenv or outputs) in a temporary folder."""
+    target = tempfile.mkdtemp(prefix="mutants_")
+    ignore = shutil.ignore_patterns(".git", ".venv", "out", "__pycache__", ".pytest_cache", "*.tmp")
+    shutil.copytree(ROOT, target, ignore=ignore, dirs_exist_ok=True)
+    return target
+
+
+def run_tests(copy, tests, timeout):
+    """True when the tests pass. A hang past the timeout counts as a failure (the suite would not finish)."""
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    try:
+        result = subprocess.run(command, cwd=copy, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, "timed out"
+    return result.returncode == 0, (result.stdout.strip().splitlines() or [""])[-1]
+
+
+def apply(copy, m):
+    path = os.path.join(copy, m["file"])
+    with open(path) as f:
+        source = f.read()
+    if source.count(m["original"]) != 1:
+        raise SystemExit(f"mutant {m['name']}: its original text occurs {source.count(m['original'])} times in "
+                         f"{m['file']} (it must occur once): update it in bench/mutants.py")
+    with open(path, "w") as f:
+        f.write(source.replace(m["original"], m["mutated"]))
+    return source
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant's tests")
+    args = parser.parse_args()
+    unknown = set(args.names) - {m["name"] for m in MUTANTS}
+    if unknown:
+        raise SystemExit(f"unknown mutants {sorted(unknown)}; --list shows them")
+    chosen = [m for m in MUTANTS if not args.names or m["name"] in args.names]
+    if args.list:
+        for m in chosen:
+            print(f"{m['name']:48s} {m['file']:20s} {' '.join(t.split('::')[-1] for t in m['tests'])}")
+        return
+    copy = scratch_copy()
+    try:
+        if not args.no_baseline:
+            tests = sorted({t for m in chosen for t in m["tests"]})
+            passed, summary = run_tests(copy, tests, args.timeout * 2)
+            print(f"baseline, unmutated: {summary}", flush=True)
+            if not passed:
+                raise SystemExit("the unmutated copy fails these tests: fix that first")
+        survivors = []
+        for m in chosen:
+            start = time.time()
+            original = apply(copy, m)
+            try:
+                passed, summary = run_tests(copy, m["tests"], args.timeout)
+            finally:
+                with open(os.path.join(copy, m["file"]), "w") as f:
+                    f.write(original)
+            print(f"{'SURVIVED' if passed else 'caught  '} {m['name']:48s} {time.time() - start:5.0f} s | {summary}",
+                  flush=True)
+            if passed:
+                survivors.append(m["name"])
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+    print(f"{len(chosen) - len(survivors)} of {len(chosen)} mutants caught"
+          + (f"; survivors: {', '.join(survivors)}" if survivors else ""))
+    sys.exit(1 if survivors else 0)
+
+
+if __name__ == "__main__":
+    main()
