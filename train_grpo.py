@@ -495,6 +495,10 @@ def check_config(config):
         raise SystemExit("--group_size must be at least 2: advantages are relative to the group")
     if config.kl_estimator == "full" and config.parallel == "fsdp" and config.beta > 0:
         raise SystemExit("--kl_estimator=full reads the LM head outside the forward: use --parallel=ddp")
+    if config.dynamic_sampling and config.parallel == "fsdp":
+        raise SystemExit("--dynamic_sampling=true leaves ranks with different numbers of rollouts, and FSDP's "
+                         "per-block all-gathers need the same number of forward passes on every rank: use "
+                         "--parallel=ddp")
 
 
 def load_reference(path, device):

@@ -362,6 +362,11 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, demo_model, monkeyp
 # --- how main wires the pieces together ------------------------------------------------------------------------
 
 
+def test_fsdp_with_dynamic_sampling_is_refused_before_it_can_hang():
+    with pytest.raises(SystemExit, match="--dynamic_sampling=true .* use --parallel=ddp"):
+        train_grpo.main(["--dynamic_sampling=true", "--parallel=fsdp"])
+
+
 def test_collate_marks_the_completion_and_its_stop_token_only():
     samples = [dict(prompt=[5, 6, 7], tokens=[8, 9, 2]), dict(prompt=[5], tokens=[3, 2]), dict(prompt=[4, 4],
                                                                                              tokens=[9])]
