@@ -250,7 +250,7 @@ def _last_math_in_final_sentence(region: str) -> str | None:
 _UNICODE = {
     "π": r"\pi ", "∞": r"\infty ", "√": r"\sqrt ", "×": r"\times ", "÷": r"\div ", "·": r"\cdot ", "⋅": r"\cdot ",
     "−": "-", "–": "-", "≤": r"\le ", "≥": r"\ge ", "≠": r"\ne ", "∪": r"\cup ", "±": r"\pm ", "°": r"^\circ ",
-    "⌈": r"\lceil ", "⌉": r"\rceil ", "⌊": r"\lfloor ", "⌋": r"\rfloor ", "²": "^2", "³": "^3", "½": "(1/2)", "⅓": "(1/3)", "⅔": "(2/3)", "¼": "(1/4)", "¾": "(3/4)", "⅕": "(1/5)",
+    "∈": r"\in ", "⌈": r"\lceil ", "⌉": r"\rceil ", "⌊": r"\lfloor ", "⌋": r"\rfloor ", "²": "^2", "³": "^3", "½": "(1/2)", "⅓": "(1/3)", "⅔": "(2/3)", "¼": "(1/4)", "¾": "(3/4)", "⅕": "(1/5)",
     "⅙": "(1/6)", "⅛": "(1/8)", "θ": r"\theta ", "α": r"\alpha ", "β": r"\beta ", "\u2009": " ", "\u00a0": " ",
 }
 _UNITS = (
@@ -932,8 +932,7 @@ def _fit_to_gold(answer: str, gold: str) -> str:
         return " ; ".join(_fit_one_value(part, gold) for part in answer.split(" ; "))
     answer = re.sub(r"\s*;\s*|\s+(?:and|or)\s+|\s*,\s*(?:and|or)\s+", ", ", answer)
     answer = _right_hand_side(answer, gold)
-    items = _split_top_level(answer, ",")
-    answer = ", ".join(re.sub(r"^[a-zA-Z](?:_\{?\w+\}?)?\s*=\s*", "", item) for item in items)
+    answer = ", ".join(re.sub(_LABEL, "", item) for item in _split_top_level(answer, ","))
     if r"\pm" not in gold and answer.count(r"\pm") == 1 and "," not in answer:
         left, right = answer.split(r"\pm")
         answer = f"{left}+{right}, {left}-{right}"
@@ -944,6 +943,9 @@ def _fit_one_value(answer: str, gold: str) -> str:
     """A single-value gold: a restated quantity states its right-hand side; a gold that defines a name
     ('f(x) = 3x', 'y = 2x + 1') accepts its right-hand side alone and another variable name; '2,5' is a decimal
     comma (a comma before other than three digits) when the gold is a plain number."""
+    labelled = _split_top_level(re.sub(r"\s+and\s+", ", ", answer), ",")
+    if _enclosed(gold, "(", ")") and len(labelled) > 1 and all(re.match(_LABEL, item) for item in labelled):
+        answer = "(" + ", ".join(re.sub(_LABEL, "", item) for item in labelled) + ")"  # x = 5, y = 3 for (5, 3)
     answer = _right_hand_side(answer, gold)
     defined = re.fullmatch(_DEFINED_NAME + r"\s*=(.+)", gold)
     if defined and "=" not in answer:
@@ -955,6 +957,7 @@ def _fit_one_value(answer: str, gold: str) -> str:
     return answer
 
 
+_LABEL = r"^[a-zA-Z](?:_\{?\w+\}?)?\s*=\s*"  # "a = " in "a = 3, b = 8"
 # the left-hand side that names what an answer defines: y, f(x), f^{-1}(x), g_1(t)
 _DEFINED_NAME = r"([a-zA-Z](?:_\{?\w+\}?)?(?:\^\{?-1\}?)?(?:\(([a-zA-Z])\))?)"
 _LETTER = r"(?<![\\a-zA-Z]){}(?![a-zA-Z])"

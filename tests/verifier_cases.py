@@ -424,6 +424,10 @@ CASES = [
     # --- several answers ----------------------------------------------------------------------------------
     (B("x = 1 \\text{ or } x = 2"), "1, 2", True, "solutions joined by or"),
     (B("a = 3, b = 8"), "3, 8", True, "labelled values"),
+    (B("x = 5, y = -3"), "(5, -3)", True, "labelled values for a point"),
+    (B("x = 5 \\text{ and } y = -3"), "(5, -3)", True, "labelled values joined by and for a point"),
+    (B("x = -3, y = 5"), "(5, -3)", False, "labelled values in the other order"),
+    (B("x ∈ [2, 3]"), "[2, 3]", True, "unicode element-of"),
     ("The solutions are \\boxed{1} and \\boxed{-2}.", "1, -2", True, "one box per value of a list gold"),
     ("The solutions are \\boxed{1} and \\boxed{3}.", "1, -2", False, "one box per value, one wrong"),
     (B("(3, 4), (1, 2)"), "(1, 2), (3, 4)", True, "tuples of solutions in any order"),
