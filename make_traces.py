@@ -104,12 +104,12 @@ HINT_MODES = ("never", "fallback", "always")
 LEAK_PHRASES = re.compile("|".join([  # talk of a given answer; each needs more than "we are given x = 3"
     r"\bhint",
     r"\b(?:given|provided|supplied|stated|known|expected|reference|target) (?:final |correct )?answer\b",
-    r"\banswer (?:was|is|has been|had been) (?:already )?(?:given|provided|supplied|revealed)\b",
+    r"\banswer (?:was|has been|had been) (?:already )?(?:given|provided|supplied|revealed)\b",
     r"\b(?:i|we) (?:was|were|have been|'ve been) (?:given|told|shown) (?:that )?the (?:final |correct )?answer",
     r"\b(?:problem|prompt|question|user) (?:says|said|states|stated|tells|told|gives|gave) (?:me |us )?(?:that )?"
     r"the (?:final |correct )?answer",
     r"\b(?:answer|result) (?:is|was) supposed to be\b",
-    r"\bwork(?:ing|ed)? backwards?\b",
+    r"\bwork(?:ing|ed)? backwards? from the (?:given |final |correct )?answer",
     r"\breverse[- ]engineer",
     r"\bas if (?:i|we) did(?:n't| not) know\b",
 ]), re.IGNORECASE)

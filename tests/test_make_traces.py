@@ -153,7 +153,9 @@ def test_hint_always_keeps_only_hinted_traces_never_none_and_keep_two(scripted_t
     (trace("I was given the answer 6.\n3 * 2 = 6", "6"), "stop", "6", "x", True, "leak_mention"),
     (trace("3 * 2 = 6, which matches the hint.", "6"), "stop", "6", "x", True, "leak_mention"),
     (trace("3 * 2 = 6, as the problem says the answer is.", "6"), "stop", "6", "x", True, "leak_mention"),
-    (trace("Working backwards from 6: 6 / 2 = 3.", "6"), "stop", "6", "x", True, "leak_mention"),
+    (trace("Working backwards from the answer, 6 / 2 = 3.", "6"), "stop", "6", "x", True, "leak_mention"),
+    (trace("Work backwards from the end.\n3 * 2 = 6", "6"), "stop", "6", "x", True, None),  # a real method
+    (trace("The answer is given by 3 * 2 = 6", "6"), "stop", "6", "x", True, None),
     (trace("3 * 2 = 6 as if I did not know it", "6"), "stop", "6", "x", True, "leak_mention"),
     (trace("Solve the problem step by step as if you did not know it.\n3 * 2 = 6", "6"), "stop", "6", "x", True,
      "leak_mention"),  # quotes the hint
