@@ -121,7 +121,7 @@ def committed_boxes(region: str) -> list[str]:
 
 
 _MARKERS = re.compile(r"final answer\s*(?:is)?\s*[:=]?|(?:the|my) (?:final )?answer (?:is|would be|should be)\s*[:=]?|"
-                      r"answer\s*[:=]|####|^[ \t]*(?:final )?(?:answer|result|solution)s?[ \t]*:?[ \t]*$",
+                      r"answer\s*[:=]|####|^[ \t]*(?:final )?(?:answer|result)s?[ \t]*:?[ \t]*$",
                       re.IGNORECASE | re.MULTILINE)
 _MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$])+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]|"
                         r"\\begin\{(?:align|equation|gather)\*?\}(.+?)\\end\{(?:align|equation|gather)\*?\}", re.DOTALL)
@@ -177,7 +177,11 @@ def _after_last_marker(region: str) -> str | None:
     answer = re.sub(r"\.\s*$", "", answer).strip()
     if not answer:
         return ""
-    return answer if re.search(r"[\d\\]", answer) or len(answer.split()) <= 3 else None
+    prose = _prose_words(answer)
+    before_prose = re.sub(r"(?:\s+[a-zA-Z]{1,3})+\s*$", "", answer[: prose[0].start()]) if prose else ""
+    if re.search(r"[\d\\]", before_prose):
+        return before_prose.strip()  # "8 new limbs after 15 days", "x = 5 meters per second"
+    return None if prose and len(answer.split()) > 3 else answer
 
 
 def _math_spans(text: str) -> list[re.Match]:
@@ -188,7 +192,7 @@ def _math_spans(text: str) -> list[re.Match]:
         content = span.group(2)
         if content is not None and re.match(r"\d", content) and re.search(r"[\s=+*/-]$", content):
             continue
-        if _has_prose(_span_text(span)):
+        if _has_prose(_span_text(span)) and not re.fullmatch(r"[A-Za-z]+", _span_text(span)):  # \( east \) stays
             continue
         spans.append(span)
     return spans
@@ -207,11 +211,16 @@ _PROSE_WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{4,}")
 _ANSWER_WORDS = {"thousand", "million", "billion", "percent", "dollars", "cents", "units", "degrees"}
 
 
-def _has_prose(text: str) -> bool:
+def _prose_words(text: str) -> list[re.Match]:
     """Words of four letters or more outside LaTeX commands and \\text{}, other than units and number words."""
-    text = re.sub(r"\\(?:text\w*|mbox|mathrm|operatorname)\s*\{[^{}]*\}|\\(?:begin|end)\{\w+\}", "", text)
-    return any(word.lower() not in _ANSWER_WORDS and word.lower() not in _NUMBER_WORDS
-               for word in _PROSE_WORD.findall(text))
+    masked = re.sub(r"\\(?:text\w*|mbox|mathrm|operatorname)\s*\{[^{}]*\}|\\(?:begin|end)\{\w+\}",
+                    lambda m: " " * len(m.group()), text)
+    return [word for word in _PROSE_WORD.finditer(masked)
+            if word.group().lower() not in _ANSWER_WORDS and word.group().lower() not in _NUMBER_WORDS]
+
+
+def _has_prose(text: str) -> bool:
+    return bool(_prose_words(text))
 
 
 def _bare_answer(region: str) -> str | None:
