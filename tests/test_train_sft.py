@@ -71,8 +71,9 @@ def test_tiny_run_loss_falls_and_matches_golden_losses(tmp_path):
     with open(os.path.join(ROOT, "tests", "assets", "sft_golden_losses.json")) as f:
         golden = json.load(f)
     assert losses[: len(golden)] == pytest.approx(golden, rel=2e-3)
-    assert os.path.exists(tmp_path / "final" / "model.safetensors")
-    assert Transformer.from_pretrained(tmp_path / "final").num_parameters() > 1e6
+    final, init = weights(tmp_path / "final"), weights(tmp_path / "init")  # the trained model, every tensor
+    assert final.keys() == init.keys() and all(final[k].shape == init[k].shape for k in init)
+    assert all(not torch.equal(final[k], init[k]) for k in init)
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, monkeypatch):
