@@ -120,7 +120,8 @@ def committed_boxes(region: str) -> list[str]:
     return committed
 
 
-_MARKERS = re.compile(r"final answer\s*(?:is)?\s*[:=]?|(?:the|my) (?:final )?answer (?:is|would be|should be)\s*[:=]?|"
+_MARKERS = re.compile(r"final answer\s*(?:is|of)?\s*[:=]?|(?:the|my) (?:final )?answer (?:is|would be|should be)\s*[:=]?|"
+                      r"(?:the|my) (?:final )?answer(?=\s*(?:\$|\\\(|\\\[))|"
                       r"answer\s*[:=]|####|^[ \t]*(?:final )?(?:answer|result)s?[ \t]*:?[ \t]*$",
                       re.IGNORECASE | re.MULTILINE)
 _MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$])+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]|"
@@ -178,7 +179,7 @@ def _after_last_marker(region: str) -> str | None:
     if not answer:
         return ""
     prose = _prose_words(answer)
-    before_prose = re.sub(r"(?:\s+[a-zA-Z]{1,3})+\s*$", "", answer[: prose[0].start()]) if prose else ""
+    before_prose = re.sub(r"(?:[\s-]+[a-zA-Z]{1,3})*[\s-]*$", "", answer[: prose[0].start()]) if prose else ""
     if re.search(r"[\d\\]", before_prose):
         return before_prose.strip()  # "8 new limbs after 15 days", "x = 5 meters per second"
     return None if prose and len(answer.split()) > 3 else answer
@@ -201,7 +202,9 @@ def _math_spans(text: str) -> list[re.Match]:
 def _span_text(span: re.Match) -> str:
     """A math span's content; of a multi-line display (align), its last row without alignment marks."""
     content = next(group for group in span.groups() if group is not None)
-    if span.group(5) is not None:  # align / equation / gather: the last row (a matrix keeps its rows)
+    aligned = re.fullmatch(r"\s*\\begin\{(?:aligned|split|gathered)\}(.*)\\end\{(?:aligned|split|gathered)\}\s*", content, re.S)
+    if span.group(5) is not None or aligned:  # align / equation / aligned: the last row (a matrix keeps its rows)
+        content = aligned.group(1) if aligned else content
         rows = [row for row in re.split(r"\\\\", content) if row.strip()]
         content = re.sub(r"^\s*=", "", (rows[-1] if rows else content).replace("&", ""))
     return content.strip()
@@ -240,17 +243,23 @@ def _bare_answer(region: str) -> str | None:
 
 
 def _last_math_in_final_sentence(region: str) -> str | None:
-    """The last math span of the text if it stands in the final sentence or only words follow it; else the last
-    number of the final sentence. A span with prose in it is two currency signs, not math."""
+    """The last math span of the text if it stands in the final sentence or only words follow it (a lone
+    variable such as "... values of $x.$" names, it does not answer); else the last number of the last sentence
+    that has one. A span with prose in it is two currency signs, not math."""
     spans = _math_spans(region)
+    if len(spans) > 1 and re.fullmatch(r"[a-zA-Z][.,]?", _span_text(spans[-1])) and \
+            not re.search(r"\d|[.!?]\s+[A-Z]|\n\s*\S", region[spans[-2].end(): spans[-1].start()]):
+        spans.pop()
     if spans:
         after = region[spans[-1].end():]
         if not re.search(r"\d", after) or not re.search(r"[.!?]\s+[A-Z\\$]|\n\s*\S", after):
             return _span_text(spans[-1]) or None
-    stripped = region.strip().rstrip(".")
-    sentence = re.split(r"(?<=[.!?])\s+(?=[A-Z\\$])|\n", stripped)[-1] if stripped else ""
-    numbers = re.findall(r"-?(?:\d{1,3}(?: \d{3})+(?![\d.])|\d[\d,]*(?:\.\d+)?(?:/\d+)?|\.\d+)", sentence)
-    return numbers[-1].rstrip(",") if numbers else None
+    text = re.sub(r"\b(Mr|Mrs|Ms|Dr|St|vs|etc|approx)\.", r"\1", region.strip().rstrip("."))
+    for sentence in reversed(re.split(r"(?<=[.!?])\s+(?=[A-Z\\$])|\n", text)):
+        numbers = re.findall(r"-?(?:\d{1,3}(?: \d{3})+(?![\d.])|\d[\d,]*(?:\.\d+)?(?:/\d+)?|\.\d+)", sentence)
+        if numbers:
+            return numbers[-1].rstrip(",")
+    return None
 
 
 # -----------------------------------------------------------------------------
