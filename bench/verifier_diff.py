@@ -20,6 +20,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from collections import Counter, defaultdict
 from fractions import Fraction
 
@@ -433,6 +434,7 @@ def run_ours(pairs):
 def run_math_verify(pairs):
     from math_verify import parse, verify
 
+    warnings.simplefilter("ignore")  # its LaTeX parser's sympy deprecation notices, hundreds of them
     start, results = time.perf_counter(), []
     for _, completion, gold, _ in pairs:
         try:
@@ -472,7 +474,7 @@ def report(pairs, ours, peer, examples):
     classes = defaultdict(list)
     for i, (name, completion, gold, label) in enumerate(pairs):
         key = (family_of(name).split(" / ")[0], "ours right" if ours[i] == label else "ours wrong",
-               "peer right" if peer is None or peer[i] == label else "peer wrong")
+               "peer not run" if peer is None else "peer right" if peer[i] == label else "peer wrong")
         if key[1] == "ours wrong" or key[2] == "peer wrong":
             classes[key].append((completion, gold, label))
     if peer is not None:
