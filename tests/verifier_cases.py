@@ -360,6 +360,8 @@ CASES = [
      "'the answer' followed by math"),
     ("Hence, the answer is ${3}$ two-digit primes.", "3", True, "a hyphenated word after the value"),
     ("we round 22.18 to the final answer of ${22}$.", "22", True, "final answer of"),
+    ("She spent $100 on clothes.\nJulie had $400 - $100 = $300 left.", "300", True,
+     "two currency signs make no math span"),
     ("Thus \\[\\begin{aligned} x &= 375 + 523 \\\\ &= {898}. \\end{aligned}\\]", "898", True,
      "the last row of an aligned display"),
     ("Final Answer: The final answer is $7$. I hope it is correct.", "7", True, "Minerva sentence"),
