@@ -30,6 +30,7 @@ GRPO_FSDP = GRPO + "test_fsdp_two_processes_with_eval_rollouts_reference_refresh
 WIRING = GRPO + "test_main_passes_the_right_tensors_to_the_loss_and_the_kl"
 TEMPERATURE = GRPO + "test_sampler_and_trainer_log_probs_agree_at_temperature_0_7"
 FREQUENCIES = SAMPLER + "test_generate_first_token_frequencies"
+TRACES = "tests/test_make_traces.py::"
 
 
 def mutant(name, file, original, mutated, tests):
@@ -162,6 +163,28 @@ MUTANTS = [
            "return lr * (step + 1) / warmup_steps",
            "return lr * step / warmup_steps",
            [SFT + "test_tiny_run_loss_falls_and_matches_golden_losses"]),
+    # make_traces.py (issue 19)
+    mutant("traces_store_the_hinted_prompt", "make_traces.py",
+           "records[i].update(hinted_samples=n,", "records[i].update(prompt=hinted_messages[k], hinted_samples=n,",
+           [TRACES + "test_hint_never_reaches_a_stored_prompt_and_leaks_and_wrong_answers_are_dropped"]),
+    mutant("traces_keep_leaks", "make_traces.py",
+           "return leak_reason(text, answer, problem, hint_template) if hint_template is not None else None",
+           "return None",
+           [TRACES + "test_hint_never_reaches_a_stored_prompt_and_leaks_and_wrong_answers_are_dropped"]),
+    mutant("traces_keep_wrong_answers", "make_traces.py",
+           "    if not verdict.correct:\n        return verdict.status",
+           "    if not verdict.correct and False:\n        return verdict.status",
+           [TRACES + "test_hint_never_reaches_a_stored_prompt_and_leaks_and_wrong_answers_are_dropped"]),
+    mutant("traces_seed_by_rank_position", "make_traces.py",
+           "seed=config.seed * 1_000_003 + 2 * c,", "seed=config.seed * 1_000_003 + 2 * k,",
+           [TRACES + "test_resume_after_a_kill_gives_the_same_file_and_it_trains",
+            TRACES + "test_two_processes_equal_one"]),
+    mutant("traces_redo_finished_chunks", "make_traces.py",
+           "if not finished[c]]", "]",
+           [TRACES + "test_resume_after_a_kill_gives_the_same_file_and_it_trains"]),
+    mutant("traces_early_answer_counts_results", "make_traces.py",
+           '    return re.sub(r"=\\s*\\S+", "=", opening)', "    return opening",
+           [TRACES + "test_rejection_reasons"]),
 ]
 
 
