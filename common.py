@@ -4,13 +4,17 @@ for DDP or FSDP2, checkpoints with exact resume, and logging. Nothing here knows
 """
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -52,9 +56,25 @@ def _convert(key, value, annotation):
             if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise ValueError
             return value.lower() in ("1", "true", "yes")
-        return kind(value)
+        converted = kind(value)
     except ValueError:
         raise SystemExit(f"--{key}={value!r}: expected {kind.__name__}") from None
+    if kind is float and not math.isfinite(converted):
+        raise SystemExit(f"--{key}={value!r}: expected a finite number")
+    return converted
+
+
+def check_values(config, choices=None, positive=(), non_negative=()):
+    """Refuses at start, naming the flag, a value the run would crash on (or silently misread) later."""
+    for key, allowed in (choices or {}).items():
+        if getattr(config, key) not in allowed:
+            raise SystemExit(f"--{key}={getattr(config, key)!r}: choose one of {', '.join(allowed)}")
+    for key in positive:
+        if not getattr(config, key) > 0:
+            raise SystemExit(f"--{key}={getattr(config, key)}: must be greater than 0")
+    for key in non_negative:
+        if not getattr(config, key) >= 0:
+            raise SystemExit(f"--{key}={getattr(config, key)}: must be 0 or more")
 
 
 # -----------------------------------------------------------------------------
@@ -192,13 +212,18 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
 
 
 def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Tensors, tuples and lists only, so the file loads with torch.load(weights_only=True): unpickling anything
+    else can run code, and a checkpoint folder may come from someone else."""
+    name, key, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, key.tolist(), position, has_gauss, cached_gaussian),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.array(key, dtype=np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -216,7 +241,8 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, step, config, metrics,
     weights = full_state_dict(model, rank0_only=True)
     optimizer_state = _optimizer_state(model, optimizer)
     if rank == 0:
-        os.makedirs(tmp, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a save killed before its rename: none of its files may stay
+        os.makedirs(tmp)
         with torch.device("meta"):
             shell = Transformer(model.config)
         shell.load_state_dict(weights, assign=True)
@@ -235,8 +261,9 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, step, config, metrics,
         if os.path.exists(path):  # the same step saved again (a resumed run): the new one wins
             shutil.rmtree(path)
         os.replace(tmp, path)
-        with open(os.path.join(out_dir, "latest"), "w") as f:
+        with open(os.path.join(out_dir, "latest.tmp"), "w") as f:  # replaced whole: never empty or half written
             f.write(os.path.basename(path))
+        os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
     if dist.is_initialized():
         dist.barrier()
     return path
@@ -252,12 +279,125 @@ def _optimizer_state(model, optimizer):
     return optimizer.state_dict()
 
 
-def latest_checkpoint(out_dir) -> str | None:
+def latest_checkpoint(out_dir, verbose=True) -> str | None:
+    """The checkpoint out_dir/latest names; when that marker is missing, empty or unreadable, or names a folder
+    that is not complete (a disk that filled up, a copy cut short), the newest complete one, with a warning."""
+    named, problem = _read_latest(out_dir)
+    if problem is None:
+        return named
+    folders = [os.path.join(out_dir, name) for name in os.listdir(out_dir)
+               if name == "final" or re.fullmatch(r"step_\d+", name)] if os.path.isdir(out_dir) else []
+    complete = sorted((_checkpoint_step(path), path) for path in folders if checkpoint_is_complete(path))
+    if folders and verbose:
+        print(f"warning: {problem}; " + (f"resuming from the newest complete checkpoint, {complete[-1][1]}"
+                                         if complete else "no complete checkpoint is left"), flush=True)
+    return complete[-1][1] if complete else None
+
+
+def _read_latest(out_dir):
+    """(path, None) when out_dir/latest names a complete checkpoint, else (None, what is wrong)."""
     marker = os.path.join(out_dir, "latest")
-    if not os.path.exists(marker):
+    try:
+        with open(marker, encoding="utf-8") as f:
+            name = f.read().strip()
+    except FileNotFoundError:
+        return None, f"{marker} is missing"
+    except (OSError, UnicodeDecodeError):
+        return None, f"{marker} cannot be read"
+    if not name:
+        return None, f"{marker} is empty"
+    if os.path.basename(name) != name or name in (".", ".."):  # a marker never points out of out_dir
+        return None, f"{marker} names {name!r}, not a folder of {out_dir}"
+    path = os.path.join(out_dir, name)
+    return (path, None) if checkpoint_is_complete(path) else (None, f"{path} is not a complete checkpoint")
+
+
+def checkpoint_is_complete(path) -> bool:
+    """Every file a resume reads is there and whole: run.json, config.json, the weights (their size matches
+    their header), the tokenizer, and the state file of each rank (a zip with its closing directory)."""
+    from model import check_safetensors, checkpoint_files
+
+    try:
+        with open(os.path.join(path, "run.json")) as f:
+            run = json.load(f)
+        with open(os.path.join(path, "config.json")) as f:
+            json.load(f)
+        for file in checkpoint_files(path):
+            check_safetensors(file)
+        states = [os.path.join(path, f"state_rank{rank}.pt") for rank in range(int(run.get("world_size", 1)))]
+        whole_states = all(zipfile.is_zipfile(state) for state in states)
+        return isinstance(run["step"], int) and whole_states and os.path.exists(os.path.join(path, "tokenizer.json"))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return False
+
+
+def _checkpoint_step(path) -> int:
+    with open(os.path.join(path, "run.json")) as f:
+        return json.load(f)["step"]
+
+
+# settings a resumed run may change: how it runs and reports, not what it computes (max_steps extends a run)
+RESUME_MAY_CHANGE = {"resume", "overwrite", "max_steps", "device", "parallel", "activation_checkpointing",
+                     "micro_batch_size", "pack", "cuda_graph", "out_dir", "log_every", "save_every", "sample_every",
+                     "eval_every", "eval_problems", "eval_data", "eval_max_new_tokens", "eval_temperature"}
+
+
+def resume_checkpoint(config, rank, world_size) -> str | None:
+    """With --resume=true, the checkpoint to continue from, after checking it was written by this same run (None:
+    nothing saved yet, the run starts from scratch)."""
+    if not config.resume:
         return None
-    with open(marker) as f:
-        return os.path.join(out_dir, f.read().strip())
+    path = latest_checkpoint(config.out_dir, verbose=rank == 0)
+    if path is None:
+        if rank == 0:
+            print(f"no checkpoint in {config.out_dir}: starting from scratch", flush=True)
+        return None
+    with open(os.path.join(path, "run.json")) as f:
+        run = json.load(f)
+    saved, now = run.get("config", {}), dataclasses.asdict(config)
+    differences = [f"--{key}={saved[key]!r} there, {now[key]!r} here" for key in now
+                   if key in saved and key not in RESUME_MAY_CHANGE and saved[key] != now[key]]
+    if run.get("world_size", 1) != world_size:
+        differences.append(f"{run.get('world_size', 1)} processes there, {world_size} here")
+    if differences:
+        raise SystemExit(f"--resume=true: {path} was written by another run ({'; '.join(differences)}); resume "
+                         f"with its settings, or start the new run in another --out_dir")
+    if rank == 0:
+        print(f"resuming from {path}", flush=True)
+    return path
+
+
+# what runs write into out_dir; --overwrite=true removes exactly these
+RUN_OUTPUTS = re.compile(r"step_\d+|final|latest|metrics\.jsonl|.*\.tmp")
+
+
+def claim_out_dir(out_dir, resume, overwrite):
+    """An out_dir belongs to one run. Takes an OS lock on out_dir/.lock (it goes with its process, even on
+    kill -9), refuses a fresh run into a folder that holds anything unless resume or overwrite (which removes the
+    old run's outputs), and removes what a killed save left half written (*.tmp). Rank 0 calls it and keeps the
+    returned file open for the whole run."""
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, ".lock"), "a")
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise SystemExit(f"--out_dir={out_dir} is in use by another run (it holds {lock.name}): wait for it to "
+                         f"end, or choose another --out_dir") from None
+    contents = sorted(name for name in os.listdir(out_dir) if name != ".lock")
+    if contents and not resume and not overwrite:
+        lock.close()
+        raise SystemExit(f"--out_dir={out_dir} already holds a run ({', '.join(contents[:4])}"
+                         f"{', ...' if len(contents) > 4 else ''}): pass --resume=true to continue it or "
+                         f"--overwrite=true to replace it, or choose another --out_dir")
+    for name in contents:
+        if RUN_OUTPUTS.fullmatch(name) and (overwrite and not resume or name.endswith(".tmp")):
+            path = os.path.join(out_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    return lock
 
 
 def load_run_state(path, model, optimizer, rank):
@@ -266,7 +406,13 @@ def load_run_state(path, model, optimizer, rank):
     if not os.path.exists(state_file):
         raise FileNotFoundError(f"{state_file} is missing: resume with the same number of processes as the run "
                                 f"that wrote {path}")
-    state = torch.load(state_file, weights_only=False)
+    try:
+        state = torch.load(state_file, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{state_file}: holds objects other than tensors and plain values (loading them could "
+                         f"run code); refusing it. Only checkpoints written by this code load") from None
+    except RuntimeError as error:
+        raise ValueError(f"{state_file}: not a readable checkpoint file ({error})") from None
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -285,12 +431,30 @@ def load_run_state(path, model, optimizer, rank):
 
 
 class MetricsLog:
-    """Appends one JSON object per line; only rank 0 writes."""
+    """Appends one JSON object per line; only rank 0 writes. A run starting at step S first drops the lines of
+    later steps (a killed run logged them after its last checkpoint, and the resumed run logs them again) and a
+    line torn by the kill, so each step appears once."""
 
-    def __init__(self, path, enabled=True):
+    def __init__(self, path, enabled=True, start_step=0):
         self.path = path if enabled else None
         if self.path:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            if os.path.exists(path):
+                self._keep_steps_until(start_step)
+
+    def _keep_steps_until(self, start_step):
+        kept = []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if start_step > 0 and isinstance(record, dict) and record.get("step", 0) <= start_step:
+                    kept.append(line.rstrip("\n") + "\n")
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
 
     def write(self, **metrics):
         if self.path:

@@ -44,6 +44,9 @@ def compile_chat_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+MAX_TEMPLATE_OUTPUT = 2**20  # characters a chat template may add to a conversation's own text
+
+
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, config: dict, generation_config: dict | None = None, path=None):
         self.tk = tokenizer
@@ -76,13 +79,22 @@ class Tokenizer:
                     raise FileNotFoundError(f"{file} is missing")
                 return None
             with open(file) as f:
-                return json.load(f)
+                try:
+                    return json.load(f)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{file}: not valid JSON ({error})") from None
 
         config = read_json("tokenizer_config.json", required=False) or {}
         if "chat_template" not in config and os.path.exists(os.path.join(path, "chat_template.jinja")):
             with open(os.path.join(path, "chat_template.jinja")) as f:  # newer transformers save it beside
                 config["chat_template"] = f.read()
-        tokenizer = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        tokenizer_file = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(tokenizer_file):
+            raise FileNotFoundError(f"{tokenizer_file} is missing")
+        try:
+            tokenizer = HFTokenizer.from_file(tokenizer_file)
+        except Exception as error:  # the tokenizers library raises plain Exceptions without the path
+            raise ValueError(f"{tokenizer_file}: not a tokenizers file ({error})") from None
         return cls(tokenizer, config, read_json("generation_config.json", required=False), path=path)
 
     @property
@@ -104,7 +116,17 @@ class Tokenizer:
             raise ValueError(f"{self.path}: tokenizer_config.json has no chat_template")
         variables = {k: v for k, v in self.special_tokens.items() if v is not None}
         variables.update(kwargs)
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        # the sandbox stops a template from touching Python, not from looping: bound what it may write
+        limit = MAX_TEMPLATE_OUTPUT + 2 * sum(len(str(m.get("content", ""))) for m in messages)
+        pieces, size = [], 0
+        for piece in self._template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                             **variables):
+            size += len(piece)
+            if size > limit:
+                raise ValueError(f"{self.path}: the chat template rendered more than {limit / 2**20:.0f} MB for one "
+                                 f"conversation; refusing it (a template that loops?)")
+            pieces.append(piece)
+        return "".join(pieces)
 
     def end_of_turn(self) -> str:
         """The text the template writes after an assistant message, found by rendering a marker."""
@@ -143,11 +165,18 @@ class Tokenizer:
 # data sets: JSONL records with clear errors
 
 
-def read_jsonl(path) -> list[dict]:
-    """Every line a JSON object; a malformed line is an error naming the file and line, never skipped."""
+def read_jsonl(path, allow_empty=False) -> list[dict]:
+    """Every line a JSON object; a malformed line is an error naming the file and line, never skipped. A file
+    with no record at all is an error too (unless allow_empty), as is a path that is not a file."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, not a JSONL file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{line_number}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
@@ -158,6 +187,8 @@ def read_jsonl(path) -> list[dict]:
                 raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
             record["_source"] = f"{path}:{line_number}"
             records.append(record)
+    if not records and not allow_empty:
+        raise ValueError(f"{path}: no records (the file is empty)")
     return records
 
 

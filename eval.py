@@ -14,6 +14,7 @@ back from the partial completion files).
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -24,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common import all_gather_objects, format_eta, init_distributed, parse_config
+from common import all_gather_objects, check_values, format_eta, init_distributed, parse_config
 from data import Tokenizer, demo_problems, read_jsonl
-from model import Transformer
+from model import Transformer, checkpoint_files
 from sampler import generate
 from verifier import normalize, plain_number, verify_batch
 
@@ -181,15 +182,17 @@ def render_prompt(tokenizer, problem, instruction):
 
 def evaluate(model, tokenizer, problems, n=1, temperature=0.6, top_p=0.95, max_new_tokens=1024,
              instruction=INSTRUCTION, seed=0, max_slots=0, rank=0, world_size=1, partial_file=None, chunk=64,
-             show_progress=True, cuda_graph=False):
+             show_progress=True, cuda_graph=False, keep_partial=False):
     """Samples n completions for each problem (this rank's share: problems[rank::world_size]), grades them, and
     returns every rank's records, in problem order. With partial_file, finished problems are appended there and
-    skipped when the eval is run again."""
-    run_key = json.dumps([getattr(tokenizer, "path", None), n, temperature, top_p, max_new_tokens, instruction, seed,
-                          world_size], default=str)  # a partial file from other settings is not reused
+    skipped when the eval is run again with the same weights and settings; the file is removed at the end unless
+    keep_partial (eval.py's main removes it once every benchmark is saved)."""
+    model_path = getattr(tokenizer, "path", None)
+    run_key = json.dumps([model_path, weights_fingerprint(model_path), n, temperature, top_p, max_new_tokens,
+                          instruction, seed, world_size], default=str)  # other weights or settings: not reused
     done = {}
     if partial_file and os.path.exists(partial_file):
-        done = {r["id"]: r for r in read_jsonl(partial_file) if r.get("run_key") == run_key}
+        done = {r["id"]: r for r in read_partial(partial_file) if r.get("run_key") == run_key}
     mine = [p for i, p in enumerate(problems) if i % world_size == rank]
     todo = [p for p in mine if p["id"] not in done]
     records = [done[p["id"]] for p in mine if p["id"] in done]
@@ -223,10 +226,39 @@ def evaluate(model, tokenizer, problems, n=1, temperature=0.6, top_p=0.95, max_n
                     f.write(json.dumps(dict(record, run_key=run_key)) + "\n")
     order = {p["id"]: i for i, p in enumerate(problems)}
     gathered = [r for part in all_gather_objects(records) for r in part]
-    if partial_file and os.path.exists(partial_file):
+    if partial_file and not keep_partial and os.path.exists(partial_file):
         os.remove(partial_file)  # finished: a later run of the same settings starts afresh
     return sorted(({k: v for k, v in r.items() if k not in ("run_key", "_source")} for r in gathered),
                   key=lambda r: order[r["id"]])
+
+
+def weights_fingerprint(path) -> str | None:
+    """Tells the weights in a model folder apart without reading them all: each weight file's name, size, mtime
+    and first and last MB. Weights rewritten at the same path (a training run saving again) get a new one."""
+    if not path or not os.path.exists(os.path.join(path, "config.json")):
+        return None
+    digest = hashlib.sha256()
+    for file in checkpoint_files(path):
+        size = os.path.getsize(file)
+        digest.update(f"{os.path.basename(file)} {size} {os.stat(file).st_mtime_ns}".encode())
+        with open(file, "rb") as f:
+            digest.update(f.read(2**20))
+            f.seek(max(0, size - 2**20))
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def read_partial(path) -> list[dict]:
+    """The records of a partial file. A kill while a line was written leaves it torn (no newline at its end): it
+    is dropped with a warning and cut from the file, so the next record starts on a line of its own."""
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        print(f"warning: {path}: dropped a torn last line (an eval killed while writing it)", file=sys.stderr)
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return read_jsonl(path, allow_empty=True)
 
 
 # -----------------------------------------------------------------------------
@@ -279,8 +311,8 @@ def print_table(results):
 
 def main(argv=None):
     config = parse_config(EvalConfig, {}, argv)
+    benchmarks = check_config(config)
     rank, world_size, device = init_distributed()
-    benchmarks = [b.strip() for b in config.benchmarks.split(",") if b.strip()]
     if config.download and rank == 0:
         for name in benchmarks:
             if name != "demo":
@@ -290,9 +322,11 @@ def main(argv=None):
     if not os.path.exists(os.path.join(config.model, "config.json")):
         raise SystemExit(f"{config.model} is not a model folder; the demo checkpoint is made by: python train_sft.py")
     model = Transformer.from_pretrained(config.model, device=device, dtype=dtype).eval()
+    refuse_non_finite(model, config.model)
     tokenizer = Tokenizer.from_pretrained(config.model)
     os.makedirs(config.out_dir, exist_ok=True)
     results, records_by_benchmark = {}, {}
+    partial_file = lambda name: os.path.join(config.out_dir, f"partial_{name}.rank{rank}.jsonl")
     for name in benchmarks:
         problems = load_benchmark(name, config.data_dir, config.limit, config.demo_problems)
         thinks = "<think>" in (tokenizer.chat_template or "")  # R1-style models need long budgets
@@ -306,16 +340,50 @@ def main(argv=None):
                   f"temperature {temperature}, top-p {top_p}")
         records = evaluate(model, tokenizer, problems, config.n, temperature, top_p, max_new_tokens,
                            instruction, config.seed, config.max_slots, rank, world_size,
-                           partial_file=os.path.join(config.out_dir, f"partial_{name}.rank{rank}.jsonl"),
-                           chunk=config.chunk, cuda_graph=config.cuda_graph)
+                           partial_file=partial_file(name), chunk=config.chunk, cuda_graph=config.cuda_graph,
+                           keep_partial=True)
         results[name] = benchmark_metrics(records, config.n)
         records_by_benchmark[name] = records
+        if rank == 0:  # saved as soon as it is finished: a kill during the next benchmark cannot lose it
+            score = write_outputs(config, results, records_by_benchmark)
+    for name in benchmarks:  # all saved: a later eval with the same settings starts afresh
+        if os.path.exists(partial_file(name)):
+            os.remove(partial_file(name))
     if rank != 0:
         return results
     print_table(results)
-    score = combined_score({name: m["pass@1"] for name, m in results.items()})
     if score is not None:
         print(f"combined score (mean of ours - DeepSeek-V3 on gsm8k, math500, aime24): {score:+.2f} points")
+    print(f"wrote {config.out_dir}/results.json, completions.jsonl, accuracy_vs_length.svg")
+    return results
+
+
+def check_config(config) -> list[str]:
+    """The benchmarks to run, after refusing values that make no sense (naming the flag)."""
+    check_values(config, choices=dict(dtype=("auto", "bfloat16", "float32")), positive=("n", "chunk", "demo_problems"),
+                 non_negative=("limit", "max_new_tokens", "max_slots"))
+    for key in ("temperature", "top_p"):  # -1 picks the default
+        if getattr(config, key) != -1 and not 0 <= getattr(config, key) <= (1 if key == "top_p" else math.inf):
+            raise SystemExit(f"--{key}={getattr(config, key)}: out of range (-1 for the default)")
+    benchmarks = [b.strip() for b in config.benchmarks.split(",") if b.strip()]
+    unknown = [b for b in benchmarks if b != "demo" and b not in BENCHMARK_FILES]
+    if not benchmarks or unknown:
+        raise SystemExit(f"--benchmarks={config.benchmarks!r}: " + (f"unknown {', '.join(unknown)}" if unknown else
+                         "empty") + f"; choose from demo, {', '.join(BENCHMARK_FILES)}")
+    return benchmarks
+
+
+def refuse_non_finite(model, path):
+    """Weights with NaN or inf sample garbage that scores 0%, which would read as a result."""
+    broken = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if broken:
+        raise SystemExit(f"{path}: {', '.join(broken[:3])}{' and more' if len(broken) > 3 else ''} not finite "
+                         f"(NaN or inf): these weights are broken (did the run that wrote them diverge?)")
+
+
+def write_outputs(config, results, records_by_benchmark) -> float | None:
+    """results.json, completions.jsonl and the accuracy-vs-length plot of the benchmarks finished so far."""
+    score = combined_score({name: m["pass@1"] for name, m in results.items()})
     with open(os.path.join(config.out_dir, "results.json"), "w") as f:
         json.dump({"config": dataclasses.asdict(config), "results": results, "combined_score": score,
                    "deepseek_v3": DEEPSEEK_V3, "deepseek_v3_source": DEEPSEEK_V3_SOURCE}, f, indent=2)
@@ -324,8 +392,7 @@ def main(argv=None):
             for record in records:
                 f.write(json.dumps(dict(record, benchmark=name)) + "\n")
     accuracy_vs_length_svg(records_by_benchmark, os.path.join(config.out_dir, "accuracy_vs_length.svg"))
-    print(f"wrote {config.out_dir}/results.json, completions.jsonl, accuracy_vs_length.svg")
-    return results
+    return score
 
 
 if __name__ == "__main__":

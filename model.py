@@ -84,6 +84,12 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
         """Reads a Hugging Face config dict; refuses, naming the field, what this model does not implement."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(hf).__name__}")
+        for required in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(hf.get(required), int):
+                problem = "is missing" if required not in hf else f"is {hf[required]!r}, not an integer"
+                raise ValueError(f"{source}: field '{required}' {problem}")
         archs = hf.get("architectures") or []
         if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"{source}: field 'architectures' is {archs}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
@@ -391,12 +397,17 @@ class Transformer(nn.Module):
         """Builds on the meta device and assigns the checkpoint's tensors, so no second copy is made."""
         config_file = os.path.join(path, "config.json")
         with open(config_file) as f:
-            config = ModelConfig.from_hf(json.load(f), source=config_file)
+            try:
+                hf_config = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{config_file}: not valid JSON ({error})") from None
+        config = ModelConfig.from_hf(hf_config, source=config_file)
         with torch.device("meta"):
             model = cls(config)
         expected = {name: p.shape for name, p in model.state_dict().items()}
         state = {}
         for file in checkpoint_files(path):
+            check_safetensors(file)
             with safe_open(file, framework="pt", device=str(device or "cpu")) as f:
                 for name in f.keys():
                     if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -471,6 +482,23 @@ def checkpoint_files(path) -> list[str]:
     if os.path.exists(single):
         return [single]
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def check_safetensors(file):
+    """Refuses, naming the file, one that is not a whole safetensors file (a copy or download cut short): its
+    8-byte header length, JSON header and tensor data must account for exactly its size."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        header_length = int.from_bytes(f.read(8), "little")
+        if size < 8 or header_length > size - 8:
+            raise ValueError(f"{file}: truncated or not a safetensors file ({size} bytes)")
+        try:
+            header = json.loads(f.read(header_length))
+            end = max([t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"], default=0)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+            raise ValueError(f"{file}: not a safetensors file (its header is not a safetensors header)") from None
+    if 8 + header_length + end != size:
+        raise ValueError(f"{file}: truncated or padded: {size} bytes, its header describes {8 + header_length + end}")
 
 
 def init_weights(model: Transformer, std=0.02, seed=0):

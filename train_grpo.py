@@ -54,9 +54,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (MetricsLog, all_gather_objects, all_reduce_sum, autocast_for, format_eta, full_state_dict,
-                    init_distributed, latest_checkpoint, load_run_state, lr_at, make_optimizer, no_sync, parse_config,
-                    save_checkpoint, unsharded_copy, wrap_model)
+from common import (MetricsLog, all_gather_objects, all_reduce_sum, autocast_for, check_values, claim_out_dir,
+                    format_eta, full_state_dict, init_distributed, load_run_state, lr_at, make_optimizer, no_sync,
+                    parse_config, resume_checkpoint, save_checkpoint, unsharded_copy, wrap_model)
 from data import Tokenizer, demo_problems, read_jsonl
 from kernels.logprob import kl_full
 from model import Transformer, sequence_logprobs
@@ -121,7 +121,8 @@ class Config:
     eval_every: int = 0  # steps between held-out evals (0 = at the start and the end only)
     eval_temperature: float = 1.0
     save_every: int = 50
-    resume: bool = False
+    resume: bool = False  # continue from out_dir's latest checkpoint
+    overwrite: bool = False  # a fresh run replaces the run already in out_dir (its checkpoints and metrics)
 
 
 PRESETS = {
@@ -300,7 +301,8 @@ def main(argv=None):
     if config.prompts_per_step % world_size:
         raise SystemExit(f"prompts_per_step={config.prompts_per_step} must be a multiple of the {world_size} ranks")
 
-    resume_from = latest_checkpoint(config.out_dir) if config.resume else None
+    out_dir_lock = claim_out_dir(config.out_dir, config.resume, config.overwrite) if master else None
+    resume_from = resume_checkpoint(config, rank, world_size)
     model_path = resume_from or config.model
     if not os.path.exists(os.path.join(model_path, "config.json")):
         raise SystemExit(f"{model_path} is not a model folder. The demo starts from the SFT checkpoint: run "
@@ -317,7 +319,7 @@ def main(argv=None):
     if resume_from:
         start_step, _, _ = load_run_state(resume_from, model, optimizer, rank)
     problems = load_problems(config)
-    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=master)
+    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=master, start_step=start_step)
     if master:
         print(f"config: {dataclasses.asdict(config)}")
         print(f"policy {model_path}: {model.num_parameters() / 1e6:.1f}M parameters | {len(problems)} problems | "
@@ -480,6 +482,8 @@ def main(argv=None):
                 ref_model.save_pretrained(os.path.join(path, "reference"))
     if world_size > 1:
         torch.distributed.destroy_process_group()
+    if out_dir_lock:
+        out_dir_lock.close()
     return metrics if config.max_steps > start_step else {}
 
 
@@ -488,9 +492,14 @@ def check_config(config):
                    loss_agg=("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"),
                    kl_estimator=("k1", "k2", "k3", "full"), kl_direction=("reverse", "forward"),
                    kl_in=("loss", "reward"), parallel=("ddp", "fsdp"))
-    for key, allowed in choices.items():
-        if getattr(config, key) not in allowed:
-            raise SystemExit(f"--{key}={getattr(config, key)!r}: choose one of {', '.join(allowed)}")
+    check_values(config, choices,
+                 positive=("prompts_per_step", "max_new_tokens", "temperature", "top_p", "mu", "max_steps", "lr",
+                           "grad_clip", "micro_batch_size", "log_every", "sample_every", "save_every"),
+                 non_negative=("eval_problems", "max_resample_rounds", "format_weight", "overlong_buffer",
+                               "overlong_penalty", "eps_low", "eps_high", "entropy_coef", "beta", "ref_update_every",
+                               "min_lr_ratio", "warmup_steps", "weight_decay", "eval_every", "eval_temperature"))
+    if config.top_p > 1:
+        raise SystemExit(f"--top_p={config.top_p}: must be at most 1")
     if config.group_size < 2:
         raise SystemExit("--group_size must be at least 2: advantages are relative to the group")
     if config.kl_estimator == "full" and config.parallel == "fsdp" and config.beta > 0:

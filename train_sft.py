@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (MetricsLog, all_reduce_sum, autocast_for, format_eta, init_distributed, latest_checkpoint,
-                    load_run_state, lr_at, make_optimizer, no_sync, parse_config, save_checkpoint, unsharded_copy,
-                    wrap_model)
+from common import (MetricsLog, all_reduce_sum, autocast_for, check_values, claim_out_dir, format_eta,
+                    init_distributed, load_run_state, lr_at, make_optimizer, no_sync, parse_config, resume_checkpoint,
+                    save_checkpoint, unsharded_copy, wrap_model)
 from data import Tokenizer, build_demo_model, demo_problems, demo_trace, read_jsonl, sft_example
 from model import Transformer, sequence_logprobs
 
@@ -66,6 +66,7 @@ class Config:
     eval_temperature: float = 1.0
     save_every: int = 250  # steps between checkpoints
     resume: bool = False  # continue from out_dir's latest checkpoint
+    overwrite: bool = False  # a fresh run replaces the run already in out_dir (its checkpoints and metrics)
 
 
 PRESETS = {
@@ -143,6 +144,7 @@ def evaluate_demo(model, tokenizer, config, rank, world_size):
 
 def main(argv=None):
     config = parse_config(Config, PRESETS, argv)
+    check_config(config)
     rank, world_size, device = init_distributed(config.device)
     master = rank == 0
     torch.manual_seed(config.seed)
@@ -152,9 +154,8 @@ def main(argv=None):
     pack = device.type == "cuda" if config.pack == "auto" else config.pack == "true"
 
     # model and tokenizer: a checkpoint to resume, a Hugging Face folder, or the demo model built from scratch
-    resume_from = latest_checkpoint(config.out_dir) if config.resume else None
-    if config.resume and resume_from is None and master:
-        print(f"no checkpoint in {config.out_dir}: starting from scratch")
+    out_dir_lock = claim_out_dir(config.out_dir, config.resume, config.overwrite) if master else None
+    resume_from = resume_checkpoint(config, rank, world_size)
     model_path = resume_from or config.model or os.path.join(config.out_dir, "init")
     if not resume_from and not config.model and master:
         build_demo_model(model_path, seed=config.seed)
@@ -168,7 +169,7 @@ def main(argv=None):
     if resume_from:
         start_step, metrics, _ = load_run_state(resume_from, model, optimizer, rank)
     examples = load_examples(config, tokenizer, rank)
-    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=master)
+    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=master, start_step=start_step)
     if master:
         print(f"config: {dataclasses.asdict(config)}")
         print(f"model {model_path}: {model.num_parameters() / 1e6:.1f}M parameters | {len(examples)} examples | "
@@ -231,7 +232,17 @@ def main(argv=None):
             print(f"wrote {path} (train_grpo.py and eval.py read it by default)")
     if world_size > 1:
         torch.distributed.destroy_process_group()
+    if out_dir_lock:
+        out_dir_lock.close()
     return metrics
+
+
+def check_config(config):
+    check_values(config, choices=dict(parallel=("ddp", "fsdp"), pack=("auto", "true", "false")),
+                 positive=("max_seq_len", "max_steps", "batch_size", "micro_batch_size", "lr", "grad_clip",
+                           "log_every", "save_every", "demo_examples", "eval_max_new_tokens"),
+                 non_negative=("warmup_steps", "min_lr_ratio", "weight_decay", "eval_every", "eval_problems",
+                               "eval_temperature", "demo_slip_rate"))
 
 
 if __name__ == "__main__":
