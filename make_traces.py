@@ -32,7 +32,8 @@ Outputs in --out_dir: traces.jsonl, rows {"prompt", "completion", "answer", "kin
 summary.json (teacher pass@1 and pass@k, traces kept by kind, rejections by reason, mean lengths); chunks/, one
 file per finished chunk. Run the same command again after a kill and it resumes where it stopped; with another
 --keep it only re-selects. Chunks are dealt to ranks in turn and each is seeded by its index, so the output is
-the same for any number of processes (for the same --chunk and --max_slots).
+the same for any number of processes (for the same --chunk and --max_slots); ranks meet through the files in
+--out_dir, which on several nodes must be on a file system they all see.
 """
 
 import dataclasses
