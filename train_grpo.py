@@ -7,6 +7,7 @@ GRPO: reinforcement learning on verifier rewards (recipes 1 and 3 of the mission
     torchrun --standalone --nproc_per_node=8 train_grpo.py --preset=r1-1.5b --model=<checkpoint> --data=<problems.jsonl>
     python train_grpo.py --model=out/sft_demo/init                 # recipe 1 on the demo: RL from the untrained model
     python train_grpo.py --resume=true                             # continue from the last checkpoint in --out_dir
+    python train_grpo.py --overwrite=true                          # start again in a used --out_dir
 
 The algorithm's choices, and how they differ from GRPO as published (DeepSeekMath, arXiv:2402.03300):
  1. Rollout: --group_size completions per prompt from the current policy, sampled by sampler.py with the training

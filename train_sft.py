@@ -8,6 +8,7 @@ Supervised fine-tuning on reasoning traces (recipe 2 of the mission): a model le
     torchrun --standalone --nproc_per_node=8 train_sft.py --preset=r1-1.5b --model=... --data=...
     torchrun ... train_sft.py ... --parallel=fsdp         # shard a model that does not fit one card per block
     python train_sft.py --resume=true                     # continue from the last checkpoint in --out_dir
+    python train_sft.py --overwrite=true                  # start again in a used --out_dir (one run per out_dir)
 
 Data: JSONL with {"prompt", "completion"}, {"messages": [...]} or {"problem", "reasoning", "answer"}, rendered
 with the model's own chat template; the loss covers the completion tokens and the end-of-turn token only.
