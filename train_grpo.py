@@ -402,8 +402,11 @@ def main(argv=None):
             micro = list(range(0, len(samples), config.micro_batch_size)) or [None]
             for k, start in enumerate(micro):
                 no_sync(wrapped, last_micro_step=k == len(micro) - 1)
-                if start is None:  # this rank has no rollouts (dynamic sampling found none): join the all-reduce
-                    sum(p.sum() for p in model.parameters()).mul(0).backward()
+                if start is None:  # this rank has no rollouts (dynamic sampling found none): a zero loss through
+                    # the wrapped model joins the others' gradient all-reduce (a backward without DDP's forward
+                    # does not, and the other ranks wait for it forever)
+                    padding = torch.zeros((1, 2), dtype=torch.long, device=device)
+                    (sequence_logprobs(wrapped, padding).sum() * 0).backward()
                     continue
                 rows = slice(start, start + config.micro_batch_size)
                 with autocast:

@@ -1,4 +1,5 @@
 # python -m pytest tests/test_train_grpo.py -q
+import faulthandler
 import itertools
 import math
 import json
@@ -216,6 +217,7 @@ def sampled_rollout(policy, tokenizer, problems, config, seed):
 
 
 def run_rank(rank, world_size, port, args, rollout=fake_rollout):
+    faulthandler.dump_traceback_later(300, exit=True)  # a rank stuck in a collective fails the test, not the suite
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -293,6 +295,32 @@ def test_two_processes_give_the_same_update_as_one(tmp_path, demo_model, extra):
         assert torch.allclose(tensor, results[2][name], atol=2e-5), name
     assert any(not torch.equal(results[1][n], load_file(os.path.join(demo_model, "model.safetensors"))[n])
                for n in results[1])  # the update did something
+
+
+def odd_groups_equal(policy, tokenizer, problems, config, seed):
+    """fake_rollout, but the groups of the problems at odd positions of the global draw have equal rewards:
+    on 2 processes that is all of rank 1's, so dynamic sampling leaves rank 1 with no rollouts at all."""
+    samples = fake_rollout(policy, tokenizer, problems, config, seed)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    for i, s in enumerate(samples):
+        position = (i // config.group_size) * world_size + rank
+        if position % 2:
+            s["reward"] = 0.5
+    return samples
+
+
+def test_a_rank_left_without_rollouts_joins_the_update(tmp_path, demo_model):
+    """Dynamic sampling can leave a rank with nothing to train on: it must still join the gradient all-reduce
+    (it hung), and the update is that of the other ranks' rollouts alone, normalised over the whole batch."""
+    from safetensors.torch import load_file
+
+    args = TINY + [f"--model={demo_model}", "--dynamic_sampling=true", "--max_resample_rounds=0"]
+    for world_size in (1, 2):
+        spawn(world_size, args + [f"--out_dir={tmp_path / str(world_size)}"], rollout=odd_groups_equal)
+    one, two = [load_file(tmp_path / str(n) / "final" / "model.safetensors") for n in (1, 2)]
+    for name in one:
+        assert torch.allclose(one[name], two[name], atol=2e-5), name
+    assert any(not torch.equal(one[n], load_file(os.path.join(demo_model, "model.safetensors"))[n]) for n in one)
 
 
 def test_beta_zero_loads_no_reference_model(tmp_path, demo_model, monkeypatch):
