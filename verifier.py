@@ -103,8 +103,10 @@ def boxed_answers(text: str) -> list[str]:
 
 
 # words with which a model takes back what it boxed before ("... \\boxed{4}. Wait, that is wrong ... \\boxed{5}")
-_REVISION = re.compile(r"\b(?:wait|actually|mistake|wrong|incorrect|error|oops|correction|corrected|re-?check\w*|"
-                       r"re-?examin\w*|re-?do\w*|reconsider\w*|instead|hold on|let me (?:check|verify|fix))\b",
+_REVISION = re.compile(r"(?:^|[.!?;:,)]\s*|\n\s*)(?:wait|actually|hmm|oops|hold on|no,|correction|on second thought|"
+                       r"let me (?:re-?check|check|verify|fix|redo|recompute|reconsider))\b|"
+                       r"\b(?:made|there is|there's|i see) an? (?:mistake|error)\b|"
+                       r"\bthat(?:'s| is| was) (?:wrong|incorrect|a mistake|not right)\b|\bdouble[- ]counts?\b",
                        re.IGNORECASE)
 
 
@@ -127,7 +129,9 @@ _MARKERS = re.compile(r"final answer\s*(?:is|of)?\s*[:=]?|(?:the|my) (?:final )?
 _MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$])+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]|"
                         r"\\begin\{(?:align|equation|gather)\*?\}(.+?)\\end\{(?:align|equation|gather)\*?\}", re.DOTALL)
 # where an answer written in prose ends: a sentence end, or a comma before a clause ("7, which we check below")
-_ANSWER_END = re.compile(r"\.(?:\s|$)|[;!?]|,\s+(?!and\b|or\b)(?=[a-z]{2,})|\s(?:which|since|because|as|so|where)\s")
+_ANSWER_END = re.compile(r"\.(?:\s|$)|[;!?]|,\s+(?!and\b|or\b)(?=[a-z]{2,}|i\.e\.|e\.g\.)|"
+                         r"\s(?:which|since|because|as|so|where)\s")
+_NUMBER = r"-?(?:\d{1,3}(?: \d{3})+(?![\d.])|\d[\d,]*(?:\.\d+)?(?:/\d+)?|\.\d+)"
 
 
 def answer_region(text: str) -> str | None:
@@ -179,10 +183,15 @@ def _after_last_marker(region: str) -> str | None:
     if not answer:
         return ""
     prose = _prose_words(answer)
-    before_prose = re.sub(r"(?:[\s-]+[a-zA-Z]{1,3})*[\s-]*$", "", answer[: prose[0].start()]) if prose else ""
-    if re.search(r"[\d\\]", before_prose):
-        return before_prose.strip()  # "8 new limbs after 15 days", "x = 5 meters per second"
-    return None if prose and len(answer.split()) > 3 else answer
+    if not prose or re.search(r"(?i)\b(?:or|and|but|either|perhaps|maybe)\b", answer):
+        return answer  # no words to drop, or alternatives the hedge check must see ("18 or perhaps 19")
+    before_prose = answer[: prose[0].start()]
+    if "\\" in before_prose:
+        return re.sub(r"(?:[\s-]+[a-zA-Z]{1,3})*[\s-]*$", "", before_prose).strip()  # "\\frac{1}{2} of the total"
+    number = re.search(_NUMBER, answer.rsplit("=", 1)[-1])  # the result of a calculation, else the first value
+    if number:
+        return number.group()  # "She has 6 apples left", "clearly 18", "The total is 12 + 25 = 37 apples"
+    return answer if len(answer.split()) <= 3 else None
 
 
 def _math_spans(text: str) -> list[re.Match]:
@@ -194,6 +203,8 @@ def _math_spans(text: str) -> list[re.Match]:
         if content is not None and re.match(r"\d", content) and re.search(r"[\s=+*/-]$", content):
             continue
         if _has_prose(_span_text(span)) and not re.fullmatch(r"[A-Za-z]+", _span_text(span)):  # \( east \) stays
+            continue
+        if re.fullmatch(r"\\emph\s*\{[^{}]*\}", _span_text(span)):  # "9 and 50 $\emph{do}$ divide it": prose
             continue
         spans.append(span)
     return spans
@@ -256,7 +267,7 @@ def _last_math_in_final_sentence(region: str) -> str | None:
             return _span_text(spans[-1]) or None
     text = re.sub(r"\b(Mr|Mrs|Ms|Dr|St|vs|etc|approx)\.", r"\1", region.strip().rstrip("."))
     for sentence in reversed(re.split(r"(?<=[.!?])\s+(?=[A-Z\\$])|\n", text)):
-        numbers = re.findall(r"-?(?:\d{1,3}(?: \d{3})+(?![\d.])|\d[\d,]*(?:\.\d+)?(?:/\d+)?|\.\d+)", sentence)
+        numbers = re.findall(_NUMBER, sentence)
         if numbers:
             return numbers[-1].rstrip(",")
     return None
@@ -272,9 +283,9 @@ _UNICODE = {
     "⅙": "(1/6)", "⅛": "(1/8)", "θ": r"\theta ", "α": r"\alpha ", "β": r"\beta ", "\u2009": " ", "\u00a0": " ",
 }
 _UNITS = (
-    "degrees?|cents?|dollars?|units?|square|sq|cubic|inches|inch|feet|foot|ft|yards?|miles?|meters?|metres?|"
-    "centimeters?|cm|mm|km|m|kg|grams?|g|seconds?|sec|minutes?|min|hours?|hrs?|days?|weeks?|months?|years?|mph|"
-    "liters?|litres?|ml|l|pounds?|lbs?|ounces?|oz|points?|people|persons?|students?|apples?|eggs?|marbles?|"
+    "m/s|km/h|per|degrees?|cents?|dollars?|units?|square|sq|cubic|inches|inch|feet|foot|ft|yards?|miles?|meters?|metres?|"
+    "centimeters?|cm|mm|km|kg|grams?|seconds?|sec|minutes?|min|hours?|hrs?|days?|weeks?|months?|years?|mph|"
+    "liters?|litres?|ml|pounds?|lbs?|ounces?|oz|points?|people|persons?|students?|apples?|eggs?|marbles?|"
     "percent|per cent|pct|pages?|boxes|books?|cookies?|games?|tickets?|times|ways?|numbers?|integers?|values?|solutions?|"
     "cups?|gallons?|bags?|hats?|pieces?|songs?|trees?|flowers?|dogs?|cats?|cars?"
 )
@@ -329,6 +340,7 @@ def normalize(s: str) -> str:
         s = s.replace(char, replacement)
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)
     s = re.sub(r"(?<!\\)\\(?:displaystyle|!|,|;|:|quad|qquad| )(?![a-zA-Z])|~", " ", s)
+    s = _exact_or_approximate(s)
     s = s.replace("{,}", ",")  # 12{,}500
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
     s = re.sub(r"\\equiv", "=", re.sub(r"\\pmod\s*\{?\s*\d+\s*\}?", " ", s))  # 24 \equiv 3 \pmod{7}
@@ -339,8 +351,9 @@ def normalize(s: str) -> str:
     s = re.sub(r"\\operatorname\s*\{\s*(arc(?:sin|cos|tan)|sinh|cosh|tanh|ln|log)\s*\}", r"\\\1 ", s)
     s = _unwrap_text_commands(s)
     s = re.sub(r"\\(?:mathbb|boldsymbol|bm)\s*\{([^{}]*)\}", r"\1", s)
-    s = re.sub(rf"(?<![a-zA-Z\\])(?:{_UNITS})(?:\s*\^\s*\{{?[23]\}}?)?(?![a-zA-Z])", " ", s) \
+    s = re.sub(rf"(?<![a-zA-Z\\])(?:{_UNITS})(?:\s*\^\s*(?:\{{[23]\}}|[23]))?(?![a-zA-Z])", " ", s) \
         if re.search(r"\d", s) else s  # units only follow numbers; a text answer keeps its words
+    s = re.sub(r"(?<=\d)\s+[mgl](?:\s*\^\s*\{?[23]\}?)?\s*$", "", s)  # 5 m, 6 g; never the m of 2m+1
     s = re.sub(r"\(\s*\)", " ", s)  # what "18 (dollars)" leaves
     s = re.sub(r"\s+", " ", s).strip()
     s = re.sub(r"^(-?\d+(?:\.\d+)?)[eE]([-+]?\d+)$", r"\1\\times10^{\2}", s)  # 1.5e3
@@ -349,6 +362,16 @@ def normalize(s: str) -> str:
     while _enclosed(s, "{", "}"):  # ${9}.$
         s = re.sub(r"[.\s]+$", "", s[1:-1].strip())
     return _number_spelling(s)
+
+
+def _exact_or_approximate(s: str) -> str:
+    """'a \\approx b' states b (24000 \\cdot 1.01^{30} \\approx 32348), unless b is a decimal rounding of an exact a
+    (\\frac{1}{3} \\approx 0.333, \\frac{1}{6} \\approx 16.7\\%)."""
+    parts = re.split(r"\\approx|≈", s)
+    if len(parts) == 1:
+        return s
+    rounding = re.fullmatch(r"\s*-?\d*\.\d+\s*(?:\\?%)?\s*", parts[-1])
+    return parts[0] if rounding and not re.fullmatch(r"\s*-?[\d.]+\s*", parts[0]) else parts[-1]
 
 
 def _number_spelling(s: str) -> str:
@@ -413,7 +436,8 @@ _FUNCTIONS = {
     "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan, "sinh": sympy.sinh, "cosh": sympy.cosh,
     "tanh": sympy.tanh, "ln": sympy.log, "exp": sympy.exp,
 }
-_INVERSES = {"sin": sympy.asin, "cos": sympy.acos, "tan": sympy.atan}
+_INVERSES = {"sin": sympy.asin, "cos": sympy.acos, "tan": sympy.atan, "cot": sympy.acot, "sec": sympy.asec,
+             "csc": sympy.acsc}
 _GREEK = set("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu xi rho sigma "
              "tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Sigma Phi Psi Omega".split())
 _ATOM_COMMANDS = {"frac", "sqrt", "pi", "infty", "binom", "lfloor", "lceil", "log"} | set(_FUNCTIONS) | _GREEK
@@ -526,7 +550,7 @@ class _Parser:
             if not (value.is_Integer and 0 <= value <= MAX_FACTORIAL):
                 raise ParseError("factorial argument too large or not an integer")
             value = sympy.factorial(value)
-        while self.peek() == "'":
+        if self.peek() == "'":
             raise ParseError("derivative notation")
         return value
 
@@ -652,7 +676,8 @@ def _power(base, exponent):
     if exponent.is_number and not exponent.is_finite:
         raise ParseError("infinite exponent")
     if exponent.is_Rational:
-        if abs(exponent) > 10_000:
+        total = exponent * base.exp if isinstance(base, sympy.Pow) and base.exp.is_Rational else exponent
+        if abs(exponent) > 10_000 or abs(total) > 10_000:  # (x^{9999})^{9999} is x^{99980001}
             raise ParseError("exponent too large")
         if base.is_number and base.is_Rational and base not in (0, 1, -1):
             digits = abs(float(exponent)) * max(math.log10(abs(base.p)) + 1, math.log10(base.q) + 1)
@@ -717,7 +742,7 @@ def parse_answer(s: str):
     if matrix:
         rows = [r for r in re.split(r"\\\\", matrix.group(1)) if r.strip()]
         return ("matrix", [[parse_expression(_strip_thousands(c)) for c in row.split("&")] for row in rows])
-    set_builder = re.fullmatch(r"\\\{\s*([a-zA-Z])\s*(?:\\mid|:|\|)(.+)\\\}", s)
+    set_builder = re.fullmatch(r"\\\{\s*([a-zA-Z])\s*(?:\\mid|:|\|)(.*(?:<|>|\\le|\\ge).*)\\\}", s)
     if set_builder:  # {x | x <= 6} is the interval (-oo, 6]
         return parse_answer(set_builder.group(2))
     if _enclosed(s, r"\{", r"\}"):
@@ -917,15 +942,23 @@ def values_equal(answer, gold, gold_places=None) -> bool:
 
 @lru_cache(maxsize=4096)
 def normalize_gold(gold: str) -> str:
+    return normalize(_gold_text(gold))
+
+
+def _gold_text(gold: str) -> str:
+    """The answer part of a gold: after a GSM8K solution's '####', a MATH solution's last box, else all of it."""
     gold = str(gold)
-    if "####" in gold:  # a GSM8K solution: the answer is after the marker
+    if "####" in gold:
         gold = gold.split("####")[-1]
-    if r"\boxed" in gold:  # a MATH solution
+    if r"\boxed" in gold:
         gold = (boxed_answers(gold) or [gold])[-1]
-    return normalize(gold)
+    return gold
 
 
 def _hedge_reason(answer: str, gold: str) -> str | None:
+    """'x or y' and '±' offer alternatives, which is wrong unless the gold itself holds several values."""
+    if _several_values(gold) or r"\cup" in gold:
+        return None
     if re.search(r"(?<![a-zA-Z])or(?![a-zA-Z])", answer) and not re.search(r"(?<![a-zA-Z])or(?![a-zA-Z])", gold):
         return "hedged with 'or'"
     if r"\pm" in answer and r"\pm" not in gold:
@@ -935,7 +968,7 @@ def _hedge_reason(answer: str, gold: str) -> str | None:
 
 def _several_values(gold: str) -> bool:
     """A gold that lists values (a solution set, a tuple, 'x, y'), as opposed to one value."""
-    return len(_split_top_level(_strip_thousands(gold), ",")) > 1 or gold.startswith(r"\{")
+    return len(_split_top_level(_strip_thousands(gold), ",")) > 1 or gold.startswith((r"\{", r"\pm"))
 
 
 def _fit_to_gold(answer: str, gold: str) -> str:
@@ -944,6 +977,8 @@ def _fit_to_gold(answer: str, gold: str) -> str:
       ('x = 1 or x = 2', 'a=3, b=8'), and '2 \\pm \\sqrt{7}' for its two values;
     - a union of intervals accepts its inequalities joined by 'or';
     - otherwise each boxed answer is fitted on its own (_fit_one_value)."""
+    if answer == gold:
+        return answer
     if not _several_values(gold):
         if r"\cup" in gold:
             answer = re.sub(r"\s+or\s+", r" \\cup ", answer)
@@ -958,21 +993,31 @@ def _fit_to_gold(answer: str, gold: str) -> str:
 
 
 def _fit_one_value(answer: str, gold: str) -> str:
-    """A single-value gold: a restated quantity states its right-hand side; a gold that defines a name
-    ('f(x) = 3x', 'y = 2x + 1') accepts its right-hand side alone and another variable name; '2,5' is a decimal
-    comma (a comma before other than three digits) when the gold is a plain number."""
-    labelled = _split_top_level(re.sub(r"\s+and\s+", ", ", answer), ",")
-    if _enclosed(gold, "(", ")") and len(labelled) > 1 and all(re.match(_LABEL, item) for item in labelled):
-        answer = "(" + ", ".join(re.sub(_LABEL, "", item) for item in labelled) + ")"  # x = 5, y = 3 for (5, 3)
-    answer = _right_hand_side(answer, gold)
+    """A single-value gold: labelled values for a point; a restated quantity states its right-hand side; a gold
+    that defines a name ('f(x) = 3x', 'y = 2x + 1') accepts its right-hand side alone and another variable name;
+    a number gold reads its own spellings (below)."""
+    answer = _right_hand_side(_labelled_point(answer, gold), gold)
     defined = re.fullmatch(_DEFINED_NAME + r"\s*=(.+)", gold)
     if defined and "=" not in answer:
         answer = f"{defined.group(1)} = {answer}"
     elif defined:
         answer = _rename_variable(answer, gold)
-    if plain_number(gold) is not None:
-        answer = re.sub(r"^(-?\d+),(\d{1,2}|\d{4,})$", r"\1.\2", answer)
-    return answer
+    return _number_for_number(answer) if plain_number(gold) is not None else answer
+
+
+def _labelled_point(answer: str, gold: str) -> str:
+    """'y = 3, x = 5' for the point (5, 3): the values in the order of their labels (x before y, a before b)."""
+    items = _split_top_level(re.sub(r"\s+and\s+", ", ", answer), ",")
+    if not (_enclosed(gold, "(", ")") and len(items) > 1 and all(re.match(_LABEL, item) for item in items)):
+        return answer
+    return "(" + ", ".join(re.sub(_LABEL, "", item) for item in sorted(items)) + ")"
+
+
+def _number_for_number(answer: str) -> str:
+    """For a number gold: '2,5' is a decimal comma (a comma before other than three digits), and an AMC answer
+    '(C) 12' is its value."""
+    answer = re.sub(r"^\(?[A-E]\)\s+(?=[-\d.])", "", answer)
+    return re.sub(r"^(-?\d+),(\d{1,2}|\d{4,})$", r"\1.\2", answer)
 
 
 _LABEL = r"^[a-zA-Z](?:_\{?\w+\}?)?\s*=\s*"  # "a = " in "a = 3, b = 8"
@@ -987,7 +1032,7 @@ def _rename_variable(answer: str, gold: str) -> str:
     declared = re.match(_DEFINED_NAME + r"\s*=", answer)
     if not declared or not declared.group(2):
         return answer
-    gold_letters = set(re.findall(_LETTER.format("([a-zA-Z])"), gold.split("=")[-1]))
+    gold_letters = set(re.findall(_LETTER.format("([a-zA-Z])"), gold.split("=")[-1])) - {"e", "i"}
     ours = declared.group(2)
     if len(gold_letters) != 1 or ours in gold_letters:
         return answer
@@ -1002,16 +1047,21 @@ def _right_hand_side(answer: str, gold: str) -> str:
     not an equation or a relation."""
     if "=" in gold or re.search(r"\\[lgn]e|<|>", gold):
         return answer
-    sides = _split_top_level(answer, "=")
-    if len(sides) > 1 and len(_split_top_level(answer, ",")) == 1:
-        side = _rename_variable(answer, gold).split("=")[-1] if len(sides) == 2 else sides[-1]
-        return normalize(side)  # the side may hold what normalising the whole could not reach: {(-2, 1)}
-    return answer
+    sides = _split_top_level(_rename_variable(answer, gold), "=")
+    if len(sides) < 2 or len(_split_top_level(answer, ",")) > 1:
+        return answer
+    *left, last = sides
+    if any(re.search(r"(?:\d|\band|\bor)\s+[a-zA-Z]$", side) for side in left[1:]):
+        return answer  # 'x = 2 \quad x = 7' (normalised to 'x = 2 x = 7'): two statements, not one chain
+    value = lambda side: plain_number(normalize(side))
+    if any(value(side) is not None and value(side) != value(last) for side in left):
+        return answer  # '3 = 4' and '7 = 3 + 5' are no statement of 4 or of 8
+    return normalize(last)  # the side may hold what normalising the whole could not reach: {(-2, 1)}
 
 
-def cheap_grade(answer: str, gold: str, gold_is_percent: bool = False):
-    """Decides exact strings, integers, decimals and simple fractions without sympy; None when it cannot. A gold
-    written as a percentage (24\\%) also accepts its value as a fraction (0.24), as Qwen2.5-Math's grader does."""
+def cheap_grade(answer: str, gold: str, gold_is_percent: bool = False, answer_is_percent: bool = False):
+    """Decides exact strings, integers, decimals and simple fractions without sympy; None when it cannot. A
+    percentage (24\\%) also equals its value as a fraction (0.24) on either side, as Qwen2.5-Math's grader has it."""
     if answer == gold:
         return Verdict("correct", answer, "identical after normalisation")
     if " ; " in answer:
@@ -1023,8 +1073,8 @@ def cheap_grade(answer: str, gold: str, gold_is_percent: bool = False):
         return None
     if a == g:
         return Verdict("correct", answer, "equal numbers")
-    if gold_is_percent and a == g / 100:
-        return Verdict("correct", answer, "the gold's percentage as a fraction")
+    if gold_is_percent and a == g / 100 or answer_is_percent and a / 100 == g:
+        return Verdict("correct", answer, "a percentage and its fraction")
     places = decimal_places(gold)
     if places is not None and round(a, places) == g and decimal_places(answer.replace(" ", "")) is not None \
             and decimal_places(answer.replace(" ", "")) >= places:
@@ -1066,19 +1116,20 @@ def _prepare(completion: str, gold: str):
     """Extraction and the cheap checks, in the caller: returns a Verdict, or (answer, gold) for the sympy path."""
     if not isinstance(gold, str) or not normalize_gold(gold):
         raise ValueError(f"gold answer must be a non-empty string, got {gold!r}")
-    raw_gold, gold = gold, normalize_gold(gold)
+    gold_is_percent, gold = "%" in _gold_text(gold), normalize_gold(gold)
     raw = extract_answer(completion)
     if raw is None:
         return Verdict("no_answer", None, "no final answer found")
     if len(raw) > MAX_ANSWER_CHARS:
         return Verdict("unparseable", raw[:80], "answer too long")
-    answer = _fit_to_gold(" ; ".join(normalize(part) for part in raw.split(" ; ")), gold)
-    if not answer.replace(";", "").strip():
-        return Verdict("no_answer", raw, "the answer is empty")
-    hedge = _hedge_reason(answer, gold)
+    answer = " ; ".join(normalize(part) for part in raw.split(" ; "))
+    hedge = _hedge_reason(answer, gold)  # before the rewrites below, which could hide 'x = 2 or x = 7'
     if hedge:
         return Verdict("incorrect", raw, hedge)
-    verdict = cheap_grade(answer, gold, "%" in raw_gold)
+    answer = _fit_to_gold(answer, gold)
+    if not answer.replace(";", "").strip():
+        return Verdict("no_answer", raw, "the answer is empty")
+    verdict = cheap_grade(answer, gold, gold_is_percent, "%" in raw)
     if verdict is not None:
         verdict.answer = raw
         return verdict
