@@ -7,6 +7,7 @@ AIME 2024 of (our score - DeepSeek-V3's).
     python eval.py --model=path/to/hf_folder --benchmarks=gsm8k,math500,aime24 --data_dir=path/to/data --n=16
     torchrun --nproc_per_node=8 eval.py --model=... --benchmarks=aime24 --n=64 --max_new_tokens=32768
     python eval.py --download --data_dir=data                       # fetch the JSONL files (needs internet)
+    python eval.py --completions=vllm_out.jsonl --benchmarks=math500 --data_dir=data   # grade outputs made elsewhere
 
 Outputs in --out_dir: results.json, completions.jsonl (every completion with its extracted answer and verdict),
 accuracy_vs_length.svg, and a table on stdout. A killed eval resumes where it stopped (completed problems are read
@@ -71,6 +72,8 @@ class EvalConfig:
     max_slots: int = 0  # sequences decoded at once (0: as many as half the free memory holds, up to 256)
     cuda_graph: bool = True  # on GPUs, decode through a captured CUDA graph
     seed: int = 0
+    # grading only
+    completions: str = ""  # JSONL of completions made elsewhere (vLLM, another framework): grade them, no model
     # output
     out_dir: str = "out/eval"
     chunk: int = 64  # problems per resumable chunk
@@ -312,6 +315,8 @@ def print_table(results):
 def main(argv=None):
     config = parse_config(EvalConfig, {}, argv)
     benchmarks = check_config(config)
+    if config.completions:
+        return grade_completions_main(config, benchmarks)
     rank, world_size, device = init_distributed()
     if config.download and rank == 0:
         for name in benchmarks:
@@ -355,6 +360,97 @@ def main(argv=None):
     if score is not None:
         print(f"combined score (mean of ours - DeepSeek-V3 on gsm8k, math500, aime24): {score:+.2f} points")
     print(f"wrote {config.out_dir}/results.json, completions.jsonl, accuracy_vs_length.svg")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# grading completions made elsewhere
+
+
+def grade_completions_file(path, problems_by_benchmark) -> dict[str, list[dict]]:
+    """Reads completions made by any engine and grades them against the benchmarks' answers. One row per
+    completion: {"id" or "problem", "completion"} (or "completions": [...] for several samples), and optionally
+    "benchmark", "length" (tokens; characters when absent) and "finish". Rows are matched to problems by id, else by
+    the problem's text. Returns {benchmark: records} in the layout of evaluate()'s records."""
+    by_id, by_text = {}, {}
+    for name, problems in problems_by_benchmark.items():
+        for problem in problems:
+            by_id[(name, problem["id"])] = problem
+            by_text.setdefault(problem["problem"].strip(), (name, problem))
+    samples_by_problem = {}  # (benchmark, problem id) -> [sample]
+    for row in read_jsonl(path):
+        completions = row.get("completions", [row.get("completion")])
+        if not isinstance(completions, list) or not completions or \
+                not all(isinstance(c, str) for c in completions):
+            raise ValueError(f"{row['_source']}: field 'completion' (a string) or 'completions' (a list of strings) "
+                             f"is required")
+        name, problem = _match_problem(row, by_id, by_text)
+        samples_by_problem.setdefault((name, problem["id"]), []).extend(
+            dict(text=text, length=row.get("length", len(text)), finish=row.get("finish", "stop"))
+            for text in completions)
+    keys = list(samples_by_problem)
+    pairs = [(sample["text"], by_id[key]["answer"]) for key in keys for sample in samples_by_problem[key]]
+    verdicts = iter(verify_batch(pairs, timeout=2.0))
+    records = {name: [] for name in problems_by_benchmark}
+    for key in keys:
+        samples = [dict(sample, **_verdict_fields(next(verdicts))) for sample in samples_by_problem[key]]
+        records[key[0]].append(dict(by_id[key], samples=samples))
+    return {name: rows for name, rows in records.items() if rows}
+
+
+def _match_problem(row, by_id, by_text):
+    """(benchmark, problem) of a row: by its id (within its 'benchmark' when given), else by the problem text."""
+    if "id" in row:
+        matches = [(name, problem) for (name, problem_id), problem in by_id.items()
+                   if problem_id == str(row["id"]) and row.get("benchmark") in (None, name)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise ValueError(f"{row['_source']}: id {row['id']!r} is in several benchmarks; add a 'benchmark' field")
+    if isinstance(row.get("problem"), str) and row["problem"].strip() in by_text:
+        return by_text[row["problem"].strip()]
+    raise ValueError(f"{row['_source']}: no problem of --benchmarks has this row's 'id' or 'problem' text")
+
+
+def _verdict_fields(verdict):
+    return {"extracted": verdict.answer, "status": verdict.status, "reason": verdict.reason}
+
+
+def math_verify_pass_at_1(records) -> float | None:
+    """Math-Verify's pass@1 on the same completions, or None when it is not installed (a peer, never a
+    dependency): where the two verifiers part, a user can read the completions and see which is right."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        return None
+    correct = []
+    for record in records:
+        gold = parse(f"${record['answer']}$")
+        correct.append(sum(bool(verify(gold, parse(s["text"]))) for s in record["samples"]) / len(record["samples"]))
+    return 100 * sum(correct) / len(correct)
+
+
+def grade_completions_main(config, benchmarks) -> dict:
+    """eval.py --completions=...: the same table, results.json and completions.jsonl, without a model."""
+    problems = {name: load_benchmark(name, config.data_dir, config.limit, config.demo_problems) for name in benchmarks}
+    records_by_benchmark = grade_completions_file(config.completions, problems)
+    results = {}
+    for name, records in records_by_benchmark.items():
+        counts = sorted({len(r["samples"]) for r in records})
+        if len(counts) > 1:
+            raise SystemExit(f"{config.completions}: {name} has {counts[0]} to {counts[-1]} completions per problem; "
+                             f"pass@k and maj@n need the same number for every problem")
+        results[name] = benchmark_metrics(records, counts[0])
+    os.makedirs(config.out_dir, exist_ok=True)
+    score = write_outputs(config, results, records_by_benchmark)
+    print_table(results)
+    for name, records in records_by_benchmark.items():
+        peer = math_verify_pass_at_1(records)
+        if peer is not None:
+            print(f"{name}: pass@1 {results[name]['pass@1']:.1f} by our verifier, {peer:.1f} by Math-Verify, "
+                  f"on the same completions")
+    if score is not None:
+        print(f"combined score (mean of ours - DeepSeek-V3 on gsm8k, math500, aime24): {score:+.2f} points")
     return results
 
 

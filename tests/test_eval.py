@@ -151,3 +151,54 @@ def test_killed_eval_resumes(tmp_path, random_model, monkeypatch):
     resumed = evaluation.evaluate(model, tokenizer, problems, **kwargs)
     assert len(calls) == 2 and [r["id"] for r in resumed] == [p["id"] for p in problems]
     assert not os.path.exists(partial)
+
+
+def write_math500(data_dir, rows):
+    os.makedirs(data_dir / "math500", exist_ok=True)
+    with open(data_dir / "math500" / "test.jsonl", "w") as f:
+        for unique_id, problem, answer in rows:
+            f.write(json.dumps({"problem": problem, "answer": answer, "unique_id": unique_id}) + "\n")
+
+
+def test_completions_made_elsewhere_are_graded_without_a_model(tmp_path, capsys):
+    write_math500(tmp_path, [("p1", "What is 1/2 + 1/3?", "\\frac{5}{6}"), ("p2", "Solve x^2 = 4.", "-2, 2"),
+                             ("p3", "What is 2 + 2?", "4")])
+    rows = [{"id": "p1", "completions": ["**Final Answer**\n\n$\\frac{5}{6}$", "The answer is 5/6.",
+                                         "\\boxed{\\frac{1}{6}}", "no idea"]},
+            {"problem": "Solve x^2 = 4.", "completions": ["$x = 2$ or $x = -2$, so \\boxed{2} and \\boxed{-2}",
+                                                          "\\boxed{2}", "x = \\pm 2, i.e. \\boxed{\\pm 2}",
+                                                          "\\boxed{2, -2}"]},
+            {"id": "p3", "benchmark": "math500", "completions": ["\\boxed{4}"] * 3 + ["\\boxed{5}"]}]
+    with open(tmp_path / "completions.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    results = evaluation.main([f"--completions={tmp_path / 'completions.jsonl'}", "--benchmarks=math500",
+                               f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}"])
+    assert results["math500"]["problems"] == 3 and results["math500"]["n"] == 4
+    assert results["math500"]["pass@1"] == pytest.approx(100 * (2 / 4 + 3 / 4 + 3 / 4) / 3)
+    assert results["math500"]["maj@4"] == 100.0  # p1: 5/6 and \frac{5}{6} are one vote of two
+    graded = [json.loads(line) for line in open(tmp_path / "out" / "completions.jsonl")]
+    assert [s["status"] for s in graded[0]["samples"]] == ["correct", "correct", "incorrect", "no_answer"]
+    assert json.load(open(tmp_path / "out" / "results.json"))["results"]["math500"]["pass@1"] == \
+        results["math500"]["pass@1"]
+    printed = capsys.readouterr().out
+    assert "math500" in printed
+    try:
+        import math_verify  # noqa: F401
+        assert "by Math-Verify" in printed
+    except ImportError:
+        pass
+
+
+def test_completions_rows_that_match_no_problem_are_refused_with_the_line(tmp_path):
+    write_math500(tmp_path, [("p1", "What is 2 + 2?", "4")])
+    with open(tmp_path / "completions.jsonl", "w") as f:
+        f.write(json.dumps({"id": "p1", "completion": "\\boxed{4}"}) + "\n")
+        f.write(json.dumps({"id": "p9", "completion": "\\boxed{4}"}) + "\n")
+    with pytest.raises(ValueError, match=r"completions.jsonl:2: no problem"):
+        evaluation.main([f"--completions={tmp_path / 'completions.jsonl'}", "--benchmarks=math500",
+                         f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}"])
+    with open(tmp_path / "completions.jsonl", "w") as f:
+        f.write(json.dumps({"id": "p1", "completion": 4}) + "\n")
+    with pytest.raises(ValueError, match=r"completions.jsonl:1: field 'completion'"):
+        evaluation.main([f"--completions={tmp_path / 'completions.jsonl'}", "--benchmarks=math500",
+                         f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}"])
