@@ -172,7 +172,9 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, demo_fold
         weights.write_bytes(weights.read_bytes()[:-100])
     sft(split, demo_folder, "--save_every=1", "--resume=true")
     expected = "step_000002" if damage == "truncated newest" else "step_000003"
-    assert f"resuming from the newest complete checkpoint, {split / expected}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"resuming from the newest complete checkpoint, {split / expected}" in out
+    assert f"resuming at step {expected[-1]}" in out
     straight, resumed = final_weights(straight_run), final_weights(split)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     # each step logged once: the torn line is gone, and the steps replayed after step 2 are not doubled
