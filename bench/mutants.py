@@ -3,7 +3,7 @@ Mutation check of the tests: plausible one-line bugs, each put into a scratch co
 working tree), must each make the tests named beside it fail. A mutant the tests do not catch "survives": the
 tests have a hole there.
 
-    python bench/mutants.py                       # every mutant (about 20-30 minutes on 2 cores), then a summary
+    python bench/mutants.py                       # every mutant (about 40 minutes on 2 busy cores), then a summary
     python bench/mutants.py collate_mask_shifted  # only the named mutants
     python bench/mutants.py --list                # names, files and tests, nothing run
     python bench/mutants.py --no-baseline         # skip the first run of all the named tests on unmutated code
