@@ -200,6 +200,18 @@ def _require_string(record, field_name):
     return value
 
 
+def user_message(problem: str, instruction: str) -> str:
+    """The user turn of a problem, the one way training, evaluation and make_traces.py write it: the problem, then
+    the instruction on a line of its own; "" or "none" for no instruction (then the problem alone, no newline)."""
+    return problem if not instruction or instruction == "none" else f"{problem}\n{instruction}"
+
+
+def render_prompt(tokenizer, problem: str, instruction: str) -> list[int]:
+    """The prompt's token ids: the user turn in the model's chat template, ready for the assistant's reply."""
+    messages = [{"role": "user", "content": user_message(problem, instruction)}]
+    return tokenizer.encode(tokenizer.apply_chat_template(messages))
+
+
 def sft_example(record, system_prompt=None) -> tuple[list[dict], str]:
     """(prompt messages, completion) from {"prompt","completion"}, {"messages": [...]} (the last message is the
     assistant's) or {"problem","reasoning","answer"} (rendered as <think>reasoning</think> \\boxed{answer})."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from common import all_gather_objects, check_values, format_eta, init_distributed, parse_config
-from data import Tokenizer, demo_problems, read_jsonl
+from data import Tokenizer, demo_problems, read_jsonl, render_prompt
 from model import Transformer, checkpoint_files
 from sampler import generate
 from verifier import normalize, plain_number, verify_batch
@@ -176,11 +176,6 @@ def combined_score(scores: dict) -> float | None:
 
 # -----------------------------------------------------------------------------
 # sampling and grading
-
-
-def render_prompt(tokenizer, problem, instruction):
-    content = problem if not instruction or instruction == "none" else f"{problem}\n{instruction}"
-    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": content}]))
 
 
 def evaluate(model, tokenizer, problems, n=1, temperature=0.6, top_p=0.95, max_new_tokens=1024,

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from common import format_eta, init_distributed, parse_config
-from data import Tokenizer
+from data import Tokenizer, user_message
 from eval import INSTRUCTION, pass_at_k
 from model import Transformer
 from sampler import generate
@@ -174,11 +174,6 @@ def rejection_reason(text, finish_reason, verdict, answer, problem, hint_templat
 
 # -----------------------------------------------------------------------------
 # one chunk: sample, grade, hint, and the candidates it leaves
-
-
-def user_message(problem, instruction):
-    """The user turn as eval.py and train_grpo.py write it."""
-    return problem if instruction == "none" else f"{problem}\n{instruction}"
 
 
 def sample(teacher, tokenizer, messages, n, config, seed, progress):

@@ -58,7 +58,7 @@ import torch
 from common import (MetricsLog, all_gather_objects, all_reduce_sum, autocast_for, check_values, claim_out_dir,
                     format_eta, full_state_dict, init_distributed, load_run_state, lr_at, make_optimizer, no_sync,
                     parse_config, resume_checkpoint, save_checkpoint, unsharded_copy, wrap_model)
-from data import Tokenizer, demo_problems, read_jsonl
+from data import Tokenizer, demo_problems, read_jsonl, render_prompt
 from kernels.logprob import kl_full
 from model import Transformer, sequence_logprobs
 from sampler import generate
@@ -234,14 +234,9 @@ def load_problems(config, heldout=False):
     return demo_problems(20000, seed=config.seed + 1, heldout=False)
 
 
-def prompt_ids(tokenizer, problem, instruction):
-    content = problem if instruction == "none" else f"{problem}\n{instruction}"
-    return tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": content}]))
-
-
 def rollout(policy, tokenizer, problems, config, seed):
     """Samples a group per problem and scores it. Returns one dict per completion."""
-    prompts = [prompt_ids(tokenizer, p["problem"], config.instruction) for p in problems]
+    prompts = [render_prompt(tokenizer, p["problem"], config.instruction) for p in problems]
     completions = generate(policy, prompts, config.max_new_tokens, temperature=config.temperature,
                            top_p=config.top_p, n=config.group_size, stop_token_ids=tokenizer.eos_token_ids, seed=seed,
                            cuda_graph=config.cuda_graph)

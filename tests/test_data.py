@@ -1,11 +1,12 @@
 # python -m pytest tests/test_data.py -q
 import json
 import os
+import types
 
 import pytest
 
 from conftest import SHARED, requires_shared
-from data import Tokenizer
+from data import Tokenizer, build_demo_tokenizer
 
 TOKENIZERS = ["qwen2.5-instruct", "deepseek-r1-distill-qwen", "qwen3", "llama-3.2-instruct"]
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
@@ -104,3 +105,40 @@ def test_real_loss_mask_ends_on_a_stop_token(name):
     completion = tok.decode([t for t, m in zip(ids, mask) if m])
     assert completion.endswith("\\boxed{2}" + tok.decode([ids[-1]]))
     assert "1+1?" not in completion
+
+
+@pytest.mark.parametrize("instruction", ["", "none", "Please reason step by step, and put your final answer within "
+                                                    "\\boxed{}."])
+def test_training_evaluation_and_traces_render_one_prompt(tmp_path, instruction, monkeypatch):
+    """train_grpo.py, eval.py and make_traces.py once each wrote the prompt, and with --instruction="" training
+    appended a newline that evaluation did not: the model was trained and evaluated on different prompts. All
+    three now reach the prompt through data.render_prompt / data.user_message; this checks what each sends."""
+    import eval as evaluation
+    import make_traces
+    import train_grpo
+    from data import render_prompt, user_message
+
+    tokenizer = build_demo_tokenizer(str(tmp_path))
+    problem = "Tom has 3 apples and gets 4 more. How many apples does he have?"
+    expected = render_prompt(tokenizer, problem, instruction)
+    assert tokenizer.decode(expected).count(problem) == 1
+    assert user_message(problem, instruction) == (problem if instruction in ("", "none") else f"{problem}\n{instruction}")
+    sent = []
+
+    def fake_generate(model, prompts, *args, **kwargs):
+        sent.append(list(prompts[0]))
+        raise StopIteration  # the prompt is all this test needs
+
+    for module in (train_grpo, evaluation, make_traces):
+        monkeypatch.setattr(module, "generate", fake_generate)
+    config = types.SimpleNamespace(instruction=instruction, max_new_tokens=4, temperature=1.0, top_p=1.0,
+                                   group_size=1, cuda_graph=False)
+    for call in (lambda: train_grpo.rollout(None, tokenizer, [{"problem": problem, "answer": "7"}], config, 0),
+                 lambda: evaluation.evaluate(None, tokenizer, [{"id": "a", "problem": problem, "answer": "7"}],
+                                             instruction=instruction, show_progress=False),
+                 lambda: make_traces.sample(None, tokenizer, [user_message(problem, instruction)], 1,
+                                            types.SimpleNamespace(max_new_tokens=4, temperature=1.0, top_p=1.0,
+                                                                  max_slots=0, cuda_graph=False), 0, None)):
+        with pytest.raises(StopIteration):
+            call()
+    assert sent == [expected] * 3

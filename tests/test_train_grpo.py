@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train_grpo
+from data import render_prompt
 from train_grpo import Config, group_advantages, kl_estimate, overlong_penalty, policy_loss
 
 
@@ -189,7 +190,7 @@ def fake_rollout(policy, tokenizer, problems, config, seed):
     """Deterministic completions and rewards that depend only on the problem, whatever rank draws it."""
     samples = []
     for problem in problems:
-        prompt = train_grpo.prompt_ids(tokenizer, problem["problem"], config.instruction)
+        prompt = render_prompt(tokenizer, problem["problem"], config.instruction)
         digits = [int(c) for c in problem["problem"] if c.isdigit()] or [1]
         for k in range(config.group_size):
             text = f"<think>\n{digits[k % len(digits)]}\n</think>\n\n\\boxed{{{k}}}"
