@@ -4,6 +4,7 @@ for DDP or FSDP2, checkpoints with exact resume, and logging. Nothing here knows
 """
 
 import dataclasses
+import datetime
 import fcntl
 import json
 import math
@@ -91,7 +92,9 @@ def init_distributed(device_name="auto"):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # a rank may wait at a barrier while another samples for long (a 32k-token AIME chunk, a make_traces chunk):
+        # NCCL's 10-minute default would kill the job that is working
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
     return rank, world_size, device
 
 
@@ -336,8 +339,9 @@ def _checkpoint_step(path) -> int:
         return json.load(f)["step"]
 
 
-# settings a resumed run may change: how it runs and reports, not what it computes (max_steps extends a run)
-RESUME_MAY_CHANGE = {"resume", "overwrite", "max_steps", "device", "parallel", "activation_checkpointing",
+# settings a resumed run may change: how it runs and reports, not what it computes (max_steps extends a run);
+# not --parallel or --device: FSDP and DDP save their optimizer state differently
+RESUME_MAY_CHANGE = {"resume", "overwrite", "max_steps", "activation_checkpointing",
                      "micro_batch_size", "pack", "cuda_graph", "out_dir", "log_every", "save_every", "sample_every",
                      "eval_every", "eval_problems", "eval_data", "eval_max_new_tokens", "eval_temperature"}
 
@@ -379,7 +383,7 @@ def claim_out_dir(out_dir, resume, overwrite):
     os.makedirs(out_dir, exist_ok=True)
     lock = open(os.path.join(out_dir, ".lock"), "a")
     try:
-        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # per open file: a second claim in one process fails too
     except OSError:
         lock.close()
         raise SystemExit(f"--out_dir={out_dir} is in use by another run (it holds {lock.name}): wait for it to "
@@ -407,7 +411,7 @@ def load_run_state(path, model, optimizer, rank):
         raise FileNotFoundError(f"{state_file} is missing: resume with the same number of processes as the run "
                                 f"that wrote {path}")
     try:
-        state = torch.load(state_file, weights_only=True)
+        state = torch.load(state_file, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:
         raise ValueError(f"{state_file}: holds objects other than tensors and plain values (loading them could "
                          f"run code); refusing it. Only checkpoints written by this code load") from None

@@ -346,6 +346,8 @@ def main(argv=None):
         records_by_benchmark[name] = records
         if rank == 0:  # saved as soon as it is finished: a kill during the next benchmark cannot lose it
             score = write_outputs(config, results, records_by_benchmark)
+    if world_size > 1:
+        torch.distributed.barrier()  # rank 0 has saved every benchmark before any rank drops its partial files
     for name in benchmarks:  # all saved: a later eval with the same settings starts afresh
         if os.path.exists(partial_file(name)):
             os.remove(partial_file(name))
@@ -385,7 +387,7 @@ def grade_completions_file(path, problems_by_benchmark) -> dict[str, list[dict]]
             for text in completions)
     keys = list(samples_by_problem)
     pairs = [(sample["text"], by_id[key]["answer"]) for key in keys for sample in samples_by_problem[key]]
-    verdicts = iter(verify_batch(pairs, timeout=2.0))
+    verdicts = iter(verify_batch(pairs))  # the deadline evaluate() grades with
     records = {name: [] for name in problems_by_benchmark}
     for key in keys:
         samples = [dict(sample, **_verdict_fields(next(verdicts))) for sample in samples_by_problem[key]]
@@ -436,6 +438,10 @@ def grade_completions_main(config, benchmarks) -> dict:
             raise SystemExit(f"{config.completions}: {name} has {counts[0]} to {counts[-1]} completions per problem; "
                              f"pass@k and maj@n need the same number for every problem")
         results[name] = benchmark_metrics(records, counts[0])
+        if len(records) < len(problems[name]):  # not comparable with a published score, nor in the combined one
+            results[name]["partial"] = True
+            print(f"warning: {config.completions} covers {len(records)} of the {len(problems[name])} {name} "
+                  f"problems: its {name} score is of those only", file=sys.stderr)
     os.makedirs(config.out_dir, exist_ok=True)
     score = write_outputs(config, results, records_by_benchmark)
     print_table(results)
@@ -474,14 +480,19 @@ def refuse_non_finite(model, path):
 
 def write_outputs(config, results, records_by_benchmark) -> float | None:
     """results.json, completions.jsonl and the accuracy-vs-length plot of the benchmarks finished so far."""
-    score = combined_score({name: m["pass@1"] for name, m in results.items()})
-    with open(os.path.join(config.out_dir, "results.json"), "w") as f:
+    score = combined_score({name: m["pass@1"] for name, m in results.items() if not m.get("partial")})
+    # each file is written whole under a temporary name, then renamed: a kill mid-write keeps the previous one
+    results_file = os.path.join(config.out_dir, "results.json")
+    completions_file = os.path.join(config.out_dir, "completions.jsonl")
+    with open(results_file + ".tmp", "w") as f:
         json.dump({"config": dataclasses.asdict(config), "results": results, "combined_score": score,
                    "deepseek_v3": DEEPSEEK_V3, "deepseek_v3_source": DEEPSEEK_V3_SOURCE}, f, indent=2)
-    with open(os.path.join(config.out_dir, "completions.jsonl"), "w") as f:
+    with open(completions_file + ".tmp", "w") as f:
         for name, records in records_by_benchmark.items():
             for record in records:
                 f.write(json.dumps(dict(record, benchmark=name)) + "\n")
+    os.replace(completions_file + ".tmp", completions_file)
+    os.replace(results_file + ".tmp", results_file)
     accuracy_vs_length_svg(records_by_benchmark, os.path.join(config.out_dir, "accuracy_vs_length.svg"))
     return score
 

@@ -47,9 +47,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common import format_eta, init_distributed, parse_config
+from common import check_values, format_eta, init_distributed, parse_config
 from data import Tokenizer, user_message
-from eval import INSTRUCTION, pass_at_k
+from eval import INSTRUCTION, pass_at_k, weights_fingerprint
 from model import Transformer
 from sampler import generate
 from train_grpo import load_problems
@@ -304,18 +304,22 @@ def print_summary(summary, out_dir):
 
 
 def check_config(config):
-    if config.hint not in HINT_MODES:
-        raise SystemExit(f"--hint={config.hint!r}: expected one of {', '.join(HINT_MODES)}")
-    for name in ("samples", "keep", "chunk", "hint_samples"):
-        if getattr(config, name) < 1:
-            raise SystemExit(f"--{name}={getattr(config, name)}: must be at least 1")
+    check_values(config, choices=dict(hint=HINT_MODES, dtype=("auto", "bfloat16", "float32"),
+                                      device=("auto", "cuda", "cpu")),
+                 positive=("samples", "keep", "chunk", "hint_samples", "max_new_tokens"),
+                 non_negative=("max_slots", "limit", "demo_problems"))
+    if not 0 <= config.temperature or not 0 < config.top_p <= 1:
+        raise SystemExit(f"--temperature={config.temperature} --top_p={config.top_p}: out of range")
+    if config.max_slots == 0:  # slots from free memory would make the sampled streams depend on the card
+        config.max_slots = min(256, config.chunk * max(config.samples, config.hint_samples))
     if "{answer}" not in config.hint_template:
         raise SystemExit("--hint_template must contain {answer}, where the gold answer goes")
 
 
 def settings_key(config):
     """What the stored chunks depend on: everything but --keep (selection is redone) and --out_dir."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("keep", "out_dir")}
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("keep", "out_dir")}
+    return dict(settings, teacher_weights=weights_fingerprint(config.teacher))  # a retrained teacher is another
 
 
 def check_out_dir(config):
@@ -365,12 +369,14 @@ def main(argv=None):
         raise SystemExit(f"{config.data or 'the demo'}: no problems")
     if master:
         check_out_dir(config)
+    num_chunks = (len(problems) + config.chunk - 1) // config.chunk
     if world_size > 1:
         torch.distributed.barrier()  # settings.json and chunks/ exist before any rank writes a chunk
-    teacher, tokenizer = load_teacher(config, device)
-    num_chunks = (len(problems) + config.chunk - 1) // config.chunk
     finished = [os.path.exists(chunk_path(config, c)) for c in range(num_chunks)]
-    todo = [c for c in range(rank, num_chunks, world_size) if not finished[c]]
+    if world_size > 1:
+        torch.distributed.barrier()  # every rank deals the same unfinished chunks before any rank writes one
+    teacher, tokenizer = load_teacher(config, device)
+    todo = [c for c in range(num_chunks) if not finished[c]][rank::world_size]  # seeds follow c, not the rank
     if master:
         print(f"config: {dataclasses.asdict(config)}")
         print(f"teacher {config.teacher} | {len(problems)} problems in {num_chunks} chunks of {config.chunk}, "

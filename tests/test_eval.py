@@ -202,3 +202,13 @@ def test_completions_rows_that_match_no_problem_are_refused_with_the_line(tmp_pa
     with pytest.raises(ValueError, match=r"completions.jsonl:1: field 'completion'"):
         evaluation.main([f"--completions={tmp_path / 'completions.jsonl'}", "--benchmarks=math500",
                          f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}"])
+
+
+def test_completions_that_cover_part_of_a_benchmark_are_marked_and_left_out_of_the_combined_score(tmp_path, capsys):
+    write_math500(tmp_path, [("p1", "What is 2 + 2?", "4"), ("p2", "What is 3 + 3?", "6")])
+    with open(tmp_path / "completions.jsonl", "w") as f:
+        f.write(json.dumps({"id": "p1", "completion": "\\boxed{4}"}) + "\n")
+    results = evaluation.main([f"--completions={tmp_path / 'completions.jsonl'}", "--benchmarks=math500",
+                               f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}"])
+    assert results["math500"]["partial"] is True and results["math500"]["problems"] == 1
+    assert "covers 1 of the 2 math500 problems" in capsys.readouterr().err
