@@ -375,7 +375,7 @@ def resume_checkpoint(config, rank, world_size) -> str | None:
 RUN_OUTPUTS = re.compile(r"step_\d+|final|latest|metrics\.jsonl|.*\.tmp")
 
 
-def claim_out_dir(out_dir, resume, overwrite):
+def claim_out_dir(out_dir, resume, overwrite, model=None):
     """An out_dir belongs to one run. Takes an OS lock on out_dir/.lock (it goes with its process, even on
     kill -9), refuses a fresh run into a folder that holds anything unless resume or overwrite (which removes the
     old run's outputs), and removes what a killed save left half written (*.tmp). Rank 0 calls it and keeps the
@@ -394,13 +394,18 @@ def claim_out_dir(out_dir, resume, overwrite):
         raise SystemExit(f"--out_dir={out_dir} already holds a run ({', '.join(contents[:4])}"
                          f"{', ...' if len(contents) > 4 else ''}): pass --resume=true to continue it or "
                          f"--overwrite=true to replace it, or choose another --out_dir")
-    for name in contents:
-        if RUN_OUTPUTS.fullmatch(name) and (overwrite and not resume or name.endswith(".tmp")):
-            path = os.path.join(out_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
+    doomed = [os.path.join(out_dir, name) for name in contents
+              if RUN_OUTPUTS.fullmatch(name) and (overwrite and not resume or name.endswith(".tmp"))]
+    for path in doomed:
+        if model and (os.path.realpath(model) + os.sep).startswith(os.path.realpath(path) + os.sep):
+            lock.close()
+            raise SystemExit(f"--overwrite=true would delete {path}, which holds --model={model}: copy the model "
+                             f"elsewhere or choose another --out_dir")
+    for path in doomed:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
     return lock
 
 

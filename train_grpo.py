@@ -297,7 +297,7 @@ def main(argv=None):
     if config.prompts_per_step % world_size:
         raise SystemExit(f"prompts_per_step={config.prompts_per_step} must be a multiple of the {world_size} ranks")
 
-    out_dir_lock = claim_out_dir(config.out_dir, config.resume, config.overwrite) if master else None
+    out_dir_lock = claim_out_dir(config.out_dir, config.resume, config.overwrite, config.model) if master else None
     resume_from = resume_checkpoint(config, rank, world_size)
     model_path = resume_from or config.model
     if not os.path.exists(os.path.join(model_path, "config.json")):

@@ -155,7 +155,7 @@ def main(argv=None):
     pack = device.type == "cuda" if config.pack == "auto" else config.pack == "true"
 
     # model and tokenizer: a checkpoint to resume, a Hugging Face folder, or the demo model built from scratch
-    out_dir_lock = claim_out_dir(config.out_dir, config.resume, config.overwrite) if master else None
+    out_dir_lock = claim_out_dir(config.out_dir, config.resume, config.overwrite, config.model) if master else None
     resume_from = resume_checkpoint(config, rank, world_size)
     model_path = resume_from or config.model or os.path.join(config.out_dir, "init")
     if not resume_from and not config.model and master:

@@ -361,3 +361,16 @@ def test_a_chat_template_that_renders_too_much_is_refused(demo_folder):
         "{% for i in range(20000) %}{% for j in range(100) %}xxxxxxxxxx{% endfor %}{% endfor %}")
     with pytest.raises(ValueError, match=r"chat template.*MB"):
         tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_overwrite_never_deletes_the_model_it_is_about_to_load(tmp_path):
+    import common
+
+    out_dir = tmp_path / "run"
+    (out_dir / "final").mkdir(parents=True)
+    (out_dir / "final" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="would delete .*final, which holds --model"):
+        common.claim_out_dir(str(out_dir), resume=False, overwrite=True, model=str(out_dir / "final"))
+    assert (out_dir / "final" / "config.json").exists()
+    common.claim_out_dir(str(out_dir), resume=False, overwrite=True, model=str(tmp_path / "elsewhere")).close()
+    assert not (out_dir / "final").exists()
