@@ -424,17 +424,17 @@ def test_main_passes_the_right_tensors_to_the_loss_and_the_kl(tmp_path, demo_mod
     for name, recorded in calls.items():
         spy(monkeypatch, name, recorded)
     train_grpo.main(TINY + [f"--model={demo_model}", f"--out_dir={tmp_path}", "--beta=0.1", "--kl_estimator=k2",
-                            "--kl_direction=forward", "--micro_batch_size=3", "--temperature=0.7",
+                            "--kl_direction=forward", "--micro_batch_size=6", "--temperature=0.7",
                             f"--scale_rewards={scale_rewards}"])
     reference = train_grpo.load_reference(demo_model, torch.device("cpu"))
-    micro_batches = math.ceil(16 / 3)
+    micro_batches = math.ceil(16 / 6)  # the last one ragged
     assert len(calls["collate"]) == 2 and len(calls["kl_estimate"]) == len(calls["policy_loss"]) == 2 * micro_batches
     for step, ((samples, _, _), _, (input_ids, completion_mask)) in enumerate(calls["collate"]):
         rewards = torch.tensor([s["reward"] for s in samples]).view(4, 4)
         scale = rewards.std(dim=1, keepdim=True) if scale_rewards == "group" else rewards.std()
         advantages = ((rewards - rewards.mean(dim=1, keepdim=True)) / (scale + 1e-4)).view(-1)
         for k in range(micro_batches):
-            rows = slice(3 * k, 3 * k + 3)
+            rows = slice(6 * k, 6 * k + 6)
             (logprobs, ref_logprobs, estimator, direction), _, kl = calls["kl_estimate"][step * micro_batches + k]
             args, _, _ = calls["policy_loss"][step * micro_batches + k]
             assert (estimator, direction) == ("k2", "forward")
