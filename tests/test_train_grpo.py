@@ -276,19 +276,12 @@ def test_fsdp_two_processes_with_eval_rollouts_reference_refresh_and_resume_equa
 
 @pytest.mark.parametrize("extra", [["--scale_rewards=batch"], ["--mu=2", "--beta=0.05", "--loss_agg=token-mean"]])
 def test_two_processes_give_the_same_update_as_one(tmp_path, demo_model, extra):
-    import socket
-
-    import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
     results = {}
     for world_size in (1, 2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         out = tmp_path / f"world{world_size}"
-        mp.spawn(run_rank, args=(world_size, port, TINY + [f"--model={demo_model}", f"--out_dir={out}",
-                                                          "--micro_batch_size=3"] + extra), nprocs=world_size)
+        spawn(world_size, TINY + [f"--model={demo_model}", f"--out_dir={out}", "--micro_batch_size=3"] + extra)
         results[world_size] = load_file(out / "final" / "model.safetensors")
     for name, tensor in results[1].items():
         # Adam turns float-summation noise in near-zero gradients into up to ~1e-5 of a 1e-3 step; a wrong
