@@ -233,10 +233,11 @@ def set_rng_state(state):
 
 
 def save_checkpoint(out_dir, model, tokenizer, optimizer, step, config, metrics, rank, world_size, extra=None,
-                    name=None):
+                    name=None, reference=None):
     """out_dir/step_XXXXXX (or out_dir/<name>): config.json + model.safetensors + tokenizer files (loads in
-    transformers), run.json (config, step, metrics), and per-rank state_rankN.pt (optimizer, RNG, extra) for exact resume. The folder
-    is written under a temporary name and renamed, so a crash mid-save never leaves a half checkpoint."""
+    transformers), run.json (config, step, metrics), per-rank state_rankN.pt (optimizer, RNG, extra) for exact
+    resume, and reference/ when a reference model is given (GRPO's refreshed one). The folder is written under a
+    temporary name and renamed, so a crash mid-save never leaves a half checkpoint."""
     from model import Transformer
 
     path = os.path.join(out_dir, name or f"step_{step:06d}")
@@ -251,6 +252,8 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, step, config, metrics,
         shell.load_state_dict(weights, assign=True)
         shell.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if reference is not None:
+            reference.save_pretrained(os.path.join(tmp, "reference"))
         with open(os.path.join(tmp, "run.json"), "w") as f:
             json.dump({"config": dataclasses.asdict(config), "step": step, "metrics": metrics,
                        "world_size": world_size, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=2)

@@ -475,10 +475,9 @@ def main(argv=None):
         log.write(**{k: float(v) for k, v in metrics.items()})
         if done % config.save_every == 0 or done == config.max_steps:
             name = "final" if done == config.max_steps else None
-            path = save_checkpoint(config.out_dir, model, tokenizer, optimizer, done, config, metrics, rank,
-                                   world_size, name=name)
-            if ref_model is not None and config.ref_update_every and master:
-                ref_model.save_pretrained(os.path.join(path, "reference"))
+            refreshed_reference = ref_model if ref_model is not None and config.ref_update_every else None
+            save_checkpoint(config.out_dir, model, tokenizer, optimizer, done, config, metrics, rank, world_size,
+                            name=name, reference=refreshed_reference)
     if world_size > 1:
         torch.distributed.destroy_process_group()
     if out_dir_lock:
