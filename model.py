@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kernels import choose_backend
 from kernels.attention import attention
-from kernels.decode_attention import decode_attention, decode_kernel_enabled, grouped_decode_attention
+from kernels.decode_attention import decode_attention, grouped_decode_attention
 from kernels.logprob import IGNORE_INDEX, token_logprobs
 from kernels.rope_cache import rope_and_cache
 
@@ -237,6 +238,53 @@ class KVCache:
             v[targets, :, :length] = v[source, :, :length].clone()
 
 
+@dataclass
+class CacheView:
+    """What one forward reads and writes in the sampler's KVCache. The caller sets the first fields;
+    Transformer.forward derives the others afresh at every call, so one view may serve many steps (the CUDA graph
+    reuses its own) and needs no copy.
+      decode (T == 1):   kv, slots, positions, key_len, first_slot
+      padded prefill:    kv, slots, positions, key_len
+      packed prefill:    kv, positions (1, total), token_slots (with cu_seqlens)"""
+
+    kv: KVCache
+    positions: torch.Tensor  # (B, T) the position of each input token in its cache row
+    slots: torch.Tensor | None = None  # (B,) the cache row of each batch row
+    key_len: int = 0  # the keys each row attends over: cache positions [0, key_len)
+    first_slot: int | None = None  # set when slots are first_slot, first_slot + 1, ...: cache views, no gather
+    token_slots: torch.Tensor | None = None  # (total,) packed prefill: the cache row of each token
+    # derived by Transformer.forward
+    lengths: torch.Tensor | None = field(default=None, init=False)  # (B,) decode: the keys each row sees
+    masked_keys: torch.Tensor | None = field(default=None, init=False)  # (B, key_len) decode: True past a length
+    visible: torch.Tensor | None = field(default=None, init=False)  # (B, 1, T, key_len) padded prefill
+    rope_backend: str = field(default="torch", init=False)  # decode: ROPE_CACHE_BACKEND's choice
+    attention_backend: str = field(default="torch", init=False)  # decode: DECODE_ATTENTION_BACKEND's choice
+
+    def layer(self, index):
+        """This layer's key and value caches, (slots, kv_heads, max_len, head_dim) each."""
+        return self.kv.k[index], self.kv.v[index]
+
+    def rows(self):
+        """The batch's cache rows: a slice when the slots are consecutive (views of the cache), else the slots."""
+        return self.slots if self.first_slot is None else slice(self.first_slot, self.first_slot + len(self.slots))
+
+    def prefix(self, k_cache, v_cache):
+        """The batch rows' keys and values up to key_len, (B, kv_heads, key_len, head_dim)."""
+        rows = self.rows()
+        return k_cache[rows, :, : self.key_len], v_cache[rows, :, : self.key_len]
+
+    def write(self, k_cache, v_cache, k, v):
+        """Writes k, v (B, kv_heads, T, head_dim) at each row's positions in its slot."""
+        if self.first_slot is not None:  # consecutive slots: scatter into views of the cache, no index_put
+            rows = self.rows()
+            index = self.positions[:, None, :, None].expand(k.shape)
+            k_cache[rows].scatter_(2, index, k)
+            v_cache[rows].scatter_(2, index, v)
+        else:
+            k_cache[self.slots[:, None], :, self.positions] = k.transpose(1, 2)  # (B, T, kv_heads, head_dim)
+            v_cache[self.slots[:, None], :, self.positions] = v.transpose(1, 2)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
@@ -251,61 +299,57 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cu_seqlens=None, cache=None):
+    def forward(self, x, cos, signed_sin, cu_seqlens=None, cache: "CacheView | None" = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         if hasattr(self, "q_norm"):  # under autocast the fp32 norm weights promote q and k: back to v's dtype
             q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
-        if cache is not None and cu_seqlens is None and T == 1 and decode_kernel_enabled(x):
-            return self.o_proj(self.kernel_decode(q[:, 0], k[:, 0], v[:, 0], cos[:, 0, 0], sin[:, 0, 0], cache))
+        if cache is not None and cu_seqlens is None and T == 1:
+            y = self.decode(q[:, 0], k[:, 0], v[:, 0], cos[:, 0, 0], signed_sin[:, 0, 0], cache)
+            return self.o_proj(y.view(B, 1, self.n_head * self.head_dim))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cos.dtype != q.dtype:  # under autocast q is bf16 while the residual stream is fp32
-            cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None and cu_seqlens is not None:  # packed prefill: fill the prompts' slots, then varlen
-            layer_k, layer_v = cache["kv"].k[self.layer_index], cache["kv"].v[self.layer_index]
-            token_slots, token_positions = cache["token_slots"], cache["positions"][0]  # (T,) each
-            layer_k[token_slots, :, token_positions] = k[0].transpose(0, 1)  # (T, kv_heads, head_dim)
-            layer_v[token_slots, :, token_positions] = v[0].transpose(0, 1)
-        if cache is None or cu_seqlens is not None:
+            cos, signed_sin = cos.to(q.dtype), signed_sin.to(q.dtype)
+        q, k = apply_rope(q, cos, signed_sin), apply_rope(k, cos, signed_sin)
+        if cache is None:
             y = attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
-        else:
-            y = self.cached_attention(q, k, v, cache)
+        elif cu_seqlens is not None:  # packed prefill: fill the prompts' slots, then varlen attention
+            k_cache, v_cache = cache.layer(self.layer_index)
+            token_slots, token_positions = cache.token_slots, cache.positions[0]  # (T,) each
+            k_cache[token_slots, :, token_positions] = k[0].transpose(0, 1)  # (T, kv_heads, head_dim)
+            v_cache[token_slots, :, token_positions] = v[0].transpose(0, 1)
+            y = attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
+        else:  # right-padded prefill: write each row's keys to its slot, then attend to the slot's prefix
+            k_cache, v_cache = cache.layer(self.layer_index)
+            cache.write(k_cache, v_cache, k, v)
+            keys, values = cache.prefix(k_cache, v_cache)  # (B, kv_heads, key_len, head_dim)
+            y = attention(q, keys, values, causal=False, attn_mask=cache.visible)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
 
-    def kernel_decode(self, q, k, v, cos, signed_sin, cache):
-        """One new token per row on a GPU: rope and the cache write in one kernel, then the split-KV decode kernel
-        over each row's prefix, read in place. q (B, n_head, head_dim); k, v (B, n_kv_head, head_dim)."""
-        k_cache, v_cache = cache["kv"].k[self.layer_index], cache["kv"].v[self.layer_index]
-        q = rope_and_cache(q, k, v, cos, signed_sin, k_cache, v_cache, cache["slots"], cache["positions"][:, 0])
-        out = decode_attention(q, k_cache, v_cache, cache["slots"], cache["lengths"], backend="triton")
-        return out.view(q.shape[0], 1, self.n_head * self.head_dim)
-
-    def cached_attention(self, q, k, v, cache):
-        """Writes this step's keys/values at their positions in each row's slot, then attends to the slot's
-        prefix. Positions past a row's own length may hold stale values; the mask never lets a query see them,
-        and a later step overwrites them before they become visible."""
-        kv, slots, positions = cache["kv"], cache["slots"], cache["positions"]  # slots (B,), positions (B, T)
-        k_cache, v_cache = kv.k[self.layer_index], kv.v[self.layer_index]
-        key_len, first_slot = cache["key_len"], cache.get("first_slot")
-        if first_slot is not None:  # the rows hold consecutive slots: views of the cache, no gather
-            rows = slice(first_slot, first_slot + len(slots))
-            index = positions[:, None, :, None].expand(k.shape)  # (B, kv_heads, T, head_dim)
-            k_cache[rows].scatter_(2, index, k)
-            v_cache[rows].scatter_(2, index, v)
+    def decode(self, q, k, v, cos, signed_sin, cache):
+        """One new token per row: q (B, n_head, head_dim); k, v (B, n_kv_head, head_dim); cos, signed_sin
+        (B, head_dim). Rope and the cache write (ROPE_CACHE_BACKEND: one Triton kernel, or apply_rope and indexed
+        writes), then attention to each row's prefix (DECODE_ATTENTION_BACKEND: the split-KV kernel reading the
+        cache in place, or grouped matmuls over cache views). Positions past a row's own length may hold stale
+        values; neither path lets the query see them, and a later step overwrites them before they become
+        visible. Returns (B, n_head, head_dim)."""
+        k_cache, v_cache = cache.layer(self.layer_index)
+        if cache.rope_backend == "triton":
+            q = rope_and_cache(q, k, v, cos, signed_sin, k_cache, v_cache, cache.slots, cache.positions[:, 0],
+                               backend="triton")
         else:
-            k_cache[slots[:, None], :, positions] = k.transpose(1, 2)  # (B, T, kv_heads, head_dim)
-            v_cache[slots[:, None], :, positions] = v.transpose(1, 2)
-        if first_slot is not None:
-            keys, values = k_cache[rows, :, :key_len], v_cache[rows, :, :key_len]
-        else:
-            keys, values = k_cache[slots, :, :key_len], v_cache[slots, :, :key_len]  # (B, kv_heads, key_len, hd)
-        if q.shape[2] == 1:
-            return grouped_decode_attention(q[:, :, 0], keys, values, cache["hidden"])[:, :, None]
-        return attention(q, keys, values, causal=False, attn_mask=cache["visible"])
+            if cos.dtype != q.dtype:  # under autocast q is bf16 while the residual stream is fp32
+                cos, signed_sin = cos.to(q.dtype), signed_sin.to(q.dtype)
+            cos, signed_sin = cos[:, None], signed_sin[:, None]  # (B, 1, head_dim): the same for every head
+            q, k = apply_rope(q, cos, signed_sin), apply_rope(k, cos, signed_sin)
+            cache.write(k_cache, v_cache, k[:, :, None], v[:, :, None])
+        if cache.attention_backend == "triton":
+            return decode_attention(q, k_cache, v_cache, cache.slots, cache.lengths, backend="triton")
+        keys, values = cache.prefix(k_cache, v_cache)  # (B, kv_heads, key_len, head_dim)
+        return grouped_decode_attention(q, keys, values, cache.masked_keys)
 
 
 class MLP(nn.Module):
@@ -327,8 +371,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cu_seqlens=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, cache)
+    def forward(self, x, cos, signed_sin, cu_seqlens=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, signed_sin, cu_seqlens, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -356,31 +400,34 @@ class Transformer(nn.Module):
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache=None, return_hidden=False,
                 targets=None, temperature=1.0, return_entropy=False):
         """input_ids (B, T). position_ids (B, T) default 0..T-1. cu_seqlens (n_docs + 1,) int32 prefix sums of
-        document lengths for a packed row (B must be 1). cache: the sampler's dict (kv: KVCache, slots (B,),
-        positions (B, T), key_len: keys to attend over, first_slot: set when slots are consecutive).
+        document lengths for a packed row (B must be 1). cache: the sampler's CacheView (which cache rows and
+        positions this call reads and writes; position_ids default to its positions).
         Returns float32 logits (B, T, vocab); or the final normed hidden states (B, T, dim) with return_hidden;
         or, given targets (B, T) (IGNORE_INDEX where none), the float32 log-prob of each target (B, T) (and the
         entropy) from the fused log-prob path, never the logits. The head runs inside forward so that DDP and
         FSDP2 see it as part of the model."""
         B, T = input_ids.shape
         if position_ids is None:
-            position_ids = cache["positions"] if cache else torch.arange(T, device=input_ids.device).expand(B, T)
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T) if cache is None else cache.positions
         if cache is not None and cu_seqlens is None and T == 1:  # decoding: each row sees its first `lengths` keys
-            cache["lengths"] = cache["positions"][:, 0] + 1
-            if not decode_kernel_enabled(input_ids):  # (B, key_len): the keys past a row's own length
-                cache["hidden"] = torch.arange(cache["key_len"], device=input_ids.device) >= cache["lengths"][:, None]
+            cache.rope_backend = choose_backend("ROPE_CACHE_BACKEND", input_ids)
+            cache.attention_backend = choose_backend("DECODE_ATTENTION_BACKEND", input_ids)
+            cache.lengths = cache.positions[:, 0] + 1
+            if cache.attention_backend == "torch":  # (B, key_len): the keys past a row's own length
+                cache.masked_keys = torch.arange(cache.key_len, device=input_ids.device) >= cache.lengths[:, None]
         elif cache is not None and cu_seqlens is None:  # (B, 1, T, key_len): each row sees its slot's prefix
-            key_positions = torch.arange(cache["key_len"], device=input_ids.device)
-            cache["visible"] = (key_positions <= cache["positions"][:, :, None])[:, None]
+            key_positions = torch.arange(cache.key_len, device=input_ids.device)
+            cache.visible = (key_positions <= cache.positions[:, :, None])[:, None]
         x = self.model.embed_tokens(input_ids)  # (B, T, dim)
         if self.inv_freq is None or self.inv_freq.device != x.device:
             self.inv_freq = rope_inv_freq(self.config, x.device)
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        cos, signed_sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, cu_seqlens, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, signed_sin, cu_seqlens, cache,
+                                                      use_reentrant=False)
             else:
-                x = block(x, cos, sin, cu_seqlens, cache)
+                x = block(x, cos, signed_sin, cu_seqlens, cache)
         x = self.model.norm(x)
         if return_hidden:
             return x

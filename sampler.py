@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import KVCache, Transformer
+from model import CacheView, KVCache, Transformer
 
 
 @dataclass
@@ -132,11 +132,10 @@ class GraphedDecode:
         self.token_history = torch.zeros((max_steps, slots), dtype=torch.long, device=device)
         self.logprob_history = torch.zeros((max_steps, slots), dtype=torch.float32, device=device)
         self.slots = torch.arange(slots, device=device)  # the graph reads it at every replay: it must outlive __init__
-        cache_step = dict(kv=cache, slots=self.slots, positions=self.positions,
-                          key_len=cache.max_len, first_slot=0)
+        view = CacheView(kv=cache, slots=self.slots, positions=self.positions, key_len=cache.max_len, first_slot=0)
 
         def one_step():
-            logits = model(self.tokens, cache=dict(cache_step))[:, -1]  # (slots, vocab)
+            logits = model(self.tokens, cache=view)[:, -1]  # (slots, vocab)
             tokens, logprobs = sample(logits, uniform=self.uniform)
             self.token_history.index_copy_(0, self.step, tokens[None])
             self.logprob_history.index_copy_(0, self.step, logprobs[None])
@@ -281,9 +280,9 @@ def _decode_eager(model, cache, rows, tokens, positions, steps, sample):
     start = torch.tensor(positions, device=device)[:, None]
     token_history, logprob_history = [], []
     for step in range(steps):
-        cache_step = dict(kv=cache, slots=slots, positions=start + step, key_len=max(positions) + step + 1,
-                          first_slot=rows[0] if consecutive else None)
-        tokens, logprobs = sample(model(tokens[:, None], cache=cache_step)[:, -1])
+        view = CacheView(kv=cache, slots=slots, positions=start + step, key_len=max(positions) + step + 1,
+                         first_slot=rows[0] if consecutive else None)
+        tokens, logprobs = sample(model(tokens[:, None], cache=view)[:, -1])
         token_history.append(tokens)
         logprob_history.append(logprobs)
     return torch.stack(token_history), torch.stack(logprob_history)
@@ -299,9 +298,9 @@ def _prefill(model, cache, prompts, slots, packed):
         ids = torch.tensor([t for p in prompts for t in p], device=device)[None]  # (1, total)
         positions = torch.cat([torch.arange(len(p), device=device) for p in prompts])[None]
         cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
-        step = dict(kv=cache, positions=positions,
-                    token_slots=torch.repeat_interleave(torch.tensor(slots, device=device), lengths))
-        hidden = model(ids, position_ids=positions, cu_seqlens=cu_seqlens, cache=step, return_hidden=True)[0]
+        view = CacheView(kv=cache, positions=positions,
+                         token_slots=torch.repeat_interleave(torch.tensor(slots, device=device), lengths))
+        hidden = model(ids, position_ids=positions, cu_seqlens=cu_seqlens, cache=view, return_hidden=True)[0]
         hidden = hidden[cu_seqlens[1:].long() - 1]  # (A, dim): each prompt's last token
     else:
         longest = int(lengths.max())
@@ -309,7 +308,7 @@ def _prefill(model, cache, prompts, slots, packed):
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = torch.tensor(prompt, device=device)
         positions = torch.arange(longest, device=device).expand(len(prompts), longest)
-        step = dict(kv=cache, slots=torch.tensor(slots, device=device), positions=positions, key_len=longest)
-        hidden = model(ids, cache=step, return_hidden=True)  # (A, longest, dim): no (A, longest, vocab) logits
+        view = CacheView(kv=cache, slots=torch.tensor(slots, device=device), positions=positions, key_len=longest)
+        hidden = model(ids, cache=view, return_hidden=True)  # (A, longest, dim): no (A, longest, vocab) logits
         hidden = hidden[torch.arange(len(prompts), device=device), lengths - 1]  # (A, dim)
     return torch.nn.functional.linear(hidden, model.lm_head_weight).float()

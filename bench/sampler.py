@@ -6,8 +6,8 @@ memory-bandwidth roofline (bytes of weights + KV cache read per decode step / me
     python bench/sampler.py                 # CPU: 4 layers, hidden 256; batch 1 and 32; 128 new tokens
     python bench/sampler.py --device cuda   # Qwen2.5-1.5B shapes in bf16; batch 1, 64, 256; 256 + 512 tokens
 
-On CUDA ours decodes through the CUDA graph; --decode_backend picks the decode attention (the Triton kernel,
-torch's grouped matmuls, or both, one row each). transformers' eager generate is timed on --hf_tokens new tokens
+On CUDA ours decodes through the CUDA graph; --decode_backend sets DECODE_ATTENTION_BACKEND and ROPE_CACHE_BACKEND
+(the Triton kernels, torch's ops, or both, one row each). transformers' eager generate is timed on --hf_tokens new tokens
 (default 64 on CUDA: at batch 1 it decodes ~13 tokens/s on the H100 machine, and its per-step cost does not grow
 over these lengths) and compared as tokens per second. --profile prints the CUDA kernels of a few eager decode
 steps at the largest batch: where the step time goes.
@@ -135,7 +135,8 @@ def main(argv=None):
             hf_rate = batch * hf_tokens / hf_time
         for backend in backends:
             if on_gpu:
-                os.environ["DECODE_ATTENTION_BACKEND"] = backend
+                os.environ["DECODE_ATTENTION_BACKEND"] = backend  # the whole decode step: kernels or torch's ops
+                os.environ["ROPE_CACHE_BACKEND"] = backend
             run = lambda: generate(ours, prompts.tolist(), max_new_tokens=new_tokens, seed=0, cuda_graph=on_gpu)
             ours_rate = batch * new_tokens / timed(run, device, repeat=1 if on_gpu else 3)
             row = dict(batch=batch, decode_attention=backend, ours_tokens_per_s=ours_rate, hf_tokens_per_s=hf_rate,

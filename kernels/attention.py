@@ -18,11 +18,10 @@ Why a kernel: a (T x T) score matrix per head does not fit for 8k-16k token trac
 of scores in registers, with an online softmax, and walks only the documents' own causal blocks.
 Tolerance against attention_ref in float64: ~1e-5 (fp32 in), ~2e-3 (fp16/bf16 in).
 
-`attention` dispatches: Triton for CUDA tensors (causal, no explicit mask), the reference otherwise. Force either with
-backend="triton" / "torch" or the ATTENTION_BACKEND environment variable.
+`attention` dispatches (kernels.choose_backend): ATTENTION_BACKEND=auto (default) takes Triton for CUDA tensors the
+kernel fits (causal, no explicit mask, head_dim <= 128), the reference otherwise; =triton / =torch, or the argument
+backend="triton" / "torch", forces one.
 """
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +31,8 @@ try:
     import triton.language as tl
 except ImportError:  # the reference path needs no Triton
     triton = None
+
+from kernels import choose_backend
 
 # -----------------------------------------------------------------------------
 # reference: the specification and the CPU path
@@ -373,19 +374,15 @@ class FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _triton_supported(q, k, causal, attn_mask):
-    return (triton is not None and q.is_cuda and attn_mask is None and causal and q.shape[-1] <= 128
-            and q.shape[2] == k.shape[2] and q.stride(-1) == 1 and k.stride(-1) == 1)
+def _triton_fits(q, k, causal, attn_mask):
+    return (attn_mask is None and causal and q.shape[-1] <= 128 and q.shape[2] == k.shape[2] and q.stride(-1) == 1
+            and k.stride(-1) == 1)
 
 
 def attention(q, k, v, causal=True, cu_seqlens=None, attn_mask=None, scale=None, return_lse=False, backend=None):
     """Public entry the model calls. backend: "auto" (default; Triton when the inputs allow it), "triton", "torch";
     the ATTENTION_BACKEND environment variable sets the default."""
-    backend = backend or os.environ.get("ATTENTION_BACKEND", "auto")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"attention backend must be auto, triton or torch, not {backend!r}")
-    use_triton = backend == "triton" or (backend == "auto" and _triton_supported(q, k, causal, attn_mask))
-    if use_triton:
+    if choose_backend("ATTENTION_BACKEND", q, backend, _triton_fits(q, k, causal, attn_mask)) == "triton":
         if attn_mask is not None or not causal:
             raise ValueError("the Triton attention kernel is causal self-attention without an explicit mask")
         cu = cu_seqlens.to(torch.int32) if cu_seqlens is not None else None

@@ -14,11 +14,11 @@ prefix in place, loads each KV head once for all the query heads of its group, a
 several programs whose partial softmax states (max, sum, weighted values) are merged afterwards, so that a batch
 of a few long sequences still fills the GPU. Tolerance vs the float64 reference: ~1e-5 (fp32), ~2e-3 (fp16/bf16).
 
-`decode_attention` dispatches: Triton for CUDA tensors (validated on an H200, inside the sampler's CUDA graph too),
-the reference otherwise; DECODE_ATTENTION_BACKEND=torch (or backend="torch") forces the reference.
+`decode_attention` dispatches (kernels.choose_backend): DECODE_ATTENTION_BACKEND=auto (default) takes Triton for CUDA
+tensors (validated on an H200, inside the sampler's CUDA graph too), the reference otherwise; =triton / =torch, or
+backend="triton" / "torch", forces one. The same variable picks the model's decode step: this kernel, or
+grouped_decode_attention over views of the cache.
 """
-
-import os
 
 import torch
 
@@ -27,6 +27,8 @@ try:
     import triton.language as tl
 except ImportError:
     triton = None
+
+from kernels import choose_backend
 
 
 def decode_attention_ref(q, k_cache, v_cache, slots, lengths, scale=None):
@@ -41,15 +43,15 @@ def decode_attention_ref(q, k_cache, v_cache, slots, lengths, scale=None):
     return torch.einsum("bht,bhtd->bhd", torch.softmax(scores, dim=-1), values.to(compute)).to(q.dtype)
 
 
-def grouped_decode_attention(q, keys, values, hidden, scale=None):
+def grouped_decode_attention(q, keys, values, masked_keys, scale=None):
     """The torch path the model decodes through without the kernel: q (B, n_head, head_dim) against keys and
-    values (B, n_kv_head, L, head_dim) (views of the cache), hidden (B, L) True for keys a row must not see. A
+    values (B, n_kv_head, L, head_dim) (views of the cache), masked_keys (B, L) True for keys a row must not see. A
     group's query heads meet their shared KV head through a reshape, not a copy of the cache; the softmax is float32."""
     B, n_head, head_dim = q.shape
     n_kv_head = keys.shape[1]
     grouped_q = q.view(B, n_kv_head, n_head // n_kv_head, head_dim) * (scale or head_dim ** -0.5)
     scores = torch.matmul(grouped_q, keys.transpose(-1, -2)).float()  # (B, n_kv_head, group, L)
-    probs = scores.masked_fill(hidden[:, None, None, :], float("-inf")).softmax(-1).to(values.dtype)
+    probs = scores.masked_fill(masked_keys[:, None, None, :], float("-inf")).softmax(-1).to(values.dtype)
     return torch.matmul(probs, values).view(B, n_head, head_dim)
 
 
@@ -160,19 +162,9 @@ def decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale=None):
     return out
 
 
-def decode_kernel_enabled(tensor):
-    """Whether the model decodes through the Triton kernels: on a GPU unless DECODE_ATTENTION_BACKEND=torch."""
-    return triton is not None and tensor.is_cuda and os.environ.get("DECODE_ATTENTION_BACKEND", "triton") == "triton"
-
-
 def decode_attention(q, k_cache, v_cache, slots, lengths, scale=None, backend=None):
-    """Public entry. backend: "triton" or "torch"; the default is DECODE_ATTENTION_BACKEND, else Triton for CUDA
-    tensors and the reference for CPU ones."""
-    backend = backend or os.environ.get("DECODE_ATTENTION_BACKEND") or ("triton" if q.is_cuda else "torch")
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"decode attention backend must be torch or triton, not {backend!r}")
-    if backend == "triton":
-        if triton is None:
-            raise RuntimeError("DECODE_ATTENTION_BACKEND=triton needs the triton package")
+    """Public entry. backend: "auto", "triton" or "torch"; the default is DECODE_ATTENTION_BACKEND, else auto
+    (Triton for CUDA tensors, the reference for CPU ones)."""
+    if choose_backend("DECODE_ATTENTION_BACKEND", q, backend) == "triton":
         return decode_attention_triton(q, k_cache, v_cache, slots, lengths, scale)
     return decode_attention_ref(q, k_cache, v_cache, slots, lengths, scale)

@@ -21,10 +21,10 @@ fixed budget, about 1 GiB by default) plus the fp32 weight gradient, whatever N 
 Tolerance vs the fp32 reference with bf16 inputs: |logp| error <= 2e-3; every logp <= 0 (clamped).
 """
 
-import os
-
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from kernels import choose_backend
 
 try:
     import triton
@@ -200,10 +200,7 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fals
                    backend=None):
     """Public entry. backend: "auto" (Triton for CUDA tensors, the reference elsewhere), "triton", "torch";
     the LOGPROB_BACKEND environment variable sets the default."""
-    backend = backend or os.environ.get("LOGPROB_BACKEND", "auto")
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"log-prob backend must be auto, torch or triton, not {backend!r}")
-    if backend == "triton" or (backend == "auto" and triton is not None and hidden.is_cuda):
+    if choose_backend("LOGPROB_BACKEND", hidden, backend) == "triton":
         if hidden.is_cuda and torch.is_autocast_enabled("cuda"):  # a custom Function is not autocast by itself
             dtype = torch.get_autocast_dtype("cuda")
             hidden, weight = hidden.to(dtype), weight.to(dtype)

@@ -14,6 +14,10 @@ sampler.KVCache holds them; slots and positions (B,) int64. Products in fp32, st
 Why a kernel: when decoding one token per sequence, a step is a few hundred tiny kernels, and each costs a few
 microseconds however little it does. In torch, rope of q and k and the two cache writes are eight of them per
 layer; here they are one launch that reads q, k, v once and writes each result once.
+
+`rope_and_cache` dispatches (kernels.choose_backend): ROPE_CACHE_BACKEND=auto (default) takes Triton for CUDA tensors,
+the reference otherwise; =triton / =torch, or backend="triton" / "torch", forces one. The same variable picks the
+model's decode step: this kernel, or model.apply_rope and indexed writes to the cache.
 """
 
 import torch
@@ -23,6 +27,8 @@ try:
     import triton.language as tl
 except ImportError:
     triton = None
+
+from kernels import choose_backend
 
 
 def rope_and_cache_ref(q, k, v, cos, signed_sin, k_cache, v_cache, slots, positions):
@@ -82,8 +88,9 @@ def rope_and_cache_triton(q, k, v, cos, signed_sin, k_cache, v_cache, slots, pos
     return q_out
 
 
-def rope_and_cache(q, k, v, cos, signed_sin, k_cache, v_cache, slots, positions, backend="triton"):
-    """Public entry: backend "triton" (the decode path on a GPU) or "torch" (the reference)."""
-    if backend == "triton":
+def rope_and_cache(q, k, v, cos, signed_sin, k_cache, v_cache, slots, positions, backend=None):
+    """Public entry. backend: "auto", "triton" or "torch"; the default is ROPE_CACHE_BACKEND, else auto (Triton
+    for CUDA tensors, the reference for CPU ones)."""
+    if choose_backend("ROPE_CACHE_BACKEND", q, backend) == "triton":
         return rope_and_cache_triton(q, k, v, cos, signed_sin, k_cache, v_cache, slots, positions)
     return rope_and_cache_ref(q, k, v, cos, signed_sin, k_cache, v_cache, slots, positions)

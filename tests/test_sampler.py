@@ -186,7 +186,8 @@ def test_runs_of_steps_between_host_reads_change_nothing(checkpoint, sync_every)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the Triton decode kernel need a GPU")
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_cuda_graph_decoding_equals_eager_on_a_gpu(checkpoint, backend, monkeypatch):
-    monkeypatch.setenv("DECODE_ATTENTION_BACKEND", backend)
+    monkeypatch.setenv("DECODE_ATTENTION_BACKEND", backend)  # the whole decode step: the kernels, or torch's ops
+    monkeypatch.setenv("ROPE_CACHE_BACKEND", backend)
     model = copy.deepcopy(checkpoint[1]).cuda()  # the module's CPU model stays for the other tests
     prompts = random_prompts([3, 11, 6, 1, 9, 4, 7])
     stop = generate(model, prompts[:1], max_new_tokens=40, temperature=0)[0].tokens[4]
