@@ -15,6 +15,7 @@ import re
 import shutil
 import sys
 import time
+import typing
 import zipfile
 
 import numpy as np
@@ -26,8 +27,8 @@ import torch.distributed as dist
 
 
 def parse_config(config_class, presets: dict, argv=None):
-    """`--preset=name` applies a named dict of overrides first; then every `--key=value` in order. Unknown keys
-    and values of the wrong type are errors that name them."""
+    """`--preset=name` applies a named dict of overrides first; then every `--key=value` in order. Unknown keys,
+    values of the wrong type and values outside a field's Literal[...] choices are errors that name them."""
     argv = sys.argv[1:] if argv is None else argv
     types = {f.name: f.type for f in dataclasses.fields(config_class)}
     overrides = {}
@@ -46,12 +47,22 @@ def parse_config(config_class, presets: dict, argv=None):
         config = dataclasses.replace(config, **presets[preset])
     for key, value in overrides.items():
         setattr(config, key, _convert(key, value, types[key]))
+    for key, annotation in types.items():  # presets and defaults are held to the same choices as flags
+        choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+        if choices and getattr(config, key) not in choices:
+            raise SystemExit(f"--{key}={getattr(config, key)!r}: choose one of {', '.join(choices)}")
     return config
 
 
 def _convert(key, value, annotation):
-    kind = annotation if isinstance(annotation, type) else {"int": int, "float": float, "bool": bool, "str": str}.get(
-        str(annotation).split("|")[0].strip(), str)
+    """The flag's text as the field's type: int, float, bool, str, a Literal of strings, or one of these | None
+    (where "none" means None, except for strings, which keep it as text)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return value
+    kinds = [k for k in typing.get_args(annotation) if k is not type(None)] or [annotation]
+    kind = kinds[0]
+    if type(None) in typing.get_args(annotation) and kind is not str and value.lower() == "none":
+        return None
     try:
         if kind is bool:
             if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
@@ -65,16 +76,14 @@ def _convert(key, value, annotation):
     return converted
 
 
-def check_values(config, choices=None, positive=(), non_negative=()):
-    """Refuses at start, naming the flag, a value the run would crash on (or silently misread) later."""
-    for key, allowed in (choices or {}).items():
-        if getattr(config, key) not in allowed:
-            raise SystemExit(f"--{key}={getattr(config, key)!r}: choose one of {', '.join(allowed)}")
+def check_values(config, positive=(), non_negative=()):
+    """Refuses at start, naming the flag, a number the run would crash on (or silently misread) later. None (the
+    default resolved later) passes."""
     for key in positive:
-        if not getattr(config, key) > 0:
+        if getattr(config, key) is not None and not getattr(config, key) > 0:
             raise SystemExit(f"--{key}={getattr(config, key)}: must be greater than 0")
     for key in non_negative:
-        if not getattr(config, key) >= 0:
+        if getattr(config, key) is not None and not getattr(config, key) >= 0:
             raise SystemExit(f"--{key}={getattr(config, key)}: must be 0 or more")
 
 
@@ -121,7 +130,7 @@ def wrap_model(model, parallel: str, device, activation_checkpointing=False):
           in the forward and freed after, so a model larger than one card trains.
     Returns the wrapped model (call it) and the plain one (for saving, sampling and the log-prob path)."""
     model.gradient_checkpointing = activation_checkpointing
-    if not dist.is_initialized() or parallel == "none":
+    if not dist.is_initialized():
         return model, model
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -134,15 +143,16 @@ def wrap_model(model, parallel: str, device, activation_checkpointing=False):
             fully_shard(block)
         fully_shard(model)
         return model, model
-    raise ValueError(f"parallel must be none, ddp or fsdp, not {parallel!r}")
+    raise ValueError(f"parallel must be ddp or fsdp, not {parallel!r}")
 
 
-def no_sync(wrapped, last_micro_step: bool):
-    """Skip DDP's gradient all-reduce on all but the last micro-step of an accumulation."""
+def set_gradient_sync(wrapped, enabled: bool):
+    """Whether the next backward all-reduces gradients over ranks: only on the last micro-step of an
+    accumulation, so the others skip the communication."""
     if hasattr(wrapped, "require_backward_grad_sync"):
-        wrapped.require_backward_grad_sync = last_micro_step
+        wrapped.require_backward_grad_sync = enabled
     elif hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
-        wrapped.set_requires_gradient_sync(last_micro_step)
+        wrapped.set_requires_gradient_sync(enabled)
 
 
 def is_sharded(model) -> bool:
@@ -232,10 +242,10 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir, model, tokenizer, optimizer, step, config, metrics, rank, world_size, extra=None,
-                    name=None, reference=None):
+def save_checkpoint(out_dir, model, tokenizer, optimizer, step, config, metrics, rank, world_size, name=None,
+                    reference=None):
     """out_dir/step_XXXXXX (or out_dir/<name>): config.json + model.safetensors + tokenizer files (loads in
-    transformers), run.json (config, step, metrics), per-rank state_rankN.pt (optimizer, RNG, extra) for exact
+    transformers), run.json (config, step, metrics), per-rank state_rankN.pt (optimizer, RNG) for exact
     resume, and reference/ when a reference model is given (GRPO's refreshed one). The folder is written under a
     temporary name and renamed, so a crash mid-save never leaves a half checkpoint."""
     from model import Transformer
@@ -259,7 +269,7 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, step, config, metrics,
                        "world_size": world_size, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=2)
     if dist.is_initialized():
         dist.barrier()
-    torch.save({"optimizer": optimizer_state, "rng": rng_state(), "extra": extra or {}},
+    torch.save({"optimizer": optimizer_state, "rng": rng_state()},
                os.path.join(tmp, f"state_rank{rank}.pt"))
     if dist.is_initialized():
         dist.barrier()
@@ -435,7 +445,7 @@ def load_run_state(path, model, optimizer, rank):
     set_rng_state(state["rng"])
     with open(os.path.join(path, "run.json")) as f:
         run = json.load(f)
-    return run["step"], run.get("metrics", {}), state["extra"]
+    return run["step"], run.get("metrics", {})
 
 
 # -----------------------------------------------------------------------------

@@ -1,74 +1,61 @@
 """
-Math evals: GSM8K, MATH-500, AIME 2024 (and AIME 2025, AMC 2023, the built-in demo), with pass@1 over n samples,
-maj@n, unbiased pass@k, completion lengths, and the mission's combined score: the mean over GSM8K, MATH-500 and
-AIME 2024 of (our score - DeepSeek-V3's).
+The eval command line: runs tasks.evaluate over benchmarks and writes what a reader needs: a table on stdout,
+results.json, completions.jsonl (every completion with its extracted answer and verdict) and
+accuracy_vs_length.svg, with the mission's combined score: the mean over GSM8K, MATH-500 and AIME 2024 of
+(our pass@1 - DeepSeek-V3's). Loading, prompting, grading and the metrics are tasks.py's.
 
     python eval.py                                                  # the demo SFT checkpoint on the demo task
     python eval.py --model=path/to/hf_folder --benchmarks=gsm8k,math500,aime24 --data_dir=path/to/data --n=16
     torchrun --nproc_per_node=8 eval.py --model=... --benchmarks=aime24 --n=64 --max_new_tokens=32768
+    python eval.py --task=my_task.py:ReverseWord --model=...        # a task of your own (README "Your own task")
     python eval.py --download --data_dir=data                       # fetch the JSONL files (needs internet)
     python eval.py --completions=vllm_out.jsonl --benchmarks=math500 --data_dir=data   # grade outputs made elsewhere
 
-Outputs in --out_dir: results.json, completions.jsonl (every completion with its extracted answer and verdict),
-accuracy_vs_length.svg, and a table on stdout. A killed eval resumes where it stopped (completed problems are read
-back from the partial completion files).
+A killed eval resumes where it stopped (completed problems are read back from the partial completion files).
 """
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import sys
-import time
-from collections import Counter
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from common import all_gather_objects, check_values, format_eta, init_distributed, parse_config
-from data import Tokenizer, demo_problems, read_jsonl, render_prompt
-from model import Transformer, checkpoint_files
-from sampler import generate
-from verifier import normalize, plain_number, verify_batch
-
-INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+from common import check_values, init_distributed, parse_config
+from data import Tokenizer, read_jsonl
+from model import Transformer
+from tasks import BENCHMARK_FILES, Task, check_problems, evaluate, get_task, metrics, verdict_fields
 
 # DeepSeek-V3 technical report (arXiv:2412.19437): GSM8K from Table 3 (the base model, 8-shot, EM); MATH-500 and
 # AIME 2024 from Table 6 (the chat model; MATH-500 EM, AIME 2024 Pass@1).
 DEEPSEEK_V3 = {"gsm8k": 89.3, "math500": 90.2, "aime24": 39.2}
 DEEPSEEK_V3_SOURCE = "DeepSeek-V3 Technical Report, arXiv:2412.19437, Tables 3 and 6"
 
-BENCHMARK_FILES = {  # name -> (file under data_dir, official source for --download)
-    "gsm8k": ("gsm8k/test.jsonl",
-              "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/test.jsonl"),
-    "math500": ("math500/test.jsonl",
-                "https://media.githubusercontent.com/media/openai/prm800k/main/prm800k/math_splits/test.jsonl"),
-    "aime24": ("aime2024/test.jsonl",
-               "https://raw.githubusercontent.com/QwenLM/Qwen2.5-Math/main/evaluation/data/aime24/test.jsonl"),
-    "amc23": ("amc2023/test.jsonl",
-              "https://raw.githubusercontent.com/QwenLM/Qwen2.5-Math/main/evaluation/data/amc23/test.jsonl"),
-    "aime25": ("aime2025/test.jsonl", None),  # MathArena's .tex files; no single official JSONL
-}
-
 
 @dataclass
 class EvalConfig:
     # data
-    benchmarks: str = "demo"  # comma-separated: gsm8k, math500, aime24, aime25, amc23, demo
-    data_dir: str = "data"  # folder with <benchmark>/test.jsonl (see BENCHMARK_FILES)
-    limit: int = 0  # first N problems of each benchmark (0 = all)
+    benchmarks: str = "demo"  # comma-separated tasks: demo, gsm8k, math500, aime24, aime25, amc23, a .jsonl file,
+    # or path/to/file.py:TaskClass
+    task: str | None = None  # one task, any of the above (the same as --benchmarks=<task>)
+    data_dir: str = "data"  # folder with <benchmark>/test.jsonl (see tasks.BENCHMARK_FILES)
+    limit: int | None = None  # first N problems of each benchmark (None: all)
     demo_problems: int = 500  # held-out demo problems
-    instruction: str = INSTRUCTION  # appended to each problem; "none" for none (the demo's default)
+    instruction: str | None = None  # appended to each problem; None: the task's own (the r1 instruction for math
+    # benchmarks, none for the demo); "none": no instruction
     download: bool = False  # fetch missing files from their official sources, then evaluate
     # model
     model: str = "out/sft_demo/final"  # Hugging Face folder
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bfloat16, float32
-    # sampling
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # sampling; None: the task's default (0.6 / 0.95 / 4096 for math benchmarks as DeepSeek-R1, 1.0 / 1.0 / 64 for
+    # the demo as its training evals; 32768 new tokens for AIME with R1-style models)
     n: int = 1  # samples per problem
-    temperature: float = -1.0  # -1: 0.6 (the DeepSeek-R1 convention), 1.0 for the demo (as its training evals)
-    top_p: float = -1.0  # -1: 0.95, 1.0 for the demo
-    max_new_tokens: int = 0  # 0: 32768 for AIME with R1-style models, 4096 otherwise, 64 for the demo
+    temperature: float | None = None
+    top_p: float | None = None
+    max_new_tokens: int | None = None
     max_slots: int = 0  # sequences decoded at once (0: as many as half the free memory holds, up to 256)
     cuda_graph: bool = True  # on GPUs, decode through a captured CUDA graph
     seed: int = 0
@@ -77,37 +64,6 @@ class EvalConfig:
     # output
     out_dir: str = "out/eval"
     chunk: int = 64  # problems per resumable chunk
-
-
-def load_benchmark(name, data_dir, limit=0, demo_count=500) -> list[dict]:
-    """[{"id", "problem", "answer"}]: GSM8K {"question", "answer": "... #### N"}, MATH-500 {"problem",
-    "answer", "unique_id", ...}, AIME/AMC {"id", "problem", "answer"}. Errors name the file, line and field."""
-    if name == "demo":
-        problems = [{"id": f"demo-{i}", "problem": p["problem"], "answer": p["answer"]}
-                    for i, p in enumerate(demo_problems(demo_count, seed=1234, heldout=True))]
-        return problems[:limit] if limit else problems
-    if name not in BENCHMARK_FILES:
-        raise SystemExit(f"unknown benchmark {name!r}; known: demo, {', '.join(BENCHMARK_FILES)}")
-    path = os.path.join(data_dir, BENCHMARK_FILES[name][0])
-    if not os.path.exists(path):
-        raise SystemExit(f"{path} is missing: see README 'Data' for where to get it, or run with --download")
-    problems = []
-    for line_number, record in enumerate(read_jsonl(path), start=1):
-        source = record["_source"]
-        problem = record.get("problem", record.get("question"))
-        answer = record.get("answer")
-        if not isinstance(problem, str) or not problem.strip():
-            raise ValueError(f"{source}: field 'problem' (or 'question') must be a non-empty string")
-        if answer is None or (isinstance(answer, str) and not answer.strip()):
-            raise ValueError(f"{source}: field 'answer' is missing or empty")
-        answer = str(answer)
-        if name == "gsm8k":
-            if "####" not in answer:
-                raise ValueError(f"{source}: field 'answer' has no '#### N' line (GSM8K format)")
-            answer = answer.split("####")[-1].strip()
-        problem_id = record.get("id", record.get("unique_id", record.get("idx", f"{name}-{line_number}")))
-        problems.append({"id": str(problem_id), "problem": problem, "answer": answer})
-    return problems[:limit] if limit else problems
 
 
 def download(name, data_dir):
@@ -129,134 +85,11 @@ def download(name, data_dir):
 # metrics
 
 
-def pass_at_k(n, c, k) -> float:
-    """Unbiased pass@k (Chen et al. 2021): 1 - C(n - c, k) / C(n, k), for n samples of which c are correct."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def majority_vote(samples) -> dict | None:
-    """The most frequent answer among samples that have one. Answers are compared after normalisation, numbers by
-    value ("5" and "5.0" are one vote). A tie goes to the answer seen first, never to dictionary order."""
-    def key(answer):
-        text = normalize(answer)
-        number = plain_number(text)
-        return number if number is not None else text
-
-    answers = [(key(s["extracted"]), s) for s in samples if s["extracted"] is not None]
-    if not answers:
-        return None
-    counts = Counter(key for key, _ in answers)
-    best = max(counts.values())
-    return next(sample for key, sample in answers if counts[key] == best)
-
-
-def benchmark_metrics(records, n) -> dict:
-    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n]
-    correct = [sum(s["status"] == "correct" for s in r["samples"]) for r in records]
-    lengths = [s["length"] for r in records for s in r["samples"]]
-    metrics = {"problems": len(records), "n": n,
-               "pass@1": 100 * sum(c / n for c in correct) / len(records),
-               f"maj@{n}": 100 * sum((v := majority_vote(r["samples"])) is not None and v["status"] == "correct"
-                                     for r in records) / len(records),
-               "mean_length": sum(lengths) / len(lengths),
-               "truncated": sum(s["finish"] == "length" for r in records for s in r["samples"]) / len(lengths)}
-    for k in ks[1:]:
-        metrics[f"pass@{k}"] = 100 * sum(pass_at_k(n, c, k) for c in correct) / len(records)
-    return metrics
-
-
 def combined_score(scores: dict) -> float | None:
     """Mean over GSM8K, MATH-500 and AIME 2024 of (ours - DeepSeek-V3), in points; None unless all three ran."""
     if not all(name in scores for name in DEEPSEEK_V3):
         return None
     return sum(scores[name] - DEEPSEEK_V3[name] for name in DEEPSEEK_V3) / len(DEEPSEEK_V3)
-
-
-# -----------------------------------------------------------------------------
-# sampling and grading
-
-
-def evaluate(model, tokenizer, problems, n=1, temperature=0.6, top_p=0.95, max_new_tokens=1024,
-             instruction=INSTRUCTION, seed=0, max_slots=0, rank=0, world_size=1, partial_file=None, chunk=64,
-             show_progress=True, cuda_graph=False, keep_partial=False):
-    """Samples n completions for each problem (this rank's share: problems[rank::world_size]), grades them, and
-    returns every rank's records, in problem order. With partial_file, finished problems are appended there and
-    skipped when the eval is run again with the same weights and settings; the file is removed at the end unless
-    keep_partial (eval.py's main removes it once every benchmark is saved)."""
-    model_path = getattr(tokenizer, "path", None)
-    run_key = json.dumps([model_path, weights_fingerprint(model_path), n, temperature, top_p, max_new_tokens,
-                          instruction, seed, world_size], default=str)  # other weights or settings: not reused
-    done = {}
-    if partial_file and os.path.exists(partial_file):
-        done = {r["id"]: r for r in read_partial(partial_file) if r.get("run_key") == run_key}
-    mine = [p for i, p in enumerate(problems) if i % world_size == rank]
-    todo = [p for p in mine if p["id"] not in done]
-    records = [done[p["id"]] for p in mine if p["id"] in done]
-    total, start, finished = len(todo) * n, time.time(), 0
-
-    def progress(_completion):
-        nonlocal finished
-        finished += 1
-        if show_progress and rank == 0 and (finished % 16 == 0 or finished == total):
-            rate = finished / max(time.time() - start, 1e-9)
-            bar = "#" * int(30 * finished / total)
-            print(f"\r  [{bar:<30}] {finished}/{total} completions | ETA {format_eta((total - finished) / rate)}",
-                  end="" if finished < total else "\n", file=sys.stderr, flush=True)
-
-    for offset in range(0, len(todo), chunk):
-        batch = todo[offset: offset + chunk]
-        prompts = [render_prompt(tokenizer, p["problem"], instruction) for p in batch]
-        completions = generate(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, n=n,
-                               stop_token_ids=tokenizer.eos_token_ids, seed=seed + offset + rank * 1_000_003,
-                               max_slots=max_slots, progress=progress, cuda_graph=cuda_graph)
-        texts = [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in completions]
-        verdicts = verify_batch([(text, batch[c.prompt_index]["answer"]) for text, c in zip(texts, completions)])
-        for i, problem in enumerate(batch):
-            samples = [{"text": texts[j], "extracted": verdicts[j].answer, "status": verdicts[j].status,
-                        "reason": verdicts[j].reason, "length": len(completions[j].tokens),
-                        "finish": completions[j].finish_reason} for j in range(i * n, (i + 1) * n)]
-            record = dict(problem, samples=samples)
-            records.append(record)
-            if partial_file:
-                with open(partial_file, "a") as f:
-                    f.write(json.dumps(dict(record, run_key=run_key)) + "\n")
-    order = {p["id"]: i for i, p in enumerate(problems)}
-    gathered = [r for part in all_gather_objects(records) for r in part]
-    if partial_file and not keep_partial and os.path.exists(partial_file):
-        os.remove(partial_file)  # finished: a later run of the same settings starts afresh
-    return sorted(({k: v for k, v in r.items() if k not in ("run_key", "_source")} for r in gathered),
-                  key=lambda r: order[r["id"]])
-
-
-def weights_fingerprint(path) -> str | None:
-    """Tells the weights in a model folder apart without reading them all: each weight file's name, size, mtime
-    and first and last MB. Weights rewritten at the same path (a training run saving again) get a new one."""
-    if not path or not os.path.exists(os.path.join(path, "config.json")):
-        return None
-    digest = hashlib.sha256()
-    for file in checkpoint_files(path):
-        size = os.path.getsize(file)
-        digest.update(f"{os.path.basename(file)} {size} {os.stat(file).st_mtime_ns}".encode())
-        with open(file, "rb") as f:
-            digest.update(f.read(2**20))
-            f.seek(max(0, size - 2**20))
-            digest.update(f.read())
-    return digest.hexdigest()
-
-
-def read_partial(path) -> list[dict]:
-    """The records of a partial file. A kill while a line was written leaves it torn (no newline at its end): it
-    is dropped with a warning and cut from the file, so the next record starts on a line of its own."""
-    with open(path, "rb") as f:
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        print(f"warning: {path}: dropped a torn last line (an eval killed while writing it)", file=sys.stderr)
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    return read_jsonl(path, allow_empty=True)
 
 
 # -----------------------------------------------------------------------------
@@ -300,22 +133,22 @@ def print_table(results):
                                    and k != "pass@1"}) + ["mean_length", "truncated"]
     print(f"{'benchmark':<10} {'problems':>8} " + " ".join(f"{c:>11}" for c in columns)
           + f" {'vs DeepSeek-V3':>15}")
-    for name, metrics in results.items():
-        reference = f"{metrics['pass@1'] - DEEPSEEK_V3[name]:+.1f}" if name in DEEPSEEK_V3 else ""
-        print(f"{name:<10} {metrics['problems']:>8} " + " ".join(
-            f"{metrics.get(c, float('nan')):>11.3f}" if c == "truncated" else f"{metrics.get(c, float('nan')):>11.1f}"
+    for name, scores in results.items():
+        reference = f"{scores['pass@1'] - DEEPSEEK_V3[name]:+.1f}" if name in DEEPSEEK_V3 else ""
+        print(f"{name:<10} {scores['problems']:>8} " + " ".join(
+            f"{scores.get(c, float('nan')):>11.3f}" if c == "truncated" else f"{scores.get(c, float('nan')):>11.1f}"
             for c in columns) + f" {reference:>15}")
 
 
 def main(argv=None):
     config = parse_config(EvalConfig, {}, argv)
-    benchmarks = check_config(config)
+    tasks = check_config(config)
     if config.completions:
-        return grade_completions_main(config, benchmarks)
+        return grade_completions_main(config, tasks)
     rank, world_size, device = init_distributed()
     if config.download and rank == 0:
-        for name in benchmarks:
-            if name != "demo":
+        for name in tasks:
+            if name in BENCHMARK_FILES:
                 download(name, config.data_dir)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32}[config.dtype]
@@ -324,31 +157,29 @@ def main(argv=None):
     model = Transformer.from_pretrained(config.model, device=device, dtype=dtype).eval()
     refuse_non_finite(model, config.model)
     tokenizer = Tokenizer.from_pretrained(config.model)
+    thinks = "<think>" in (tokenizer.chat_template or "")  # R1-style models need long budgets on AIME
     os.makedirs(config.out_dir, exist_ok=True)
     results, records_by_benchmark = {}, {}
     partial_file = lambda name: os.path.join(config.out_dir, f"partial_{name}.rank{rank}.jsonl")
-    for name in benchmarks:
-        problems = load_benchmark(name, config.data_dir, config.limit, config.demo_problems)
-        thinks = "<think>" in (tokenizer.chat_template or "")  # R1-style models need long budgets
-        max_new_tokens = config.max_new_tokens or (64 if name == "demo" else 32768 if name.startswith("aime")
-                                                   and thinks else 4096)
-        instruction = "none" if name == "demo" and config.instruction == INSTRUCTION else config.instruction
-        temperature = config.temperature if config.temperature >= 0 else 1.0 if name == "demo" else 0.6
-        top_p = config.top_p if config.top_p >= 0 else 1.0 if name == "demo" else 0.95
+    for name, task in tasks.items():
+        problems = check_problems(task.test_problems(), task)[: config.limit]
+        default_tokens = 32768 if name.startswith("aime") and thinks else task.max_new_tokens
+        max_new_tokens = first_set(config.max_new_tokens, default_tokens)
+        temperature, top_p = first_set(config.temperature, task.temperature), first_set(config.top_p, task.top_p)
         if rank == 0:
             print(f"{name}: {len(problems)} problems x {config.n} samples, max {max_new_tokens} new tokens, "
                   f"temperature {temperature}, top-p {top_p}")
-        records = evaluate(model, tokenizer, problems, config.n, temperature, top_p, max_new_tokens,
-                           instruction, config.seed, config.max_slots, rank, world_size,
+        records = evaluate(model, tokenizer, task, problems, config.n, temperature, top_p, max_new_tokens,
+                           config.instruction, config.seed, config.max_slots, rank, world_size,
                            partial_file=partial_file(name), chunk=config.chunk, cuda_graph=config.cuda_graph,
                            keep_partial=True)
-        results[name] = benchmark_metrics(records, config.n)
+        results[name] = metrics(records, config.n)
         records_by_benchmark[name] = records
         if rank == 0:  # saved as soon as it is finished: a kill during the next benchmark cannot lose it
             score = write_outputs(config, results, records_by_benchmark)
     if world_size > 1:
         torch.distributed.barrier()  # rank 0 has saved every benchmark before any rank drops its partial files
-    for name in benchmarks:  # all saved: a later eval with the same settings starts afresh
+    for name in tasks:  # all saved: a later eval with the same settings starts afresh
         if os.path.exists(partial_file(name)):
             os.remove(partial_file(name))
     if rank != 0:
@@ -360,13 +191,17 @@ def main(argv=None):
     return results
 
 
+def first_set(value, default):
+    return default if value is None else value
+
+
 # -----------------------------------------------------------------------------
 # grading completions made elsewhere
 
 
-def grade_completions_file(path, problems_by_benchmark) -> dict[str, list[dict]]:
-    """Reads completions made by any engine and grades them against the benchmarks' answers. One row per
-    completion: {"id" or "problem", "completion"} (or "completions": [...] for several samples), and optionally
+def grade_completions_file(path, tasks, problems_by_benchmark) -> dict[str, list[dict]]:
+    """Reads completions made by any engine and grades them by their task ({name: Task}), as evaluate() would. One
+    row per completion: {"id" or "problem", "completion"} (or "completions": [...] for several samples), and optionally
     "benchmark", "length" (tokens; characters when absent) and "finish". Rows are matched to problems by id, else by
     the problem's text. Returns {benchmark: records} in the layout of evaluate()'s records."""
     by_id, by_text = {}, {}
@@ -385,13 +220,14 @@ def grade_completions_file(path, problems_by_benchmark) -> dict[str, list[dict]]
         samples_by_problem.setdefault((name, problem["id"]), []).extend(
             dict(text=text, length=row.get("length", len(text)), finish=row.get("finish", "stop"))
             for text in completions)
-    keys = list(samples_by_problem)
-    pairs = [(sample["text"], by_id[key]["answer"]) for key in keys for sample in samples_by_problem[key]]
-    verdicts = iter(verify_batch(pairs))  # the deadline evaluate() grades with
     records = {name: [] for name in problems_by_benchmark}
-    for key in keys:
-        samples = [dict(sample, **_verdict_fields(next(verdicts))) for sample in samples_by_problem[key]]
-        records[key[0]].append(dict(by_id[key], samples=samples))
+    for name, task in tasks.items():
+        keys = [key for key in samples_by_problem if key[0] == name]
+        texts = [sample["text"] for key in keys for sample in samples_by_problem[key]]
+        verdicts = iter(task.grade(texts, [by_id[key] for key in keys for _ in samples_by_problem[key]]))
+        for key in keys:
+            samples = [dict(sample, **verdict_fields(next(verdicts))) for sample in samples_by_problem[key]]
+            records[name].append(dict(by_id[key], samples=samples))
     return {name: rows for name, rows in records.items() if rows}
 
 
@@ -409,10 +245,6 @@ def _match_problem(row, by_id, by_text):
     raise ValueError(f"{row['_source']}: no problem of --benchmarks has this row's 'id' or 'problem' text")
 
 
-def _verdict_fields(verdict):
-    return {"extracted": verdict.answer, "status": verdict.status, "reason": verdict.reason}
-
-
 def math_verify_pass_at_1(records) -> float | None:
     """Math-Verify's pass@1 on the same completions, or None when it is not installed (a peer, never a
     dependency): where the two verifiers part, a user can read the completions and see which is right."""
@@ -427,17 +259,17 @@ def math_verify_pass_at_1(records) -> float | None:
     return 100 * sum(correct) / len(correct)
 
 
-def grade_completions_main(config, benchmarks) -> dict:
+def grade_completions_main(config, tasks) -> dict:
     """eval.py --completions=...: the same table, results.json and completions.jsonl, without a model."""
-    problems = {name: load_benchmark(name, config.data_dir, config.limit, config.demo_problems) for name in benchmarks}
-    records_by_benchmark = grade_completions_file(config.completions, problems)
+    problems = {name: check_problems(task.test_problems(), task)[: config.limit] for name, task in tasks.items()}
+    records_by_benchmark = grade_completions_file(config.completions, tasks, problems)
     results = {}
     for name, records in records_by_benchmark.items():
         counts = sorted({len(r["samples"]) for r in records})
         if len(counts) > 1:
             raise SystemExit(f"{config.completions}: {name} has {counts[0]} to {counts[-1]} completions per problem; "
                              f"pass@k and maj@n need the same number for every problem")
-        results[name] = benchmark_metrics(records, counts[0])
+        results[name] = metrics(records, counts[0])
         if len(records) < len(problems[name]):  # not comparable with a published score, nor in the combined one
             results[name]["partial"] = True
             print(f"warning: {config.completions} covers {len(records)} of the {len(problems[name])} {name} "
@@ -446,7 +278,8 @@ def grade_completions_main(config, benchmarks) -> dict:
     score = write_outputs(config, results, records_by_benchmark)
     print_table(results)
     for name, records in records_by_benchmark.items():
-        peer = math_verify_pass_at_1(records)
+        graded_by_verifier = type(tasks[name]).grade is Task.grade  # a task with its own judge has no peer
+        peer = math_verify_pass_at_1(records) if graded_by_verifier else None
         if peer is not None:
             print(f"{name}: pass@1 {results[name]['pass@1']:.1f} by our verifier, {peer:.1f} by Math-Verify, "
                   f"on the same completions")
@@ -455,19 +288,23 @@ def grade_completions_main(config, benchmarks) -> dict:
     return results
 
 
-def check_config(config) -> list[str]:
-    """The benchmarks to run, after refusing values that make no sense (naming the flag)."""
-    check_values(config, choices=dict(dtype=("auto", "bfloat16", "float32")), positive=("n", "chunk", "demo_problems"),
-                 non_negative=("limit", "max_new_tokens", "max_slots"))
-    for key in ("temperature", "top_p"):  # -1 picks the default
-        if getattr(config, key) != -1 and not 0 <= getattr(config, key) <= (1 if key == "top_p" else math.inf):
-            raise SystemExit(f"--{key}={getattr(config, key)}: out of range (-1 for the default)")
-    benchmarks = [b.strip() for b in config.benchmarks.split(",") if b.strip()]
-    unknown = [b for b in benchmarks if b != "demo" and b not in BENCHMARK_FILES]
-    if not benchmarks or unknown:
-        raise SystemExit(f"--benchmarks={config.benchmarks!r}: " + (f"unknown {', '.join(unknown)}" if unknown else
-                         "empty") + f"; choose from demo, {', '.join(BENCHMARK_FILES)}")
-    return benchmarks
+def check_config(config) -> dict:
+    """{name: Task} of the tasks to run, after refusing values that make no sense (naming the flag)."""
+    check_values(config, positive=("n", "chunk", "demo_problems", "limit", "max_new_tokens"),
+                 non_negative=("max_slots", "temperature", "top_p"))
+    if config.top_p is not None and config.top_p > 1:
+        raise SystemExit(f"--top_p={config.top_p}: must be at most 1")
+    specs = [config.task] if config.task else [b.strip() for b in config.benchmarks.split(",") if b.strip()]
+    if not specs:
+        raise SystemExit(f"--benchmarks={config.benchmarks!r}: empty; choose from demo, {', '.join(BENCHMARK_FILES)}, "
+                         f"a .jsonl file or path/to/file.py:TaskClass")
+    tasks = {}
+    for spec in specs:
+        task = get_task(spec, config.data_dir, config.demo_problems, flag="--task" if config.task else "--benchmarks")
+        if task.name in tasks:
+            raise SystemExit(f"--benchmarks={config.benchmarks!r}: two tasks are named {task.name!r}")
+        tasks[task.name] = task
+    return tasks
 
 
 def refuse_non_finite(model, path):

@@ -9,7 +9,7 @@ sampling, and "faked" by showing the teacher the known answer.
     torchrun --standalone --nproc_per_node=8 make_traces.py --preset=r1-teacher --teacher=... --data=...
 
 Problems: JSONL with answers in (GSM8K {"question", "answer": "... #### N"}, MATH-500 and AIME {"problem",
-"answer"}), read by train_grpo.py's loader; no --data means the demo's training problems. Per chunk of --chunk
+"answer"}), or any task train_grpo.py trains on (tasks.py); no --data means the demo's training problems. Per chunk of --chunk
 problems:
  1. Sample: --samples completions per problem from the teacher (sampler.py), the problem rendered as eval.py and
     train_grpo.py render it (problem, then --instruction, in the teacher's chat template).
@@ -44,15 +44,15 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from common import check_values, format_eta, init_distributed, parse_config
 from data import Tokenizer, user_message
-from eval import INSTRUCTION, pass_at_k, weights_fingerprint
 from model import Transformer
 from sampler import generate
-from train_grpo import load_problems
+from tasks import INSTRUCTION, DemoTask, check_problems, get_task, pass_at_k, weights_fingerprint
 from verifier import format_reward, verify_batch
 
 HINT_TEMPLATE = ("\n\nThe correct final answer is {answer}. Solve the problem step by step as if you did not "
@@ -63,13 +63,13 @@ HINT_TEMPLATE = ("\n\nThe correct final answer is {answer}. Solve the problem st
 @dataclass
 class Config:
     # data
-    data: str = ""  # problems JSONL with answers; "" = the demo's training problems
+    data: str = ""  # problems JSONL with answers, or a task of tasks.py; "" = the demo's training problems
     demo_problems: int = 1500  # demo: how many problems
     limit: int = 0  # first N problems of --data (0 = all)
     instruction: str = "none"  # appended to each problem on its own line ("none" for the demo)
     # teacher
     teacher: str = "out/sft_demo/final"  # Hugging Face folder
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # sampling
     samples: int = 4  # completions per problem without the hint
     temperature: float = 1.0
@@ -78,13 +78,14 @@ class Config:
     max_slots: int = 0  # sequences decoded at once (0: as many as half the free memory holds, up to 256)
     cuda_graph: bool = True  # on GPUs, decode through a captured CUDA graph
     # hint
-    hint: str = "fallback"  # never | fallback (problems without a sampled trace) | always (hinted traces only)
+    hint: Literal["never", "fallback", "always"] = "fallback"  # fallback: problems without a sampled trace;
+    # always: hinted traces only
     hint_samples: int = 4  # completions per hinted problem
     hint_template: str = HINT_TEMPLATE  # appended to the prompt; {answer} is the gold answer
     # selection
     keep: int = 1  # traces per problem at most: distinct ones, the shortest first
     # system
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     chunk: int = 64  # problems per resumable unit of work (one sampler call each)
     # output
@@ -97,7 +98,6 @@ PRESETS = {
     "r1-teacher": dict(instruction=INSTRUCTION, samples=8, hint_samples=4, temperature=0.6, top_p=0.95,
                        max_new_tokens=16384, keep=1, chunk=64, out_dir="out/traces_r1"),
 }
-HINT_MODES = ("never", "fallback", "always")
 
 # -----------------------------------------------------------------------------
 # judging a completion: the verifier, the layout, and leaks of the hint
@@ -304,9 +304,7 @@ def print_summary(summary, out_dir):
 
 
 def check_config(config):
-    check_values(config, choices=dict(hint=HINT_MODES, dtype=("auto", "bfloat16", "float32"),
-                                      device=("auto", "cuda", "cpu")),
-                 positive=("samples", "keep", "chunk", "hint_samples", "max_new_tokens"),
+    check_values(config, positive=("samples", "keep", "chunk", "hint_samples", "max_new_tokens"),
                  non_negative=("max_slots", "limit", "demo_problems"))
     if not 0 <= config.temperature or not 0 < config.top_p <= 1:
         raise SystemExit(f"--temperature={config.temperature} --top_p={config.top_p}: out of range")
@@ -363,7 +361,8 @@ def main(argv=None):
     check_config(config)
     rank, world_size, device = init_distributed(config.device)
     master = rank == 0
-    problems = load_problems(config)  # train_grpo.py's loader reads config.data and config.seed
+    task = get_task(config.data, flag="--data") if config.data else DemoTask()
+    problems = check_problems(task.train_problems(config.seed), task)
     problems = problems[: config.limit or None] if config.data else problems[: config.demo_problems]
     if not problems:
         raise SystemExit(f"{config.data or 'the demo'}: no problems")

@@ -12,8 +12,8 @@ GRPO: reinforcement learning on verifier rewards (recipes 1 and 3 of the mission
 The algorithm's choices, and how they differ from GRPO as published (DeepSeekMath, arXiv:2402.03300):
  1. Rollout: --group_size completions per prompt from the current policy, sampled by sampler.py with the training
     model itself (no second engine, no weight sync). Each rank owns whole groups.
- 2. Reward: verifier.math_reward (1 correct, 0 otherwise) + --format_weight x format_reward (r1 layout), and DAPO's
-    soft overlong penalty with --overlong_buffer > 0. The verifier runs in its process pool with deadlines.
+ 2. Reward: the task's reward (tasks.py; for math, 1 if the verifier accepts the final answer, else 0) +
+    --format_weight x format_reward (r1 layout), and DAPO's soft overlong penalty with --overlong_buffer > 0.
  3. Advantage: (r - group mean) / (std + 1e-4) as in GRPO, with the *sample* std (ddof=1, as TRL and verl).
     --scale_rewards=batch divides by the batch std instead, =none not at all (Dr. GRPO); --advantage=rloo uses
     the leave-one-out baseline r_i - mean_{j!=i} r_j (RLOO).
@@ -48,30 +48,33 @@ the policy gradient then follows the reverse KL for reverse k1 (the classic RLHF
 import dataclasses
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
 from common import (MetricsLog, all_gather_objects, all_reduce_sum, autocast_for, check_values, claim_out_dir,
-                    format_eta, full_state_dict, init_distributed, load_run_state, lr_at, make_optimizer, no_sync,
-                    parse_config, resume_checkpoint, save_checkpoint, unsharded_copy, wrap_model)
-from data import Tokenizer, demo_problems, read_jsonl, render_prompt
+                    format_eta, full_state_dict, init_distributed, load_run_state, lr_at, make_optimizer,
+                    parse_config, resume_checkpoint, save_checkpoint, set_gradient_sync, unsharded_copy, wrap_model)
+from data import Tokenizer
 from kernels.logprob import kl_full
 from model import Transformer, sequence_logprobs
 from sampler import generate
-from verifier import format_reward, verify_batch
+from tasks import INSTRUCTION, JsonlTask, check_problems, get_task, heldout_accuracy, score
 
 
 @dataclass
 class Config:
-    # data
-    data: str = ""  # JSONL of problems {"problem" or "question", "answer"}; "" = the built-in demo task
-    instruction: str = "none"  # appended to each problem ("none" for the demo)
-    eval_data: str = ""  # held-out JSONL for periodic eval; "" = demo held-out problems
-    eval_problems: int = 500
+    # data (tasks.py): the problems, their prompt and their reward
+    task: str = "demo"  # demo, a .jsonl file of {"problem" or "question", "answer"}, or path/to/file.py:TaskClass
+    data: str = ""  # a JSONL file of problems: the same as --task=<file>
+    instruction: str | None = None  # appended to each problem; None: the task's own (none for the demo and a JSONL
+    # file, the r1 instruction for the math benchmarks); "none": no instruction
+    eval_data: str = ""  # the held-out task for periodic evals (any --task value); "": the task's own held-out
+    # problems (a JSONL file of training problems has none)
+    eval_problems: int = 500  # the first N held-out problems (0: no held-out eval)
     # model
     model: str = "out/sft_demo/final"  # policy initialisation (Hugging Face folder)
     # rollout
@@ -88,9 +91,9 @@ class Config:
     overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens of the budget (0 = off)
     overlong_penalty: float = 1.0
     # advantage and loss
-    advantage: str = "grpo"  # grpo | rloo
-    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
-    loss_agg: str = "seq-mean-token-mean"  # seq-mean-token-mean | token-mean | seq-mean-token-sum-norm
+    advantage: Literal["grpo", "rloo"] = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # none: Dr. GRPO
+    loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
     eps_low: float = 0.2  # clip ratio below 1 - eps_low
     eps_high: float = 0.2  # clip ratio above 1 + eps_high (DAPO: 0.28)
     mu: int = 1  # update epochs over each batch of rollouts
@@ -98,9 +101,9 @@ class Config:
     entropy_coef: float = 0.0  # entropy bonus weight
     # KL
     beta: float = 0.0  # KL weight; 0 loads no reference model
-    kl_estimator: str = "k3"  # k1 | k2 | k3 | full
-    kl_direction: str = "reverse"  # reverse: KL(pi||ref) | forward: KL(ref||pi)
-    kl_in: str = "loss"  # loss | reward
+    kl_estimator: Literal["k1", "k2", "k3", "full"] = "k3"
+    kl_direction: Literal["reverse", "forward"] = "reverse"  # reverse: KL(pi||ref), forward: KL(ref||pi)
+    kl_in: Literal["loss", "reward"] = "loss"
     ref_update_every: int = 0  # steps between copies of the policy into the reference (0 = never)
     # optimisation
     max_steps: int = 170
@@ -111,8 +114,8 @@ class Config:
     grad_clip: float = 1.0
     micro_batch_size: int = 64  # sequences per forward/backward on one rank
     # system
-    device: str = "auto"
-    parallel: str = "ddp"  # ddp | fsdp (rollouts then use a gathered full copy of the weights per rank)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: rollouts then use a gathered full copy of the weights per rank
     activation_checkpointing: bool = False
     seed: int = 0
     # logging, eval, checkpoints
@@ -130,9 +133,8 @@ PRESETS = {
     "demo": {},
     # DeepScaleR-style RL of a 1.5B R1 distill on one node of 8 GPUs
     "r1-1.5b": dict(prompts_per_step=128, group_size=8, max_new_tokens=8192, temperature=0.6, top_p=1.0,
-                    instruction="Please reason step by step, and put your final answer within \\boxed{}.",
-                    lr=1e-6, min_lr_ratio=1.0, warmup_steps=0, max_steps=1000, micro_batch_size=4,
-                    activation_checkpointing=True, eps_high=0.28, loss_agg="token-mean", beta=0.0,
+                    instruction=INSTRUCTION, lr=1e-6, min_lr_ratio=1.0, warmup_steps=0, max_steps=1000,
+                    micro_batch_size=4, activation_checkpointing=True, eps_high=0.28, loss_agg="token-mean", beta=0.0,
                     mask_truncated=False, out_dir="out/grpo_r1_1.5b", save_every=20, eval_every=50,
                     eval_problems=500, eval_temperature=0.6, sample_every=5),
 }
@@ -180,95 +182,151 @@ def kl_estimate(logprobs, ref_logprobs, estimator, direction):
     raise ValueError(f"unknown KL estimator {estimator!r} / direction {direction!r}")
 
 
-def policy_loss(logprobs, old_logprobs, advantages, completion_mask, config, num_sequences, num_tokens,
-                kl=None, entropy=None):
-    """The clipped surrogate, aggregated per --loss_agg and normalised by global counts (all ranks, all
-    micro-batches), so that summing this over micro-batches and ranks gives the loss of the whole batch.
-    logprobs, old_logprobs, completion_mask, kl, entropy: (B, T); advantages: (B,)."""
+def policy_loss(logprobs, old_logprobs, advantages, completion_mask, num_sequences, num_tokens, eps_low, eps_high,
+                loss_agg, max_new_tokens, kl=None, beta=0.0, entropy=None, entropy_coef=0.0):
+    """The clipped surrogate (+ beta x KL - entropy_coef x entropy), aggregated per --loss_agg and normalised by
+    global counts (all ranks, all micro-batches), so that summing this over micro-batches and ranks gives the loss
+    of the whole batch. logprobs, old_logprobs, completion_mask, kl, entropy: (B, T); advantages: (B,)."""
     ratio = torch.exp(logprobs - old_logprobs)
     advantages = advantages[:, None]
-    clipped = torch.clamp(ratio, 1 - config.eps_low, 1 + config.eps_high)
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     per_token = -torch.minimum(ratio * advantages, clipped * advantages)
     if kl is not None:
-        per_token = per_token + config.beta * kl
+        per_token = per_token + beta * kl
     if entropy is not None:
-        per_token = per_token - config.entropy_coef * entropy
+        per_token = per_token - entropy_coef * entropy
     mask = completion_mask.to(per_token.dtype)
-    if config.loss_agg == "seq-mean-token-mean":
+    if loss_agg == "seq-mean-token-mean":
         per_sequence = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
         loss = per_sequence.sum() / num_sequences
-    elif config.loss_agg == "token-mean":
+    elif loss_agg == "token-mean":
         loss = (per_token * mask).sum() / num_tokens
-    elif config.loss_agg == "seq-mean-token-sum-norm":
-        loss = (per_token * mask).sum() / (num_sequences * config.max_new_tokens)
+    elif loss_agg == "seq-mean-token-sum-norm":
+        loss = (per_token * mask).sum() / (num_sequences * max_new_tokens)
     else:
-        raise ValueError(f"unknown loss_agg {config.loss_agg!r}")
+        raise ValueError(f"unknown loss_agg {loss_agg!r}")
     with torch.no_grad():
-        low = ((ratio < 1 - config.eps_low) & (advantages < 0) & completion_mask.bool()).sum()
-        high = ((ratio > 1 + config.eps_high) & (advantages > 0) & completion_mask.bool()).sum()
+        low = ((ratio < 1 - eps_low) & (advantages < 0) & completion_mask.bool()).sum()
+        high = ((ratio > 1 + eps_high) & (advantages > 0) & completion_mask.bool()).sum()
     return loss, dict(clip_low=int(low), clip_high=int(high))
 
 
-def overlong_penalty(lengths, max_new_tokens, buffer, penalty):
-    """DAPO's soft overlong punishment: 0 up to max - buffer, then linearly down to -penalty at max."""
-    lengths = torch.as_tensor(lengths, dtype=torch.float32)
-    return -penalty * ((lengths - (max_new_tokens - buffer)) / buffer).clamp(0, 1)
-
-
 # -----------------------------------------------------------------------------
-# rollouts and scoring
+# rollouts: sample, score, and the tensors the update reads
 
 
-def load_problems(config, heldout=False):
-    path = config.eval_data if heldout else config.data
-    if path:
-        problems = []
-        for record in read_jsonl(path):
-            problem, answer = record.get("problem", record.get("question")), record.get("answer")
-            if not isinstance(problem, str) or answer is None:
-                raise ValueError(f"{record['_source']}: needs fields 'problem' (or 'question') and 'answer'")
-            problems.append({"problem": problem, "answer": str(answer).split("####")[-1].strip()})
-        return problems
-    if heldout:
-        return demo_problems(config.eval_problems, seed=1234, heldout=True)
-    return demo_problems(20000, seed=config.seed + 1, heldout=False)
+@dataclass
+class Sample:
+    """One completion of a rollout, from the sampler through the loss to the log."""
+    prompt: list[int]  # the prompt's token ids
+    tokens: list[int]  # the completion's, the stop token included
+    sampler_logprobs: list[float]  # the sampler's log-prob of each completion token
+    truncated: bool  # cut by --max_new_tokens
+    correct: bool
+    reward: float
+    text: str
 
 
-def rollout(policy, tokenizer, problems, config, seed):
-    """Samples a group per problem and scores it. Returns one dict per completion."""
-    prompts = [render_prompt(tokenizer, p["problem"], config.instruction) for p in problems]
+@dataclass
+class Batch:
+    """This rank's samples as right-padded (prompt + completion) rows; every tensor (B, T) except advantages (B,)."""
+    input_ids: torch.Tensor
+    completion_mask: torch.Tensor  # 1 on the completion tokens, the stop token included (so stopping is learned)
+    sampler_logprobs: torch.Tensor  # the sampler's log-probs at the completion tokens, 0 elsewhere
+    advantages: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None  # when a KL estimate needs them
+    old_logprobs: torch.Tensor | None = None  # pi_old, for --mu > 1 (with mu = 1, pi_old is pi detached)
+
+
+def rollout(policy, tokenizer, task, problems, config, seed) -> list[Sample]:
+    """Samples a group per problem and scores it: the task's reward, the format reward, the overlong penalty."""
+    prompts = [task.prompt(tokenizer, p, config.instruction) for p in problems]
     completions = generate(policy, prompts, config.max_new_tokens, temperature=config.temperature,
                            top_p=config.top_p, n=config.group_size, stop_token_ids=tokenizer.eos_token_ids, seed=seed,
                            cuda_graph=config.cuda_graph)
     texts = [tokenizer.decode(c.tokens, skip_special_tokens=True) for c in completions]
-    verdicts = verify_batch([(t, problems[c.prompt_index]["answer"]) for t, c in zip(texts, completions)])
-    samples = []
-    for completion, text, verdict in zip(completions, texts, verdicts):
-        reward = float(verdict.correct)
-        if config.format_weight:
-            reward += config.format_weight * format_reward(text)
-        samples.append(dict(prompt=prompts[completion.prompt_index], tokens=completion.tokens,
-                            sampler_logprobs=completion.logprobs, truncated=completion.finish_reason == "length",
-                            correct=verdict.correct, reward=reward, text=text))
-    if config.overlong_buffer:
-        penalties = overlong_penalty([len(s["tokens"]) for s in samples], config.max_new_tokens,
-                                     config.overlong_buffer, config.overlong_penalty)
-        for sample, penalty in zip(samples, penalties.tolist()):
-            sample["reward"] += penalty
-    return samples
+    rewards, verdicts = score(task, texts, [problems[c.prompt_index] for c in completions],
+                              [len(c.tokens) for c in completions], config.max_new_tokens, config.format_weight,
+                              config.overlong_buffer, config.overlong_penalty)
+    return [Sample(prompts[c.prompt_index], c.tokens, c.logprobs, c.finish_reason == "length", v.correct, r, t)
+            for c, t, v, r in zip(completions, texts, verdicts, rewards)]
 
 
-def collate(samples, pad_id, device):
-    """Right-padded (prompt + completion) rows; completion_mask marks the completion tokens (the stop token
-    included, so that stopping is learned). Returns input_ids, completion_mask (B, T)."""
-    longest = max(len(s["prompt"]) + len(s["tokens"]) for s in samples)
+def collect_rollouts(model, tokenizer, task, problems, config, step, rank, world_size):
+    """This rank's share of the step's groups, sampled by the current policy. With --dynamic_sampling, groups whose
+    rewards are all equal are dropped and more prompts drawn, up to --max_resample_rounds times. Returns (samples,
+    rounds, groups with equal rewards)."""
+    policy = unsharded_copy(model)
+    wanted = config.prompts_per_step // world_size * config.group_size
+    samples, rounds, equal_groups = [], 0, 0
+    while len(samples) < wanted and rounds <= config.max_resample_rounds:
+        # the same global draw on every rank, each taking its share: the data position is the step number,
+        # whatever the number of ranks
+        draw = np.random.RandomState(config.seed * 1_000_003 + step * 7919 + rounds)
+        batch = [problems[i] for i in draw.randint(0, len(problems), config.prompts_per_step)[rank::world_size]]
+        with autocast_for(next(model.parameters()).device):
+            new = rollout(policy, tokenizer, task, batch, config,
+                          seed=config.seed * 1_000_003 + step * 101 + rounds * 13 + rank)
+        for start in range(0, len(new), config.group_size):
+            group = new[start: start + config.group_size]
+            has_signal = max(s.reward for s in group) > min(s.reward for s in group)
+            equal_groups += not has_signal
+            if has_signal or not config.dynamic_sampling:  # DAPO: groups with equal rewards carry no signal
+                samples += group
+        rounds += 1
+        if not config.dynamic_sampling:
+            break
+    return samples[:wanted], rounds, equal_groups
+
+
+def collate(samples, pad_id, device) -> Batch:
+    longest = max(len(s.prompt) + len(s.tokens) for s in samples)
     input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
     completion_mask = torch.zeros((len(samples), longest), dtype=torch.long)
+    sampler_logprobs = torch.zeros((len(samples), longest))
     for row, s in enumerate(samples):
-        sequence = s["prompt"] + s["tokens"]
-        input_ids[row, : len(sequence)] = torch.tensor(sequence)
-        completion_mask[row, len(s["prompt"]): len(sequence)] = 1
-    return input_ids.to(device), completion_mask.to(device)
+        begin, end = len(s.prompt), len(s.prompt) + len(s.tokens)
+        input_ids[row, :end] = torch.tensor(s.prompt + s.tokens)
+        completion_mask[row, begin:end] = 1
+        sampler_logprobs[row, begin:end] = torch.tensor(s.sampler_logprobs)
+    return Batch(input_ids.to(device), completion_mask.to(device), sampler_logprobs.to(device))
+
+
+def score_batch(batch, samples, model, ref_model, config, device):
+    """Fills in what the update needs before it starts: the reference's and pi_old's log-probs (each once, and
+    only when used), the KL-in-reward penalty, and the advantages (the batch std over all ranks for
+    --scale_rewards=batch). Returns the rewards."""
+    autocast = autocast_for(device)
+    needs_estimate = ref_model is not None and config.kl_estimator != "full"
+    with torch.no_grad(), autocast:
+        if needs_estimate:
+            batch.ref_logprobs = sequence_logprobs(ref_model, batch.input_ids, temperature=config.temperature)
+        if config.mu > 1 or (needs_estimate and config.kl_in == "reward"):
+            batch.old_logprobs = sequence_logprobs(model, batch.input_ids, temperature=config.temperature)
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+    if ref_model is not None and config.kl_in == "reward":
+        with torch.no_grad(), autocast:
+            kl = token_kl(model, ref_model, batch.input_ids, batch.old_logprobs, batch.ref_logprobs, config)
+        rewards = rewards - config.beta * (kl * batch.completion_mask).sum(1).cpu()
+    batch_std = None
+    if config.scale_rewards == "batch":
+        count = all_reduce_sum(len(rewards), device)
+        batch_mean = all_reduce_sum(rewards.sum().item(), device) / max(count, 1)
+        batch_std = math.sqrt(all_reduce_sum(((rewards - batch_mean) ** 2).sum().item(), device) / max(count - 1, 1))
+    batch.advantages = group_advantages(rewards, config.group_size, config.advantage, config.scale_rewards,
+                                        batch_std=batch_std)[0].to(device)
+    if config.mask_truncated:
+        batch.completion_mask = batch.completion_mask * torch.tensor([not s.truncated for s in samples],
+                                                                     device=device)[:, None]
+    return rewards
+
+
+def token_kl(policy, ref_model, input_ids, logprobs, ref_logprobs, config):
+    """The per-token KL (B, T) of the policy to the reference that --kl_estimator and --kl_direction choose: the
+    exact sum over the vocabulary (full), or the estimate from the sampled tokens' log-probs."""
+    if config.kl_estimator == "full":
+        return exact_kl(policy, ref_model, input_ids, config.temperature, config.kl_direction)
+    return kl_estimate(logprobs, ref_logprobs, config.kl_estimator, config.kl_direction)
 
 
 def exact_kl(model, ref_model, input_ids, temperature, direction):
@@ -284,6 +342,65 @@ def exact_kl(model, ref_model, input_ids, temperature, direction):
 
 
 # -----------------------------------------------------------------------------
+# the update
+
+
+def update_policy(wrapped, model, ref_model, optimizer, batch, config, num_sequences, num_tokens, world_size,
+                  device):
+    """--mu epochs of PPO-clip over this rank's rows in micro-batches, then the optimizer step. The loss is
+    normalised by the global counts, so the gradient does not depend on how the batch is split over ranks and
+    micro-steps (DDP averages over ranks: x world_size). Returns the summed diagnostics and the gradient norm."""
+    stats = dict(clip_low=0, clip_high=0, kl=0.0, entropy=0.0, mismatch=0.0, ratio_max_dev=0.0)
+    rows_per_step = config.micro_batch_size
+    starts = list(range(0, len(batch.input_ids), rows_per_step)) if batch is not None else []
+    for epoch in range(config.mu):
+        if not starts:  # this rank has no rollouts (dynamic sampling found none): a zero loss through the wrapped
+            # model joins the others' gradient all-reduce (a backward without DDP's forward does not, and the
+            # other ranks wait for it forever)
+            set_gradient_sync(wrapped, enabled=True)
+            (sequence_logprobs(wrapped, torch.zeros((1, 2), dtype=torch.long, device=device)).sum() * 0).backward()
+        for k, start in enumerate(starts):
+            set_gradient_sync(wrapped, enabled=k == len(starts) - 1)
+            rows = slice(start, start + rows_per_step)
+            micro_stats = micro_step(wrapped, ref_model, batch, rows, config, num_sequences, num_tokens, world_size,
+                                     diagnostics=epoch == 0)
+            for key, value in micro_stats.items():
+                stats[key] = max(stats[key], value) if key == "ratio_max_dev" else stats[key] + value
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise SystemExit("the gradient norm is not finite; stopping before the update (lower --lr, or resume "
+                             "from the last checkpoint)")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return stats, float(grad_norm)
+
+
+def micro_step(wrapped, ref_model, batch, rows, config, num_sequences, num_tokens, world_size, diagnostics):
+    """Forward, loss and backward of one micro-batch; returns its diagnostics (summed over completion tokens)."""
+    with autocast_for(batch.input_ids.device):
+        logprobs, entropy = sequence_logprobs(wrapped, batch.input_ids[rows], temperature=config.temperature,
+                                              return_entropy=True)
+    old = batch.old_logprobs[rows] if config.mu > 1 else logprobs.detach()
+    kl = None
+    if ref_model is not None and config.kl_in == "loss":
+        ref_logprobs = batch.ref_logprobs[rows] if batch.ref_logprobs is not None else None
+        kl = token_kl(wrapped, ref_model, batch.input_ids[rows], logprobs, ref_logprobs, config)
+    mask = batch.completion_mask[rows]
+    loss, clip = policy_loss(logprobs, old, batch.advantages[rows], mask, num_sequences, num_tokens,
+                             config.eps_low, config.eps_high, config.loss_agg, config.max_new_tokens,
+                             kl=kl, beta=config.beta, entropy=entropy if config.entropy_coef else None,
+                             entropy_coef=config.entropy_coef)
+    (loss * world_size).backward()
+    on = mask.bool()
+    ratio = torch.exp(logprobs.detach() - old)[on]
+    stats = dict(clip, ratio_max_dev=(ratio - 1).abs().max().item() if len(ratio) else 0.0)
+    if diagnostics:  # once per batch, not per epoch
+        stats.update(entropy=entropy.detach()[on].sum().item(), kl=kl.detach()[on].sum().item() if kl is not None
+                     else 0.0, mismatch=(logprobs.detach() - batch.sampler_logprobs[rows]).abs()[on].sum().item())
+    return stats
+
+
+# -----------------------------------------------------------------------------
 # the training loop
 
 
@@ -292,7 +409,6 @@ def main(argv=None):
     check_config(config)
     rank, world_size, device = init_distributed(config.device)
     master = rank == 0
-    random.seed(config.seed + rank)
     torch.manual_seed(config.seed)
     if config.prompts_per_step % world_size:
         raise SystemExit(f"prompts_per_step={config.prompts_per_step} must be a multiple of the {world_size} ranks")
@@ -307,177 +423,60 @@ def main(argv=None):
     tokenizer = Tokenizer.from_pretrained(model_path)
     ref_model = None
     if config.beta > 0:  # beta = 0: no reference model at all, and none of its memory
-        ref_path = resume_from if resume_from and os.path.exists(os.path.join(resume_from, "reference")) else None
-        ref_model = load_reference(os.path.join(ref_path, "reference") if ref_path else config.model, device)
+        saved = os.path.join(resume_from, "reference") if resume_from else None
+        ref_model = load_reference(saved if saved and os.path.exists(saved) else config.model, device)
     wrapped, model = wrap_model(model, config.parallel, device, config.activation_checkpointing)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
-    start_step = 0
-    if resume_from:
-        start_step, _, _ = load_run_state(resume_from, model, optimizer, rank)
-    problems = load_problems(config)
+    start_step = load_run_state(resume_from, model, optimizer, rank)[0] if resume_from else 0
+    task, problems, eval_task, heldout = load_tasks(config, master)
     log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=master, start_step=start_step)
     if master:
         print(f"config: {dataclasses.asdict(config)}")
-        print(f"policy {model_path}: {model.num_parameters() / 1e6:.1f}M parameters | {len(problems)} problems | "
-              f"{world_size} process(es) on {device} | reference model: {'loaded' if ref_model else 'none (beta=0)'}")
-    autocast = autocast_for(device)
-    if start_step == 0 and config.eval_problems:
-        heldout_eval(model, tokenizer, config, rank, world_size, 0, log)
+        print(f"policy {model_path}: {model.num_parameters() / 1e6:.1f}M parameters | task {task.name}: "
+              f"{len(problems)} problems | {world_size} process(es) on {device} | reference model: "
+              f"{'loaded' if ref_model else 'none (beta=0)'}")
+    if start_step == 0 and heldout:
+        heldout_eval(model, tokenizer, eval_task, heldout, config, rank, world_size, 0, log)
 
-    prompts_per_rank = config.prompts_per_step // world_size
     start_time = time.time()
     for step in range(start_step, config.max_steps):
-        times = {}
-        # 1. rollout: this rank's groups, sampled by the current policy
-        t0 = time.time()
-        policy = unsharded_copy(model)
-        samples, rounds, zero_variance_groups = [], 0, 0
-        while len(samples) < prompts_per_rank * config.group_size and rounds <= config.max_resample_rounds:
-            # the same global draw on every rank, each taking its share: the data position is the step number,
-            # whatever the number of ranks
-            rng = np.random.RandomState(config.seed * 1_000_003 + step * 7919 + rounds)
-            batch = [problems[i] for i in rng.randint(0, len(problems), config.prompts_per_step)[rank::world_size]]
-            with autocast:
-                new = rollout(policy, tokenizer, batch, config,
-                              seed=config.seed * 1_000_003 + step * 101 + rounds * 13 + rank)
-            groups = [new[i: i + config.group_size] for i in range(0, len(new), config.group_size)]
-            zero_variance_groups += sum(max(s["reward"] for s in g) == min(s["reward"] for s in g) for g in groups)
-            if config.dynamic_sampling:  # DAPO: groups with equal rewards carry no signal
-                groups = [g for g in groups if max(s["reward"] for s in g) > min(s["reward"] for s in g)]
-            samples += [s for g in groups for s in g]
-            rounds += 1
-            if not config.dynamic_sampling:
-                break
-        samples = samples[: prompts_per_rank * config.group_size]
-        del policy
-        times["rollout"] = time.time() - t0
-
-        # 2. score: rewards came from the verifier pool; the KL-in-reward penalty needs the reference
-        t0 = time.time()
-        input_ids, completion_mask = collate(samples, tokenizer.pad_token_id, device) if samples else (None, None)
-        ref_logprobs = None
-        if ref_model is not None and samples and config.kl_estimator != "full":
-            with torch.no_grad(), autocast:
-                ref_logprobs = sequence_logprobs(ref_model, input_ids, temperature=config.temperature)
-        rewards = torch.tensor([s["reward"] for s in samples], dtype=torch.float32)
-        if config.kl_in == "reward" and ref_model is not None and samples:
-            with torch.no_grad(), autocast:
-                logprobs_now = sequence_logprobs(model, input_ids, temperature=config.temperature)
-                kl = exact_kl(model, ref_model, input_ids, config.temperature, config.kl_direction) \
-                    if config.kl_estimator == "full" else kl_estimate(logprobs_now, ref_logprobs,
-                                                                       config.kl_estimator, config.kl_direction)
-            rewards = rewards - config.beta * (kl * completion_mask).sum(1).cpu()
-        times["score"] = time.time() - t0
-
-        # 3. advantages within each group (batch std across all ranks for --scale_rewards=batch)
-        batch_std = None
-        if config.scale_rewards == "batch":
-            count = all_reduce_sum(len(rewards), device)
-            mean = all_reduce_sum(rewards.sum().item(), device) / max(count, 1)
-            batch_std = math.sqrt(all_reduce_sum(((rewards - mean) ** 2).sum().item(), device) / max(count - 1, 1))
-        advantages = group_advantages(rewards, config.group_size, config.advantage, config.scale_rewards,
-                                      batch_std=batch_std)[0] if samples else rewards
-        if samples and config.mask_truncated:
-            completion_mask = completion_mask * torch.tensor([not s["truncated"] for s in samples],
-                                                             device=device)[:, None]
-
-        # 4. update: mu epochs of PPO-clip over the rollouts, normalised by global counts
-        t0 = time.time()
+        times, t0 = {}, time.time()
+        # 1-2. rollouts of the current policy, scored by the task
+        samples, rounds, equal_groups = collect_rollouts(model, tokenizer, task, problems, config, step, rank,
+                                                         world_size)
+        times["rollout"], t0 = time.time() - t0, time.time()
+        # 3. the reference's and pi_old's log-probs, a KL-in-reward penalty, advantages within each group
+        batch = collate(samples, tokenizer.pad_token_id, device) if samples else None
+        rewards = score_batch(batch, samples, model, ref_model, config, device) if samples else None
+        times["score"], t0 = time.time() - t0, time.time()
+        # 4-7. mu epochs of PPO-clip with the KL term, normalised by the global counts
         num_sequences = all_reduce_sum(len(samples), device)
-        num_tokens = all_reduce_sum(float(completion_mask.sum()) if samples else 0.0, device)
-        old_logprobs = None
-        if config.mu > 1 and samples:
-            with torch.no_grad(), autocast:
-                old_logprobs = sequence_logprobs(wrapped, input_ids, temperature=config.temperature)
+        num_tokens = all_reduce_sum(float(batch.completion_mask.sum()) if samples else 0.0, device)
         lr = lr_at(step, config.max_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        stats = dict(clip_low=0, clip_high=0, kl=0.0, entropy=0.0, mismatch=0.0, ratio_max_dev=0.0)
-        for epoch in range(config.mu):
-            micro = list(range(0, len(samples), config.micro_batch_size)) or [None]
-            for k, start in enumerate(micro):
-                no_sync(wrapped, last_micro_step=k == len(micro) - 1)
-                if start is None:  # this rank has no rollouts (dynamic sampling found none): a zero loss through
-                    # the wrapped model joins the others' gradient all-reduce (a backward without DDP's forward
-                    # does not, and the other ranks wait for it forever)
-                    padding = torch.zeros((1, 2), dtype=torch.long, device=device)
-                    (sequence_logprobs(wrapped, padding).sum() * 0).backward()
-                    continue
-                rows = slice(start, start + config.micro_batch_size)
-                with autocast:
-                    logprobs, entropy = sequence_logprobs(wrapped, input_ids[rows], temperature=config.temperature,
-                                                          return_entropy=True)
-                old = old_logprobs[rows] if old_logprobs is not None else logprobs.detach()
-                kl = None
-                if ref_model is not None and config.kl_in == "loss":
-                    kl = exact_kl(wrapped, ref_model, input_ids[rows], config.temperature, config.kl_direction) \
-                        if config.kl_estimator == "full" else kl_estimate(logprobs, ref_logprobs[rows],
-                                                                           config.kl_estimator, config.kl_direction)
-                loss, clip = policy_loss(logprobs, old, advantages[rows].to(device), completion_mask[rows], config,
-                                         num_sequences, num_tokens, kl, entropy if config.entropy_coef else None)
-                (loss * world_size).backward()  # DDP averages gradients over ranks
-                if epoch == 0:
-                    mask = completion_mask[rows].bool()
-                    stats["entropy"] += entropy.detach()[mask].sum().item()
-                    stats["kl"] += (kl.detach()[mask].sum().item() if kl is not None else 0.0)
-                    sampler_lp = torch.zeros_like(logprobs)
-                    for row, s in enumerate(samples[rows]):
-                        begin = len(s["prompt"])
-                        sampler_lp[row, begin: begin + len(s["tokens"])] = torch.tensor(s["sampler_logprobs"])
-                    stats["mismatch"] += (logprobs.detach() - sampler_lp).abs()[mask].sum().item()
-                stats["clip_low"] += clip["clip_low"]
-                stats["clip_high"] += clip["clip_high"]
-                ratio = torch.exp(logprobs.detach() - old)[completion_mask[rows].bool()]
-                stats["ratio_max_dev"] = max(stats["ratio_max_dev"], (ratio - 1).abs().max().item() if len(ratio) else 0)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            if not torch.isfinite(grad_norm):
-                raise SystemExit(f"step {step}: gradient norm is not finite; stopping before the update "
-                                 f"(lower --lr, or resume from the last checkpoint)")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        stats, grad_norm = update_policy(wrapped, model, ref_model, optimizer, batch, config, num_sequences,
+                                         num_tokens, world_size, device)
         if ref_model is not None and config.ref_update_every and (step + 1) % config.ref_update_every == 0:
             ref_model.load_state_dict(full_state_dict(model, device=device))
         times["update"] = time.time() - t0
-
-        # 5. log: everything below is diagnostics, evaluation and checkpoints
+        # diagnostics, held-out eval and checkpoints
         done = step + 1
-        gathered = [s for part in all_gather_objects([{k: s[k] for k in ("reward", "correct", "truncated")} |
-                                                      {"length": len(s["tokens"])} for s in samples]) for s in part]
-        totals = {k: all_reduce_sum(v, device) for k, v in stats.items() if k != "ratio_max_dev"}
-        generated = sum(s["length"] for s in gathered)
-        mean = lambda key: float(np.mean([s[key] for s in gathered])) if gathered else 0.0  # dynamic sampling can
-        metrics = dict(  # leave a step with no rollouts at all
-            step=done, reward=mean("reward"), accuracy=mean("correct"), length=mean("length"),
-            truncated=mean("truncated"),
-            zero_variance=all_reduce_sum(zero_variance_groups, device) / max(1, all_reduce_sum(
-                rounds * prompts_per_rank, device)),
-            kl=totals["kl"] / max(num_tokens, 1), entropy=totals["entropy"] / max(num_tokens, 1),
-            clip_low=totals["clip_low"] / max(num_tokens * config.mu, 1),
-            clip_high=totals["clip_high"] / max(num_tokens * config.mu, 1),
-            mismatch=totals["mismatch"] / max(num_tokens, 1), ratio_max_dev=stats["ratio_max_dev"], lr=lr,
-            grad_norm=float(grad_norm), **{f"time_{k}": v for k, v in times.items()},
-            tokens_per_s=generated / max(sum(times.values()), 1e-9))
+        metrics = step_metrics(samples, rewards, stats, rounds, equal_groups, num_tokens, config, world_size, device)
+        metrics.update(step=done, lr=lr, grad_norm=grad_norm, **{f"time_{k}": v for k, v in times.items()})
+        metrics["tokens_per_s"] = metrics.pop("generated") / max(sum(times.values()), 1e-9)
         if master and done % config.log_every == 0:
-            eta = (time.time() - start_time) / (done - start_step) * (config.max_steps - done)
-            print(f"step {done}/{config.max_steps} | reward {metrics['reward']:.3f} | acc {metrics['accuracy']:.3f} | "
-                  f"len {metrics['length']:.0f} | trunc {metrics['truncated']:.2f} | zero-var "
-                  f"{metrics['zero_variance']:.2f} | kl {metrics['kl']:.4f} | ent {metrics['entropy']:.3f} | clip "
-                  f"{metrics['clip_low']:.3f}/{metrics['clip_high']:.3f} | mismatch {metrics['mismatch']:.1e} | "
-                  f"gen {times['rollout']:.1f}s score {times['score']:.1f}s train {times['update']:.1f}s | "
-                  f"{metrics['tokens_per_s']:,.0f} tok/s | ETA {format_eta(eta)}", flush=True)
-            warn_if_stuck(metrics, config)
+            print_step(metrics, config, (time.time() - start_time) / (done - start_step) * (config.max_steps - done))
         if master and samples and done % config.sample_every == 0:
-            s = samples[0]
-            print(f"--- sample (reward {s['reward']:.2f}):\n{s['text']}\n---", flush=True)
-        # 6. eval and checkpoint
-        if config.eval_problems and ((config.eval_every and done % config.eval_every == 0) or done == config.max_steps):
-            metrics["heldout_accuracy"] = heldout_eval(model, tokenizer, config, rank, world_size, done, log)
+            print(f"--- sample (reward {samples[0].reward:.2f}):\n{samples[0].text}\n---", flush=True)
+        if heldout and ((config.eval_every and done % config.eval_every == 0) or done == config.max_steps):
+            metrics["heldout_accuracy"] = heldout_eval(model, tokenizer, eval_task, heldout, config, rank,
+                                                       world_size, done, log)
         log.write(**{k: float(v) for k, v in metrics.items()})
         if done % config.save_every == 0 or done == config.max_steps:
-            name = "final" if done == config.max_steps else None
             refreshed_reference = ref_model if ref_model is not None and config.ref_update_every else None
             save_checkpoint(config.out_dir, model, tokenizer, optimizer, done, config, metrics, rank, world_size,
-                            name=name, reference=refreshed_reference)
+                            name="final" if done == config.max_steps else None, reference=refreshed_reference)
     if world_size > 1:
         torch.distributed.destroy_process_group()
     if out_dir_lock:
@@ -485,37 +484,31 @@ def main(argv=None):
     return metrics if config.max_steps > start_step else {}
 
 
-def check_config(config):
-    choices = dict(advantage=("grpo", "rloo"), scale_rewards=("group", "batch", "none"),
-                   loss_agg=("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"),
-                   kl_estimator=("k1", "k2", "k3", "full"), kl_direction=("reverse", "forward"),
-                   kl_in=("loss", "reward"), parallel=("ddp", "fsdp"))
-    check_values(config, choices,
-                 positive=("prompts_per_step", "max_new_tokens", "temperature", "top_p", "mu", "max_steps", "lr",
-                           "grad_clip", "micro_batch_size", "log_every", "sample_every", "save_every"),
-                 non_negative=("eval_problems", "max_resample_rounds", "format_weight", "overlong_buffer",
-                               "overlong_penalty", "eps_low", "eps_high", "entropy_coef", "beta", "ref_update_every",
-                               "min_lr_ratio", "warmup_steps", "weight_decay", "eval_every", "eval_temperature"))
-    if config.top_p > 1:
-        raise SystemExit(f"--top_p={config.top_p}: must be at most 1")
-    if config.group_size < 2:
-        raise SystemExit("--group_size must be at least 2: advantages are relative to the group")
-    if config.kl_estimator == "full" and config.parallel == "fsdp" and config.beta > 0:
-        raise SystemExit("--kl_estimator=full reads the LM head outside the forward: use --parallel=ddp")
-    if config.dynamic_sampling and config.parallel == "fsdp":
-        raise SystemExit("--dynamic_sampling=true leaves ranks with different numbers of rollouts, and FSDP's "
-                         "per-block all-gathers need the same number of forward passes on every rank: use "
-                         "--parallel=ddp")
+def step_metrics(samples, rewards, stats, rounds, equal_groups, num_tokens, config, world_size, device) -> dict:
+    """The step's means over all ranks: rewards and accuracy of the rollouts, then per completion token the KL,
+    entropy, clip fractions and the sampler/trainer log-prob mismatch."""
+    gathered = [row for part in all_gather_objects([(s.reward, s.correct, s.truncated, len(s.tokens))
+                                                    for s in samples]) for row in part]
+    totals = {k: all_reduce_sum(v, device) for k, v in stats.items() if k != "ratio_max_dev"}
+    column_mean = lambda column: float(np.mean([row[column] for row in gathered])) if gathered else 0.0  # dynamic
+    per_token = lambda total: total / max(num_tokens, 1)  # sampling can leave a step with no rollouts at all
+    groups_drawn = all_reduce_sum(rounds * config.prompts_per_step // world_size, device)
+    return dict(reward=column_mean(0), accuracy=column_mean(1), truncated=column_mean(2), length=column_mean(3),
+                zero_variance=all_reduce_sum(equal_groups, device) / max(1, groups_drawn),
+                kl=per_token(totals["kl"]), entropy=per_token(totals["entropy"]),
+                clip_low=totals["clip_low"] / max(num_tokens * config.mu, 1),
+                clip_high=totals["clip_high"] / max(num_tokens * config.mu, 1),
+                mismatch=per_token(totals["mismatch"]), ratio_max_dev=stats["ratio_max_dev"],
+                generated=sum(row[3] for row in gathered))
 
 
-def load_reference(path, device):
-    reference = Transformer.from_pretrained(path, device=device, dtype=torch.float32).eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    return reference
-
-
-def warn_if_stuck(metrics, config):
+def print_step(metrics, config, eta):
+    print(f"step {metrics['step']}/{config.max_steps} | reward {metrics['reward']:.3f} | acc "
+          f"{metrics['accuracy']:.3f} | len {metrics['length']:.0f} | trunc {metrics['truncated']:.2f} | zero-var {metrics['zero_variance']:.2f} | "
+          f"kl {metrics['kl']:.4f} | ent {metrics['entropy']:.3f} | clip {metrics['clip_low']:.3f}/"
+          f"{metrics['clip_high']:.3f} | mismatch {metrics['mismatch']:.1e} | gen {metrics['time_rollout']:.1f}s "
+          f"score {metrics['time_score']:.1f}s train {metrics['time_update']:.1f}s | "
+          f"{metrics['tokens_per_s']:,.0f} tok/s | ETA {format_eta(eta)}", flush=True)
     if metrics["zero_variance"] > 0.8:
         print(f"warning: {metrics['zero_variance']:.0%} of groups have equal rewards and teach nothing: the task is "
               f"too hard or too easy for the policy; try --dynamic_sampling=true, a larger --group_size, or other "
@@ -525,17 +518,54 @@ def warn_if_stuck(metrics, config):
               f"it, or use --overlong_buffer / --mask_truncated", flush=True)
 
 
-def heldout_eval(model, tokenizer, config, rank, world_size, step, log):
-    from eval import benchmark_metrics, evaluate
+def check_config(config):
+    check_values(config, positive=("prompts_per_step", "max_new_tokens", "temperature", "top_p", "mu", "max_steps",
+                                   "lr", "grad_clip", "micro_batch_size", "log_every", "sample_every", "save_every"),
+                 non_negative=("eval_problems", "max_resample_rounds", "format_weight", "overlong_buffer",
+                               "overlong_penalty", "eps_low", "eps_high", "entropy_coef", "beta", "ref_update_every",
+                               "min_lr_ratio", "warmup_steps", "weight_decay", "eval_every", "eval_temperature"))
+    if config.top_p > 1:
+        raise SystemExit(f"--top_p={config.top_p}: must be at most 1")
+    if config.group_size < 2:
+        raise SystemExit("--group_size must be at least 2: advantages are relative to the group")
+    if config.data and config.task != "demo":
+        raise SystemExit(f"--data={config.data} and --task={config.task}: name the problems once (--data=<file> is "
+                         f"--task=<file>)")
+    if config.kl_estimator == "full" and config.parallel == "fsdp" and config.beta > 0:
+        raise SystemExit("--kl_estimator=full reads the LM head outside the forward: use --parallel=ddp")
+    if config.dynamic_sampling and config.parallel == "fsdp":
+        raise SystemExit("--dynamic_sampling=true leaves ranks with different numbers of rollouts, and FSDP's "
+                         "per-block all-gathers need the same number of forward passes on every rank: use "
+                         "--parallel=ddp")
 
-    problems = [{"id": str(i), **p} for i, p in enumerate(load_problems(config, heldout=True)[: config.eval_problems])]
+
+def load_tasks(config, master):
+    """(task, its training problems, the held-out task, its first --eval_problems problems). A JSONL file named by
+    --data is training problems only: the held-out ones come from --eval_data."""
+    task = get_task(config.data, flag="--data") if config.data else get_task(config.task)
+    problems = check_problems(task.train_problems(config.seed), task)
+    eval_task = get_task(config.eval_data, flag="--eval_data") if config.eval_data else task
+    if not config.eval_problems or (eval_task is task and isinstance(task, JsonlTask)):
+        if master and config.eval_problems:
+            print(f"no held-out eval: {task.name} is a file of training problems; name held-out ones with "
+                  f"--eval_data=<task>", flush=True)
+        return task, problems, eval_task, []
+    return task, problems, eval_task, check_problems(eval_task.test_problems(), eval_task)[: config.eval_problems]
+
+
+def load_reference(path, device):
+    reference = Transformer.from_pretrained(path, device=device, dtype=torch.float32).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
+
+
+def heldout_eval(model, tokenizer, task, problems, config, rank, world_size, step, log):
     with autocast_for(next(model.parameters()).device):
-        records = evaluate(unsharded_copy(model), tokenizer, problems, n=1, temperature=config.eval_temperature,
-                           top_p=1.0, max_new_tokens=config.max_new_tokens, instruction=config.instruction,
-                           seed=config.seed, rank=rank, world_size=world_size, show_progress=False)
-    accuracy = benchmark_metrics(records, n=1)["pass@1"]
+        accuracy = heldout_accuracy(unsharded_copy(model), tokenizer, task, problems, config.eval_temperature,
+                                    config.max_new_tokens, config.instruction, config.seed, rank, world_size)
     if rank == 0:
-        print(f"step {step}: held-out accuracy {accuracy:.1f}% ({len(problems)} problems, temperature "
+        print(f"step {step}: held-out accuracy {accuracy:.1f}% ({len(problems)} {task.name} problems, temperature "
               f"{config.eval_temperature})", flush=True)
     log.write(step=step, heldout_accuracy=accuracy)
     return accuracy

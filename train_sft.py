@@ -22,15 +22,17 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
 from common import (MetricsLog, all_reduce_sum, autocast_for, check_values, claim_out_dir, format_eta,
-                    init_distributed, load_run_state, lr_at, make_optimizer, no_sync, parse_config, resume_checkpoint,
-                    save_checkpoint, unsharded_copy, wrap_model)
-from data import Tokenizer, build_demo_model, demo_problems, demo_trace, read_jsonl, sft_example
+                    init_distributed, load_run_state, lr_at, make_optimizer, parse_config, resume_checkpoint,
+                    save_checkpoint, set_gradient_sync, unsharded_copy, wrap_model)
+from data import Tokenizer, read_jsonl, sft_example
 from model import Transformer, sequence_logprobs
+from tasks import DemoTask, build_demo_model, demo_problems, demo_trace, heldout_accuracy
 
 
 @dataclass
@@ -53,10 +55,11 @@ class Config:
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max global gradient norm
     # system
-    device: str = "auto"  # auto | cpu | cuda
-    parallel: str = "ddp"  # ddp | fsdp (FSDP2, one shard group per block)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: FSDP2, one shard group per block
     activation_checkpointing: bool = False  # recompute blocks in the backward (long traces)
-    pack: str = "auto"  # auto: packed rows (varlen attention, no padding) on CUDA, padded rows on CPU; true | false
+    pack: Literal["auto", "true", "false"] = "auto"  # auto: packed rows (varlen attention, no padding) on CUDA,
+    # padded rows on CPU
     seed: int = 0
     # logging, eval, checkpoints
     out_dir: str = "out/sft_demo"
@@ -133,14 +136,10 @@ def make_batch(examples, pack, pad_id, device):
 
 
 def evaluate_demo(model, tokenizer, config, rank, world_size):
-    from eval import benchmark_metrics, evaluate, load_benchmark
-
-    problems = load_benchmark("demo", "", limit=config.eval_problems, demo_count=config.eval_problems)
+    task = DemoTask(test_size=config.eval_problems)
     with autocast_for(next(model.parameters()).device):
-        records = evaluate(unsharded_copy(model), tokenizer, problems, n=1, temperature=config.eval_temperature,
-                           top_p=1.0, max_new_tokens=config.eval_max_new_tokens, instruction="none",
-                           seed=config.seed, rank=rank, world_size=world_size, show_progress=False)
-    return benchmark_metrics(records, n=1)["pass@1"]
+        return heldout_accuracy(unsharded_copy(model), tokenizer, task, task.test_problems(), config.eval_temperature,
+                                config.eval_max_new_tokens, None, config.seed, rank, world_size)
 
 
 def main(argv=None):
@@ -168,7 +167,7 @@ def main(argv=None):
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     start_step, metrics = 0, {}
     if resume_from:
-        start_step, metrics, _ = load_run_state(resume_from, model, optimizer, rank)
+        start_step, metrics = load_run_state(resume_from, model, optimizer, rank)
     examples = load_examples(config, tokenizer, rank)
     log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=master, start_step=start_step)
     if master:
@@ -193,7 +192,7 @@ def main(argv=None):
         loss_sum = 0.0
         for k, micro_batch in enumerate(micro_batches):
             batch = make_batch(micro_batch, pack, tokenizer.pad_token_id, device)
-            no_sync(wrapped, last_micro_step=k == len(micro_batches) - 1)
+            set_gradient_sync(wrapped, enabled=k == len(micro_batches) - 1)
             with autocast:
                 logprobs = sequence_logprobs(wrapped, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"])
             token_loss = -(logprobs * batch["loss_mask"]).sum()
@@ -239,9 +238,8 @@ def main(argv=None):
 
 
 def check_config(config):
-    check_values(config, choices=dict(parallel=("ddp", "fsdp"), pack=("auto", "true", "false")),
-                 positive=("max_seq_len", "max_steps", "batch_size", "micro_batch_size", "lr", "grad_clip",
-                           "log_every", "save_every", "demo_examples", "eval_max_new_tokens"),
+    check_values(config, positive=("max_seq_len", "max_steps", "batch_size", "micro_batch_size", "lr", "grad_clip",
+                                   "log_every", "save_every", "demo_examples", "eval_max_new_tokens"),
                  non_negative=("warmup_steps", "min_lr_ratio", "weight_decay", "eval_every", "eval_problems",
                                "eval_temperature", "demo_slip_rate"))
 

@@ -198,8 +198,6 @@ def step_sampler(smoke, skip_hf=False, new_tokens=512):
 
 
 def step_training(smoke):
-    import types
-
     import train_grpo
     from common import make_optimizer
     from model import sequence_logprobs
@@ -238,8 +236,6 @@ def step_training(smoke):
 
     # GRPO: 8 prompts x G=8, 1k-token completions (EOS ignored), random 0/1 rewards (no tokenizer here)
     prompts_n, group, prompt_len, new_tokens = (2, 2, 8, 8) if smoke else (8, 8, 256, 1024)
-    config = types.SimpleNamespace(eps_low=0.2, eps_high=0.28, beta=0.0, entropy_coef=0.0, loss_agg="token-mean",
-                                   max_new_tokens=new_tokens)
     if not smoke:
         torch.cuda.reset_peak_memory_stats()
     times = {}
@@ -250,8 +246,10 @@ def step_training(smoke):
     sync()
     times["rollout"] = time.perf_counter() - start
     start = time.perf_counter()
-    samples = [dict(prompt=prompts[c.prompt_index], tokens=c.tokens) for c in completions]
-    input_ids, mask = train_grpo.collate(samples, 0, torch.device(device))
+    samples = [train_grpo.Sample(prompts[c.prompt_index], c.tokens, c.logprobs, False, False, 0.0, "")
+               for c in completions]
+    batch = train_grpo.collate(samples, 0, torch.device(device))
+    input_ids, mask = batch.input_ids, batch.completion_mask
     rewards = torch.randint(0, 2, (len(samples),)).float()
     advantages = train_grpo.group_advantages(rewards, group)[0].to(device)
     times["score"] = time.perf_counter() - start
@@ -261,7 +259,8 @@ def step_training(smoke):
         with autocast:
             logprobs = sequence_logprobs(model, input_ids[k: k + micro])
         loss, _ = train_grpo.policy_loss(logprobs, logprobs.detach(), advantages[k: k + micro], mask[k: k + micro],
-                                         config, len(samples), float(mask.sum()))
+                                         len(samples), float(mask.sum()), eps_low=0.2, eps_high=0.28,
+                                         loss_agg="token-mean", max_new_tokens=new_tokens)
         loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

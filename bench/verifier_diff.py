@@ -21,7 +21,7 @@ import re
 import sys
 import time
 import warnings
-from collections import Counter, defaultdict
+from collections import defaultdict
 from fractions import Fraction
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

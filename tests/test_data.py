@@ -6,7 +6,8 @@ import types
 import pytest
 
 from conftest import SHARED, requires_shared
-from data import Tokenizer, build_demo_tokenizer
+from data import Tokenizer
+from tasks import build_demo_tokenizer
 
 TOKENIZERS = ["qwen2.5-instruct", "deepseek-r1-distill-qwen", "qwen3", "llama-3.2-instruct"]
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
@@ -112,9 +113,9 @@ def test_real_loss_mask_ends_on_a_stop_token(name):
 def test_training_evaluation_and_traces_render_one_prompt(tmp_path, instruction, monkeypatch):
     """train_grpo.py, eval.py and make_traces.py once each wrote the prompt, and with --instruction="" training
     appended a newline that evaluation did not: the model was trained and evaluated on different prompts. All
-    three now reach the prompt through data.render_prompt / data.user_message; this checks what each sends."""
-    import eval as evaluation
+    three now reach the prompt through Task.prompt / data.user_message; this checks what each sends."""
     import make_traces
+    import tasks
     import train_grpo
     from data import render_prompt, user_message
 
@@ -129,13 +130,15 @@ def test_training_evaluation_and_traces_render_one_prompt(tmp_path, instruction,
         sent.append(list(prompts[0]))
         raise StopIteration  # the prompt is all this test needs
 
-    for module in (train_grpo, evaluation, make_traces):
+    for module in (tasks, make_traces):
         monkeypatch.setattr(module, "generate", fake_generate)
     config = types.SimpleNamespace(instruction=instruction, max_new_tokens=4, temperature=1.0, top_p=1.0,
                                    group_size=1, cuda_graph=False)
-    for call in (lambda: train_grpo.rollout(None, tokenizer, [{"problem": problem, "answer": "7"}], config, 0),
-                 lambda: evaluation.evaluate(None, tokenizer, [{"id": "a", "problem": problem, "answer": "7"}],
-                                             instruction=instruction, show_progress=False),
+    monkeypatch.setattr(train_grpo, "generate", fake_generate)
+    demo = tasks.DemoTask()
+    for call in (lambda: train_grpo.rollout(None, tokenizer, demo, [{"problem": problem, "answer": "7"}], config, 0),
+                 lambda: tasks.evaluate(None, tokenizer, demo, [{"id": "a", "problem": problem, "answer": "7"}],
+                                        instruction=instruction, show_progress=False),
                  lambda: make_traces.sample(None, tokenizer, [user_message(problem, instruction)], 1,
                                             types.SimpleNamespace(max_new_tokens=4, temperature=1.0, top_p=1.0,
                                                                   max_slots=0, cuda_graph=False), 0, None)):

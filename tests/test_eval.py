@@ -6,9 +6,15 @@ import os
 import pytest
 
 import eval as evaluation
+import tasks
 from conftest import SHARED, requires_shared
-from data import build_demo_model
-from eval import (DEEPSEEK_V3, benchmark_metrics, combined_score, load_benchmark, majority_vote, pass_at_k)
+from eval import DEEPSEEK_V3, combined_score
+from tasks import DemoTask, build_demo_model, get_task, majority_vote, pass_at_k
+from tasks import metrics as benchmark_metrics
+
+
+def load_benchmark(name, data_dir, limit=None, demo_count=500):
+    return get_task(name, str(data_dir), demo_count).test_problems()[:limit]
 
 
 def test_pass_at_k_known_values():
@@ -116,10 +122,10 @@ def test_sharded_equals_unsharded(random_model, monkeypatch):
     from model import Transformer
 
     model, tokenizer = Transformer.from_pretrained(random_model), Tokenizer.from_pretrained(random_model)
-    problems = load_benchmark("demo", "", demo_count=6)
+    problems = DemoTask(test_size=6).test_problems()
     kwargs = dict(n=1, temperature=0, max_new_tokens=6, instruction="none", show_progress=False)
-    whole = evaluation.evaluate(model, tokenizer, problems, **kwargs)
-    parts = [evaluation.evaluate(model, tokenizer, problems, rank=r, world_size=2, **kwargs) for r in range(2)]
+    whole = tasks.evaluate(model, tokenizer, DemoTask(), problems, **kwargs)
+    parts = [tasks.evaluate(model, tokenizer, DemoTask(), problems, rank=r, world_size=2, **kwargs) for r in range(2)]
     merged = sorted(parts[0] + parts[1], key=lambda r: int(r["id"].split("-")[1]))
     assert [r["samples"] for r in merged] == [r["samples"] for r in whole]
 
@@ -129,12 +135,12 @@ def test_killed_eval_resumes(tmp_path, random_model, monkeypatch):
     from model import Transformer
 
     model, tokenizer = Transformer.from_pretrained(random_model), Tokenizer.from_pretrained(random_model)
-    problems = load_benchmark("demo", "", demo_count=6)
+    problems = DemoTask(test_size=6).test_problems()
     partial = str(tmp_path / "partial.jsonl")
     kwargs = dict(n=1, temperature=0, max_new_tokens=6, instruction="none", show_progress=False, chunk=2,
                   partial_file=partial)
     calls = []
-    original = evaluation.generate
+    original = tasks.generate
 
     def dying_generate(*args, **kw):
         calls.append(1)
@@ -142,13 +148,13 @@ def test_killed_eval_resumes(tmp_path, random_model, monkeypatch):
             raise KeyboardInterrupt("killed")
         return original(*args, **kw)
 
-    monkeypatch.setattr(evaluation, "generate", dying_generate)
+    monkeypatch.setattr(tasks, "generate", dying_generate)
     with pytest.raises(KeyboardInterrupt):
-        evaluation.evaluate(model, tokenizer, problems, **kwargs)
+        tasks.evaluate(model, tokenizer, DemoTask(), problems, **kwargs)
     assert len(open(partial).readlines()) == 2  # the first chunk was kept
-    monkeypatch.setattr(evaluation, "generate", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    monkeypatch.setattr(tasks, "generate", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     calls.clear()
-    resumed = evaluation.evaluate(model, tokenizer, problems, **kwargs)
+    resumed = tasks.evaluate(model, tokenizer, DemoTask(), problems, **kwargs)
     assert len(calls) == 2 and [r["id"] for r in resumed] == [p["id"] for p in problems]
     assert not os.path.exists(partial)
 

@@ -10,7 +10,8 @@ import torch
 import make_traces
 import train_sft
 from conftest import ROOT
-from data import Tokenizer, build_demo_tokenizer
+from data import Tokenizer
+from tasks import build_demo_tokenizer
 from make_traces import rejection_reason
 from model import ModelConfig, Transformer, init_weights, sequence_logprobs
 from sampler import Completion

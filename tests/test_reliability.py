@@ -13,10 +13,12 @@ from safetensors.torch import load_file
 import common
 import eval as evaluation
 import train_grpo
+import tasks
 import train_sft
 from conftest import ROOT
-from data import Tokenizer, build_demo_model, compile_chat_template
+from data import Tokenizer, compile_chat_template
 from model import Transformer, init_weights
+from tasks import DemoTask, build_demo_model
 
 SFT = ["--max_steps=4", "--batch_size=4", "--micro_batch_size=4", "--demo_examples=64", "--eval_problems=0",
        "--warmup_steps=2", "--log_every=1", "--lr=1e-3"]
@@ -201,7 +203,7 @@ def test_resume_removes_stale_tmp_folders_and_replaces_latest_whole(tmp_path, de
 
 
 def killed_evaluate(monkeypatch, model, tokenizer, problems, kwargs, die_on_call):
-    calls, real_generate = [], evaluation.generate
+    calls, real_generate = [], tasks.generate
 
     def generate(*args, **kw):
         calls.append(1)
@@ -209,23 +211,23 @@ def killed_evaluate(monkeypatch, model, tokenizer, problems, kwargs, die_on_call
             raise KeyboardInterrupt("killed")
         return real_generate(*args, **kw)
 
-    monkeypatch.setattr(evaluation, "generate", generate)
+    monkeypatch.setattr(tasks, "generate", generate)
     with pytest.raises(KeyboardInterrupt):
-        evaluation.evaluate(model, tokenizer, problems, **kwargs)
-    monkeypatch.setattr(evaluation, "generate", lambda *a, **kw: calls.append(1) or real_generate(*a, **kw))
+        tasks.evaluate(model, tokenizer, DemoTask(), problems, **kwargs)
+    monkeypatch.setattr(tasks, "generate", lambda *a, **kw: calls.append(1) or real_generate(*a, **kw))
     calls.clear()
     return calls
 
 
 def test_eval_resume_never_reuses_another_models_completions(tmp_path, demo_folder, monkeypatch):
     folder = copy_model(demo_folder, tmp_path / "model")
-    problems = evaluation.load_benchmark("demo", "", demo_count=6)
+    problems = DemoTask(test_size=6).test_problems()
     kwargs = dict(n=1, temperature=0, max_new_tokens=6, instruction="none", show_progress=False, chunk=2,
                   partial_file=str(tmp_path / "partial.jsonl"))
     calls = killed_evaluate(monkeypatch, Transformer.from_pretrained(folder), Tokenizer.from_pretrained(folder),
                             problems, kwargs, die_on_call=2)
     init_weights(Transformer.from_pretrained(folder), seed=1).save_pretrained(folder)  # new weights, same path
-    evaluation.evaluate(Transformer.from_pretrained(folder), Tokenizer.from_pretrained(folder), problems, **kwargs)
+    tasks.evaluate(Transformer.from_pretrained(folder), Tokenizer.from_pretrained(folder), DemoTask(), problems, **kwargs)
     assert len(calls) == 3  # every problem sampled again
 
 
@@ -236,7 +238,7 @@ def test_a_finished_benchmark_survives_a_later_kill(tmp_path, demo_folder, monke
                                              + "\n" for i in range(4)))
     args = EVAL + [f"--model={demo_folder}", "--benchmarks=demo,gsm8k", f"--data_dir={tmp_path / 'data'}",
                    f"--out_dir={tmp_path / 'out'}"]
-    calls, real_generate = [], evaluation.generate
+    calls, real_generate = [], tasks.generate
 
     def generate(*a, **kw):
         calls.append(1)
@@ -244,11 +246,11 @@ def test_a_finished_benchmark_survives_a_later_kill(tmp_path, demo_folder, monke
             raise KeyboardInterrupt("killed")
         return real_generate(*a, **kw)
 
-    monkeypatch.setattr(evaluation, "generate", generate)
+    monkeypatch.setattr(tasks, "generate", generate)
     with pytest.raises(KeyboardInterrupt):
         evaluation.main(args)
     assert set(json.loads((tmp_path / "out" / "results.json").read_text())["results"]) == {"demo"}
-    monkeypatch.setattr(evaluation, "generate", lambda *a, **kw: calls.append(1) or real_generate(*a, **kw))
+    monkeypatch.setattr(tasks, "generate", lambda *a, **kw: calls.append(1) or real_generate(*a, **kw))
     calls.clear()
     results = evaluation.main(args)
     assert len(calls) == 2 and set(results) == {"demo", "gsm8k"}  # only gsm8k was sampled
@@ -257,14 +259,14 @@ def test_a_finished_benchmark_survives_a_later_kill(tmp_path, demo_folder, monke
 
 def test_a_torn_last_line_of_a_partial_file_is_dropped(tmp_path, demo_folder, monkeypatch, capsys):
     model, tokenizer = Transformer.from_pretrained(demo_folder), Tokenizer.from_pretrained(demo_folder)
-    problems = evaluation.load_benchmark("demo", "", demo_count=6)
+    problems = DemoTask(test_size=6).test_problems()
     partial = tmp_path / "partial.jsonl"
     kwargs = dict(n=1, temperature=0, max_new_tokens=6, instruction="none", show_progress=False, chunk=2,
                   partial_file=str(partial))
     calls = killed_evaluate(monkeypatch, model, tokenizer, problems, kwargs, die_on_call=2)
     with open(partial, "a") as f:
         f.write('{"id": "demo-2", "samp')
-    records = evaluation.evaluate(model, tokenizer, problems, **kwargs, keep_partial=True)
+    records = tasks.evaluate(model, tokenizer, DemoTask(), problems, **kwargs, keep_partial=True)
     assert len(calls) == 2 and [r["id"] for r in records] == [p["id"] for p in problems]
     assert "partial.jsonl" in capsys.readouterr().err
     assert [json.loads(line)["id"] for line in open(partial)] == [p["id"] for p in problems]  # appended cleanly

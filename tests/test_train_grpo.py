@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import train_grpo
-from data import render_prompt
-from train_grpo import Config, group_advantages, kl_estimate, overlong_penalty, policy_loss
+from tasks import overlong_penalty
+from train_grpo import Config, Sample, group_advantages, kl_estimate, policy_loss
 
 
 def config(**overrides):
@@ -76,8 +76,8 @@ def test_policy_loss_matches_per_token_loop(loss_agg, eps, kl):
         logprobs = old + x  # ratios between about 0.4 and 2.5, so both clips are exercised
         if implementation == "ours":
             kl_values = kl_estimate(logprobs, ref, cfg.kl_estimator, cfg.kl_direction) if kl else None
-            loss, _ = policy_loss(logprobs, old, advantages, mask, cfg, num_sequences=B,
-                                  num_tokens=int(mask.sum()), kl=kl_values)
+            loss, _ = policy_loss(logprobs, old, advantages, mask, B, int(mask.sum()), cfg.eps_low, cfg.eps_high,
+                                  cfg.loss_agg, cfg.max_new_tokens, kl=kl_values, beta=cfg.beta)
         else:
             loss = loop_loss(logprobs, old, advantages, mask, cfg, ref if kl else None)
         loss.backward()
@@ -90,7 +90,8 @@ def test_clip_fractions_count_only_active_clips():
     cfg = config(eps_low=0.2, eps_high=0.2)
     old = torch.zeros(2, 2)
     logprobs = torch.log(torch.tensor([[1.5, 0.5], [1.5, 0.5]]))
-    _, clip = policy_loss(logprobs, old, torch.tensor([1.0, -1.0]), torch.ones(2, 2), cfg, 2, 4)
+    _, clip = policy_loss(logprobs, old, torch.tensor([1.0, -1.0]), torch.ones(2, 2), 2, 4, cfg.eps_low, cfg.eps_high,
+                          cfg.loss_agg, cfg.max_new_tokens)
     assert clip == {"clip_low": 1, "clip_high": 1}  # ratio 1.5 with A>0 and ratio 0.5 with A<0
 
 
@@ -181,38 +182,38 @@ TINY = ["--prompts_per_step=4", "--group_size=4", "--max_new_tokens=12", "--eval
 
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
-    from data import build_demo_model
+    from tasks import build_demo_model
 
     return build_demo_model(tmp_path_factory.mktemp("demo_model"))
 
 
-def fake_rollout(policy, tokenizer, problems, config, seed):
+def fake_rollout(policy, tokenizer, task, problems, config, seed):
     """Deterministic completions and rewards that depend only on the problem, whatever rank draws it."""
     samples = []
     for problem in problems:
-        prompt = render_prompt(tokenizer, problem["problem"], config.instruction)
+        prompt = task.prompt(tokenizer, problem, config.instruction)
         digits = [int(c) for c in problem["problem"] if c.isdigit()] or [1]
         for k in range(config.group_size):
             text = f"<think>\n{digits[k % len(digits)]}\n</think>\n\n\\boxed{{{k}}}"
             tokens = tokenizer.encode(text) + tokenizer.eos_token_ids[:1]
             reward = float((digits[0] + k) % 3 == 0)
-            samples.append(dict(prompt=prompt, tokens=tokens, sampler_logprobs=[0.0] * len(tokens),
-                                truncated=False, correct=bool(reward), reward=reward, text=text))
+            samples.append(Sample(prompt=prompt, tokens=tokens, sampler_logprobs=[0.0] * len(tokens),
+                                  truncated=False, correct=bool(reward), reward=reward, text=text))
     return samples
 
 
 REAL_ROLLOUT = train_grpo.rollout
 
 
-def sampled_rollout(policy, tokenizer, problems, config, seed):
+def sampled_rollout(policy, tokenizer, task, problems, config, seed):
     """The real sampler, one problem at a time with a seed of its own, so that a problem gets the same completions
     whichever rank draws it; the reward is rigged from the sampled tokens (an untrained model earns none), so that
     groups differ and the update does something."""
     samples = []
     for problem in problems:
-        group = REAL_ROLLOUT(policy, tokenizer, [problem], config, seed=zlib.crc32(problem["problem"].encode()))
+        group = REAL_ROLLOUT(policy, tokenizer, task, [problem], config, seed=zlib.crc32(problem["problem"].encode()))
         for s in group:
-            s["reward"] = float(sum(s["tokens"]) % 3 == 0)
+            s.reward = float(sum(s.tokens) % 3 == 0)
         samples += group
     return samples
 
@@ -291,15 +292,15 @@ def test_two_processes_give_the_same_update_as_one(tmp_path, demo_model, extra):
                for n in results[1])  # the update did something
 
 
-def odd_groups_equal(policy, tokenizer, problems, config, seed):
+def odd_groups_equal(policy, tokenizer, task, problems, config, seed):
     """fake_rollout, but the groups of the problems at odd positions of the global draw have equal rewards:
     on 2 processes that is all of rank 1's, so dynamic sampling leaves rank 1 with no rollouts at all."""
-    samples = fake_rollout(policy, tokenizer, problems, config, seed)
+    samples = fake_rollout(policy, tokenizer, task, problems, config, seed)
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     for i, s in enumerate(samples):
         position = (i // config.group_size) * world_size + rank
         if position % 2:
-            s["reward"] = 0.5
+            s.reward = 0.5
     return samples
 
 
@@ -390,11 +391,13 @@ def test_fsdp_with_dynamic_sampling_is_refused_before_it_can_hang():
 
 
 def test_collate_marks_the_completion_and_its_stop_token_only():
-    samples = [dict(prompt=[5, 6, 7], tokens=[8, 9, 2]), dict(prompt=[5], tokens=[3, 2]), dict(prompt=[4, 4],
-                                                                                             tokens=[9])]
-    input_ids, completion_mask = train_grpo.collate(samples, pad_id=0, device=torch.device("cpu"))
+    samples = [Sample(prompt, tokens, [-0.5] * len(tokens), False, False, 0.0, "")
+               for prompt, tokens in [([5, 6, 7], [8, 9, 2]), ([5], [3, 2]), ([4, 4], [9])]]
+    batch = train_grpo.collate(samples, pad_id=0, device=torch.device("cpu"))
+    input_ids, completion_mask = batch.input_ids, batch.completion_mask
     assert input_ids.tolist() == [[5, 6, 7, 8, 9, 2], [5, 3, 2, 0, 0, 0], [4, 4, 9, 0, 0, 0]]
     assert completion_mask.tolist() == [[0, 0, 0, 1, 1, 1], [0, 1, 1, 0, 0, 0], [0, 0, 1, 0, 0, 0]]
+    assert torch.equal(batch.sampler_logprobs, -0.5 * completion_mask)  # the sampler's, at the completion tokens
 
 
 def test_sampler_and_trainer_log_probs_agree_at_temperature_0_7(tmp_path, demo_model):
@@ -422,14 +425,15 @@ def test_main_passes_the_right_tensors_to_the_loss_and_the_kl(tmp_path, demo_mod
     reference = train_grpo.load_reference(demo_model, torch.device("cpu"))
     micro_batches = math.ceil(16 / 6)  # the last one ragged
     assert len(calls["collate"]) == 2 and len(calls["kl_estimate"]) == len(calls["policy_loss"]) == 2 * micro_batches
-    for step, ((samples, _, _), _, (input_ids, completion_mask)) in enumerate(calls["collate"]):
-        rewards = torch.tensor([s["reward"] for s in samples]).view(4, 4)
+    for step, ((samples, _, _), _, batch) in enumerate(calls["collate"]):
+        input_ids, completion_mask = batch.input_ids, batch.completion_mask
+        rewards = torch.tensor([s.reward for s in samples]).view(4, 4)
         scale = rewards.std(dim=1, keepdim=True) if scale_rewards == "group" else rewards.std()
         advantages = ((rewards - rewards.mean(dim=1, keepdim=True)) / (scale + 1e-4)).view(-1)
         for k in range(micro_batches):
             rows = slice(6 * k, 6 * k + 6)
             (logprobs, ref_logprobs, estimator, direction), _, kl = calls["kl_estimate"][step * micro_batches + k]
-            args, _, _ = calls["policy_loss"][step * micro_batches + k]
+            args, kwargs, _ = calls["policy_loss"][step * micro_batches + k]
             assert (estimator, direction) == ("k2", "forward")
             assert logprobs.requires_grad and not ref_logprobs.requires_grad
             with torch.no_grad():
@@ -437,22 +441,22 @@ def test_main_passes_the_right_tensors_to_the_loss_and_the_kl(tmp_path, demo_mod
             assert torch.allclose(ref_logprobs, expected_ref, atol=1e-6)
             if step == 1:  # the policy has moved away from the reference
                 assert not torch.allclose(logprobs, ref_logprobs, atol=1e-4)
-            assert args[0] is logprobs and torch.equal(args[1], logprobs.detach()) and args[7] is kl
+            assert args[0] is logprobs and torch.equal(args[1], logprobs.detach()) and kwargs["kl"] is kl
             assert torch.allclose(args[2].cpu(), advantages[rows], atol=1e-5)
             assert torch.equal(args[3], completion_mask[rows])
-            assert args[5:7] == (16, float(completion_mask.sum()))
+            assert args[4:6] == (16, float(completion_mask.sum()))
 
 
 def informative(problem):
     return zlib.crc32(problem["problem"].encode()) % 4 == 0
 
 
-def rigged_rollout(policy, tokenizer, problems, config, seed):
+def rigged_rollout(policy, tokenizer, task, problems, config, seed):
     """fake_rollout with one group in four (by problem) informative, rewards 1, 0, 0, 0; the others all 0.5."""
-    samples = fake_rollout(policy, tokenizer, problems, config, seed)
+    samples = fake_rollout(policy, tokenizer, task, problems, config, seed)
     for i, s in enumerate(samples):
         k = i % config.group_size
-        s["reward"] = float(k == 0) if informative(problems[i // config.group_size]) else 0.5
+        s.reward = float(k == 0) if informative(problems[i // config.group_size]) else 0.5
     return samples
 
 
@@ -465,7 +469,7 @@ def test_dynamic_sampling_keeps_the_informative_groups_and_stops_when_full(tmp_p
                                       "--max_steps=1"])
     needed, max_calls = 4 * 4, Config().max_resample_rounds + 1
     kept, equal_groups = [], 0
-    for n, ((_, _, problems, _), _, samples) in enumerate(calls):
+    for n, ((_, _, _, problems, _), _, samples) in enumerate(calls):
         assert len(kept) < needed  # this round was needed
         for i, problem in enumerate(problems):
             if informative(problem):
@@ -484,9 +488,8 @@ def test_tiny_sft_then_grpo_raises_the_reward(tmp_path):
     import random
 
     import train_sft
-    from data import build_demo_model, demo_problems, demo_trace
-    from eval import benchmark_metrics, evaluate
     from data import Tokenizer
+    from tasks import DemoTask, build_demo_model, demo_problems, demo_trace, evaluate, metrics
     from model import Transformer
 
     problems = demo_problems(6, seed=77, heldout=False)
@@ -507,9 +510,9 @@ def test_tiny_sft_then_grpo_raises_the_reward(tmp_path):
     accuracy = {}
     for stage in ("sft", "grpo"):
         path = tmp_path / stage / "final"
-        records = evaluate(Transformer.from_pretrained(path), Tokenizer.from_pretrained(path),
+        records = evaluate(Transformer.from_pretrained(path), Tokenizer.from_pretrained(path), DemoTask(),
                            [dict(p, id=str(i)) for i, p in enumerate(problems)], n=64, temperature=1.0, top_p=1.0,
                            max_new_tokens=64, instruction="none", show_progress=False)
-        accuracy[stage] = benchmark_metrics(records, n=64)["pass@1"]
+        accuracy[stage] = metrics(records, n=64)["pass@1"]
     assert 20 < accuracy["sft"] < 80  # the slips were learned
     assert accuracy["grpo"] > accuracy["sft"] + 10, accuracy

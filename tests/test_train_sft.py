@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from data import Tokenizer, build_demo_model
+from data import Tokenizer
+from tasks import build_demo_model
 from model import Transformer, sequence_logprobs
 import train_sft
 

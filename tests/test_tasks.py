@@ -1,0 +1,179 @@
+# python -m pytest tests/test_tasks.py -q
+"""tasks.py: one path from a data file to a prompt and a reward, shared by training and evaluation."""
+import json
+import math
+import os
+import re
+
+import pytest
+
+import eval as evaluation
+import tasks
+import train_grpo
+from conftest import ROOT
+from data import render_prompt
+from tasks import (INSTRUCTION, Benchmark, DemoTask, JsonlTask, Task, check_problems, get_task, overlong_penalty,
+                   score)
+from verifier import Verdict
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory):
+    return str(tasks.build_demo_model(tmp_path_factory.mktemp("demo")))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_model):
+    from data import Tokenizer
+
+    return Tokenizer.from_pretrained(demo_model)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_get_task_resolves_every_kind_of_name(tmp_path):
+    assert isinstance(get_task("demo"), DemoTask) and get_task("demo", demo_problems=3).test_problems()[2]["id"] \
+        == "demo-2"
+    assert isinstance(get_task("math500", data_dir=str(tmp_path)), Benchmark)
+    file = write_jsonl(tmp_path / "mine.jsonl", [{"question": "1+1?", "answer": "work\n#### 2"}])
+    task = get_task(file)
+    assert isinstance(task, JsonlTask) and task.name == "mine"
+    assert task.train_problems(0) == task.test_problems() == [{"id": "mine-1", "problem": "1+1?", "answer": "2"}]
+    with pytest.raises(SystemExit, match=r"^--eval_data=gsm9k: unknown task"):
+        get_task("gsm9k", flag="--eval_data")
+    with pytest.raises(SystemExit, match=r"^--task=nowhere.py:X: nowhere.py is not a file"):
+        get_task("nowhere.py:X")
+    (tmp_path / "not_a_task.py").write_text("class Thing:\n    pass\n")
+    with pytest.raises(SystemExit, match="has no Task subclass named 'Thing'"):
+        get_task(f"{tmp_path / 'not_a_task.py'}:Thing")
+
+
+def test_demo_splits_never_share_a_problem_and_smaller_counts_are_prefixes():
+    train = {p["problem"] for p in DemoTask().train_problems(seed=0)[:3000]}
+    heldout = DemoTask(test_size=500).test_problems()
+    assert not train & {p["problem"] for p in heldout}
+    assert DemoTask(test_size=20).test_problems() == heldout[:20]
+
+
+def test_a_benchmark_is_test_only_and_a_missing_file_says_where_to_get_it(tmp_path):
+    with pytest.raises(SystemExit, match="has no training problems"):
+        Benchmark("gsm8k", str(tmp_path)).train_problems(0)
+    with pytest.raises(SystemExit, match="gsm8k/test.jsonl is missing"):
+        Benchmark("gsm8k", str(tmp_path)).test_problems()
+
+
+def test_problems_of_a_users_task_are_checked_with_their_index():
+    task = Task()
+    with pytest.raises(SystemExit, match="returned no problems"):
+        check_problems([], task)
+    with pytest.raises(SystemExit, match="problem 1 needs a field 'problem'"):
+        check_problems([{"problem": "a"}, {"question": "b"}], task)
+    with pytest.raises(SystemExit, match="not unique"):
+        check_problems([{"id": 1, "problem": "a"}, {"id": "1", "problem": "b"}], task)
+    assert check_problems([{"problem": "a"}], task) == [{"id": "task-0", "problem": "a"}]
+
+
+def test_training_and_evaluation_send_the_same_prompt_for_every_kind_of_task(tmp_path, tokenizer, monkeypatch):
+    """The prompt of a problem is Task.prompt's, whichever script asks, with the task's own instruction by default
+    (the r1 instruction for a benchmark, none for the demo and a JSONL file) or the one a flag gives."""
+    write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "What is 3+4?", "answer": "#### 7"}])
+    os.makedirs(tmp_path / "gsm8k")
+    os.replace(tmp_path / "gsm8k.jsonl", tmp_path / "gsm8k" / "test.jsonl")
+    sent = []
+
+    def fake_generate(model, prompts, *args, **kwargs):
+        sent.append(list(prompts[0]))
+        raise StopIteration
+
+    monkeypatch.setattr(tasks, "generate", fake_generate)
+    monkeypatch.setattr(train_grpo, "generate", fake_generate)
+    jsonl = JsonlTask(write_jsonl(tmp_path / "p.jsonl", [{"problem": "What is 3+4?", "answer": "7"}]))
+    for task, instruction in [(Benchmark("gsm8k", str(tmp_path)), INSTRUCTION), (DemoTask(), "none"),
+                              (jsonl, "none")]:
+        problem = task.test_problems()[0]
+        for flag in (None, "Think."):
+            config = train_grpo.Config(instruction=flag, group_size=2)
+            sent.clear()
+            for call in (lambda: train_grpo.rollout(None, tokenizer, task, [problem], config, 0),
+                         lambda: tasks.evaluate(None, tokenizer, task, [problem], instruction=flag,
+                                                show_progress=False)):
+                with pytest.raises(StopIteration):
+                    call()
+            expected = render_prompt(tokenizer, problem["problem"], instruction if flag is None else flag)
+            assert sent == [expected, expected], (task.name, flag)
+
+
+def test_score_adds_the_format_reward_and_the_overlong_penalty_to_the_task_reward():
+    class Halves(Task):  # a reward of its own, to see that score uses it
+        def reward(self, completion, problem, verdict):
+            return 0.5 if verdict.correct else 0.0
+
+    problems = [{"id": "a", "problem": "2+2?", "answer": "4"}] * 3
+    completions = ["<think>\nsum\n</think>\n\n\\boxed{4}", "\\boxed{4}", "<think>\nx\n</think>\n\n\\boxed{5}"]
+    rewards, verdicts = score(Halves(), completions, problems, [10, 60, 64], max_new_tokens=64, format_weight=0.25,
+                              overlong_buffer=8, overlong_max_penalty=2.0)
+    assert [v.status for v in verdicts] == ["correct", "correct", "incorrect"]
+    assert rewards == pytest.approx([0.5 + 0.25, 0.5 + 0 - 1.0, 0 + 0.25 - 2.0])
+    plain, _ = score(Task(), completions, problems, [10, 60, 64], max_new_tokens=64)
+    assert plain == [1.0, 1.0, 0.0]
+    assert overlong_penalty([10, 60, 64, 62], 64, 4, 1.0).tolist() == [0.0, 0.0, -1.0, -0.5]
+
+
+def test_a_custom_judge_grades_completions_made_elsewhere(tmp_path):
+    class Exact(Task):
+        name = "exact"
+
+        def test_problems(self):
+            return [{"id": "a", "problem": "Say ok."}, {"id": "b", "problem": "Say no."}]
+
+        def grade(self, completions, problems):
+            return [Verdict("correct" if c == "ok" else "incorrect", c, "exact") for c in completions]
+
+    task = Exact()
+    completions = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "completions": ["ok", "ok"]},
+                                                     {"id": "b", "completions": ["ok", "no"]}])
+    records = evaluation.grade_completions_file(completions, {"exact": task}, {"exact": task.test_problems()})
+    assert [[s["status"] for s in r["samples"]] for r in records["exact"]] == [["correct"] * 2, ["correct",
+                                                                                                  "incorrect"]]
+
+
+def readme_task_source():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index("## Your own task"):]
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+
+
+def test_the_readme_task_trains_and_evaluates_without_editing_either_script(tmp_path, demo_model):
+    """The README's complete example, run as a user would: train_grpo.py --task=reverse.py:ReverseWord and eval.py
+    --task=... on the demo model. Its partial-credit reward reaches GRPO, its judge reaches eval.py."""
+    source = readme_task_source()
+    assert 20 <= len(source.strip().splitlines()) <= 35
+    (tmp_path / "reverse.py").write_text(source)
+    spec = f"{tmp_path / 'reverse.py'}:ReverseWord"
+    metrics = train_grpo.main([f"--task={spec}", f"--model={demo_model}", f"--out_dir={tmp_path / 'grpo'}",
+                               "--prompts_per_step=2", "--group_size=2", "--max_steps=2", "--max_new_tokens=8",
+                               "--eval_problems=2", "--log_every=100", "--sample_every=100"])
+    assert 0 <= metrics["reward"] <= 1 and math.isfinite(metrics["heldout_accuracy"])
+    results = evaluation.main([f"--task={spec}", f"--model={tmp_path / 'grpo' / 'final'}", "--n=2",
+                               f"--out_dir={tmp_path / 'eval'}"])
+    assert list(results) == ["reverse"] and results["reverse"]["problems"] == 2
+    assert results["reverse"]["mean_length"] <= 16  # the task's own max_new_tokens
+    graded = [json.loads(line) for line in open(tmp_path / "eval" / "completions.jsonl")]
+    assert all(s["reason"] == "exact match" for r in graded for s in r["samples"])
+
+
+def test_a_jsonl_training_file_has_no_held_out_eval_unless_one_is_named(tmp_path, demo_model, capsys):
+    problems = write_jsonl(tmp_path / "train.jsonl", [{"problem": f"What is {i}+1?", "answer": str(i + 1)}
+                                                      for i in range(4)])
+    base = [f"--data={problems}", f"--model={demo_model}", "--prompts_per_step=2", "--group_size=2", "--max_steps=1",
+            "--max_new_tokens=4", "--eval_problems=3"]
+    metrics = train_grpo.main(base + [f"--out_dir={tmp_path / 'a'}"])
+    assert "heldout_accuracy" not in metrics and "no held-out eval" in capsys.readouterr().out
+    metrics = train_grpo.main(base + [f"--out_dir={tmp_path / 'b'}", "--eval_data=demo"])
+    assert "heldout_accuracy" in metrics
+    with pytest.raises(SystemExit, match="name the problems once"):
+        train_grpo.main(base + ["--task=demo2.jsonl"])
