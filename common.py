@@ -5,6 +5,7 @@ for DDP or FSDP2, checkpoints with exact resume, and logging. Nothing here knows
 
 import dataclasses
 import datetime
+import errno
 import fcntl
 import json
 import math
@@ -397,10 +398,15 @@ def claim_out_dir(out_dir, resume, overwrite, model=None):
     lock = open(os.path.join(out_dir, ".lock"), "a")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # per open file: a second claim in one process fails too
-    except OSError:
-        lock.close()
-        raise SystemExit(f"--out_dir={out_dir} is in use by another run (it holds {lock.name}): wait for it to "
-                         f"end, or choose another --out_dir") from None
+    except OSError as error:
+        if error.errno not in (errno.EAGAIN, errno.EACCES):  # a shared file system without locks (Lustre mounted
+            # noflock, some NFS): the run goes on, unguarded, rather than stopping as if the folder were in use
+            print(f"warning: cannot lock {lock.name} ({error.strerror}): nothing stops a second run "
+                  f"from writing into --out_dir={out_dir} at the same time", flush=True)
+        else:
+            lock.close()
+            raise SystemExit(f"--out_dir={out_dir} is in use by another run (it holds {lock.name}): wait for it "
+                             f"to end, or choose another --out_dir") from None
     contents = sorted(name for name in os.listdir(out_dir) if name != ".lock")
     if contents and not resume and not overwrite:
         lock.close()
