@@ -3,13 +3,15 @@ Per-token log-probs from the LM head: peak extra memory and time, forward and fo
 vs naive PyTorch (log_softmax then gather, as TRL does) vs the chunked PyTorch path.
 
     python bench/logprob.py                  # CUDA: N = 16k and 64k tokens, D = 1536, V = 151,936, bf16
-    python bench/logprob.py --device cpu     # CPU: chunked vs naive at small N (peak memory is machine-independent)
+    python bench/logprob.py --device cpu     # CPU: our CPU path (token_logprobs_ref) vs naive, D=256, V=32,768
+    python bench/logprob.py --device cpu --memory  # CPU: peak RSS at N=4096, D=64, V=151,936, fwd and fwd+bwd
 
 Peak extra memory = torch.cuda.max_memory_allocated during the call minus the inputs' memory (on CPU, the growth of
-the process's maximum resident set, measured in a fresh subprocess per variant).
+the process's peak resident set (VmHWM, reset just before the call), measured in a fresh subprocess per variant).
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -76,35 +78,79 @@ def cuda_table(sizes, D=1536, V=151936):
 
 
 CPU_SCRIPT = r"""
-import resource, sys, time, torch
+import json, re, resource, sys, time, torch
 sys.path.insert(0, sys.argv[1])
-from kernels.logprob import token_logprobs_naive, token_logprobs_ref
-N, D, V = int(sys.argv[3]), 256, 32768
+from kernels.logprob import IGNORE_INDEX, token_logprobs_naive, token_logprobs_ref
+name, (N, D, V), entropy = sys.argv[2], map(int, sys.argv[3:6]), sys.argv[6] == "1"
+torch.manual_seed(0)
 hidden = torch.randn(N, D, requires_grad=True)
-weight = (torch.randn(V, D) / 16).requires_grad_()
+weight = (torch.randn(V, D) / D ** 0.5).requires_grad_()
 targets = torch.randint(0, V, (N,))
-fn = token_logprobs_naive if sys.argv[2] == "naive" else token_logprobs_ref
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+targets[::5] = IGNORE_INDEX
+fn = token_logprobs_naive if name == "naive" else token_logprobs_ref
+
+
+def status(field):  # kB in /proc/self/status
+    return int(re.search(field + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+
+
+try:  # reset the peak (VmHWM) to the current resident set: only what the call adds counts
+    open("/proc/self/clear_refs", "w").write("5")
+    peak = lambda: status("VmHWM")
+except OSError:
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = max(status("VmRSS"), peak())
 start = time.perf_counter()
-torch.autograd.grad(fn(hidden, weight, targets).sum(), (hidden, weight))
-print(time.perf_counter() - start, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20)
+out = fn(hidden, weight, targets, return_entropy=entropy)
+forward_s, forward_peak = time.perf_counter() - start, peak() - before
+loss = out[0].sum() + out[1].sum() if entropy else out.sum()
+torch.autograd.grad(loss, (hidden, weight))
+print(json.dumps(dict(forward_s=forward_s, total_s=time.perf_counter() - start, forward_peak=forward_peak,
+                      peak=peak() - before)))
 """
 
 
-def cpu_table(sizes):
-    rows = []
+def cpu_run(name, N, D, V, entropy=False):
+    """One forward+backward in a fresh process: seconds (forward, total) and peak RSS growth in bytes."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", CPU_SCRIPT, root, name, str(N), str(D), str(V), str(int(entropy))],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def cpu_table(sizes, D=256, V=32768):
+    """Speed (and memory) of the CPU path ("ours", token_logprobs_ref) vs naive, fwd+bwd, fp32."""
+    rows = []
     for N in sizes:
-        result = {}
-        for name in ("naive", "chunked"):
-            out = subprocess.run([sys.executable, "-c", CPU_SCRIPT, root, name, str(N)], capture_output=True,
-                                 text=True, check=True).stdout.split()
-            result[name] = (float(out[0]), float(out[1]))
-        print(f"N={N} D=256 V=32768 fwd+bwd | naive {result['naive'][0]:.2f} s {result['naive'][1]:.2f} GiB | "
-              f"chunked {result['chunked'][0]:.2f} s {result['chunked'][1]:.2f} GiB | memory naive/chunked "
-              f"{result['naive'][1] / max(result['chunked'][1], 1e-3):.1f}x | time chunked/naive "
-              f"{result['chunked'][0] / result['naive'][0]:.2f}x", flush=True)
-        rows.append(dict(N=N, naive=result["naive"], chunked=result["chunked"]))
+        result = {name: cpu_run(name, N, D, V) for name in ("naive", "ours")}
+        naive, ours = result["naive"], result["ours"]
+        print(f"N={N} D={D} V={V} fwd+bwd | naive {naive['total_s']:.2f} s {naive['peak'] / 2**30:.2f} GiB | "
+              f"ours {ours['total_s']:.2f} s {ours['peak'] / 2**30:.2f} GiB | memory naive/ours "
+              f"{naive['peak'] / max(ours['peak'], 2**20):.1f}x | time ours/naive "
+              f"{ours['total_s'] / naive['total_s']:.2f}x", flush=True)
+        rows.append(dict(N=N, D=D, V=V, naive=naive, ours=ours))
+    return rows
+
+
+def cpu_memory_table(N=4096, D=64, V=151936, entropies=(False, True)):
+    """Issue #18's measurement: peak RSS growth of ours vs naive at N=4096, D=64, V=151,936, fp32, forward and
+    forward+backward, each variant in a fresh subprocess. Target: ours/naive <= 0.1."""
+    import platform
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    print(f"# {time.strftime('%Y-%m-%d')} | {os.cpu_count()} CPU cores ({cpu}) | torch {torch.__version__} | "
+          f"fp32, N={N} D={D} V={V}; (N, V) logits = {N * V * 4 / 2**30:.2f} GiB", flush=True)
+    rows = []
+    for entropy in entropies:
+        result = {name: cpu_run(name, N, D, V, entropy) for name in ("naive", "ours")}
+        naive, ours = result["naive"], result["ours"]
+        for key, label in (("forward_peak", "fwd"), ("peak", "fwd+bwd")):
+            print(f"{label:>7} entropy={str(entropy):<5} | naive {naive[key] / 2**20:8.0f} MiB | "
+                  f"ours {ours[key] / 2**20:6.0f} MiB | ours/naive {ours[key] / naive[key]:.3f}", flush=True)
+        print(f"{'time':>7} entropy={str(entropy):<5} | naive fwd {naive['forward_s']:.2f} s, fwd+bwd "
+              f"{naive['total_s']:.2f} s | ours fwd {ours['forward_s']:.2f} s, fwd+bwd {ours['total_s']:.2f} s | "
+              f"ours/naive fwd+bwd {ours['total_s'] / naive['total_s']:.2f}x", flush=True)
+        rows.append(dict(N=N, D=D, V=V, entropy=entropy, naive=naive, ours=ours))
     return rows
 
 
@@ -112,7 +158,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default=None)
+    parser.add_argument("--memory", action="store_true",
+                        help="CPU: issue #18's peak-RSS comparison at N=4096, D=64, V=151,936 (needs ~16 GiB of RAM)")
     args = parser.parse_args(argv)
+    if args.device == "cpu" and args.memory:
+        return cpu_memory_table()
     if args.device == "cuda":
         print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | bf16, D=1536, V=151936")
         return cuda_table([int(n) for n in (args.sizes or "16384,65536").split(",")])
