@@ -432,10 +432,19 @@ class Transformer(nn.Module):
         if return_hidden:
             return x
         if targets is not None:
-            result = token_logprobs(x.reshape(B * T, -1), self.lm_head_weight, targets.reshape(-1),
-                                    temperature=temperature, return_entropy=return_entropy)
-            return tuple(r.view(B, T) for r in result) if return_entropy else result.view(B, T)
+            return self.target_logprobs(x, targets, temperature, return_entropy)
         return F.linear(x, self.lm_head_weight).float()
+
+    def target_logprobs(self, x, targets, temperature, return_entropy):
+        """The LM head and log-prob kernel at the positions that have a target only (a prompt or padding costs no
+        head FLOPs); 0 elsewhere. x (B, T, dim), targets (B, T) -> (B, T) float32 (and the entropy)."""
+        B, T = targets.shape
+        flat_targets = targets.reshape(-1)
+        rows = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+        result = token_logprobs(x.reshape(B * T, -1)[rows], self.lm_head_weight, flat_targets[rows],
+                                temperature=temperature, return_entropy=return_entropy)
+        scatter = lambda values: values.new_zeros(B * T).index_copy(0, rows, values).view(B, T)
+        return tuple(scatter(r) for r in result) if return_entropy else scatter(result)
 
     # ---- checkpoint I/O -------------------------------------------------------
 
@@ -506,14 +515,19 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def sequence_logprobs(model, input_ids, position_ids=None, cu_seqlens=None, temperature=1.0, return_entropy=False):
+def sequence_logprobs(model, input_ids, position_ids=None, cu_seqlens=None, temperature=1.0, return_entropy=False,
+                      loss_mask=None):
     """Per-token log-probs of the given tokens, aligned with them: out[:, t] = log p(x_t | x_<t), with out[:, 0] = 0
     and 0 for the first token of each packed document. `model` may be wrapped (DDP, FSDP2). No (tokens x vocab)
-    logits are held. input_ids (B, T) -> (B, T) float32, and the entropy of each predicting distribution."""
+    logits are held. input_ids (B, T) -> (B, T) float32, and the entropy of each predicting distribution. With
+    loss_mask (B, T), only the tokens it marks are scored (the LM head runs at their predecessors only); the others
+    read 0."""
     targets = torch.full_like(input_ids, IGNORE_INDEX)
     targets[:, :-1] = input_ids[:, 1:]  # position t predicts token t + 1
     if cu_seqlens is not None:  # the last token of a document does not predict the next document's first
         targets[0, cu_seqlens[1:-1].long() - 1] = IGNORE_INDEX
+    if loss_mask is not None:
+        targets[:, :-1].masked_fill_(~loss_mask[:, 1:].bool(), IGNORE_INDEX)
     result = model(input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens, targets=targets,
                    temperature=temperature, return_entropy=return_entropy)
     shift = lambda values: torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)  # (B, T)

@@ -113,6 +113,8 @@ class Config:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 64  # sequences per forward/backward on one rank
+    pack: Literal["auto", "true", "false"] = "auto"  # the training passes on packed rows (no padding, varlen
+    # attention); auto: on CUDA only (the CPU attention of packed rows masks a (tokens x tokens) square)
     # system
     device: Literal["auto", "cpu", "cuda"] = "auto"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: rollouts then use a gathered full copy of the weights per rank
@@ -229,10 +231,13 @@ class Sample:
 
 @dataclass
 class Batch:
-    """This rank's samples as right-padded (prompt + completion) rows; every tensor (B, T) except advantages (B,)."""
+    """This rank's samples as right-padded (prompt + completion) rows; every tensor (B, T) except lengths and
+    advantages (B,). The training passes read them packed when --pack is on (packed_logprobs)."""
     input_ids: torch.Tensor
     completion_mask: torch.Tensor  # 1 on the completion tokens, the stop token included (so stopping is learned)
     sampler_logprobs: torch.Tensor  # the sampler's log-probs at the completion tokens, 0 elsewhere
+    lengths: torch.Tensor  # prompt + completion tokens of each row
+    pack: bool = False
     advantages: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None  # when a KL estimate needs them
     old_logprobs: torch.Tensor | None = None  # pi_old, for --mu > 1 (with mu = 1, pi_old is pi detached)
@@ -279,7 +284,7 @@ def collect_rollouts(model, tokenizer, task, problems, config, step, rank, world
     return samples[:wanted], rounds, equal_groups
 
 
-def collate(samples, pad_id, device) -> Batch:
+def collate(samples, pad_id, device, pack=False) -> Batch:
     longest = max(len(s.prompt) + len(s.tokens) for s in samples)
     input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
     completion_mask = torch.zeros((len(samples), longest), dtype=torch.long)
@@ -289,7 +294,30 @@ def collate(samples, pad_id, device) -> Batch:
         input_ids[row, :end] = torch.tensor(s.prompt + s.tokens)
         completion_mask[row, begin:end] = 1
         sampler_logprobs[row, begin:end] = torch.tensor(s.sampler_logprobs)
-    return Batch(input_ids.to(device), completion_mask.to(device), sampler_logprobs.to(device))
+    lengths = torch.tensor([len(s.prompt) + len(s.tokens) for s in samples])
+    return Batch(input_ids.to(device), completion_mask.to(device), sampler_logprobs.to(device), lengths.to(device),
+                 pack)
+
+
+def packed_logprobs(model, batch, rows, temperature, return_entropy=False):
+    """sequence_logprobs of batch rows at their completion tokens, in the padded (B, T) layout. With batch.pack the
+    rows run as one packed row (documents back to back, no padding, positions restarting at 0) and the results are
+    put back in place; the values equal the padded pass's up to float rounding."""
+    input_ids, mask = batch.input_ids[rows], batch.completion_mask[rows]
+    if not batch.pack:
+        return sequence_logprobs(model, input_ids, temperature=temperature, return_entropy=return_entropy,
+                                 loss_mask=mask)
+    lengths = batch.lengths[rows]
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    real = positions < lengths[:, None]  # (B, T): the tokens that are not padding
+    cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+    result = sequence_logprobs(model, input_ids[real][None], positions[real][None], cu_seqlens, temperature,
+                               return_entropy, loss_mask=mask[real][None])
+
+    def unpack(packed):
+        return packed.new_zeros(input_ids.shape).masked_scatter(real, packed[0])
+
+    return tuple(unpack(r) for r in result) if return_entropy else unpack(result)
 
 
 def score_batch(batch, samples, model, ref_model, config, device):
@@ -300,9 +328,9 @@ def score_batch(batch, samples, model, ref_model, config, device):
     needs_estimate = ref_model is not None and config.kl_estimator != "full"
     with torch.no_grad(), autocast:
         if needs_estimate:
-            batch.ref_logprobs = sequence_logprobs(ref_model, batch.input_ids, temperature=config.temperature)
+            batch.ref_logprobs = packed_logprobs(ref_model, batch, slice(None), config.temperature)
         if config.mu > 1 or (needs_estimate and config.kl_in == "reward"):
-            batch.old_logprobs = sequence_logprobs(model, batch.input_ids, temperature=config.temperature)
+            batch.old_logprobs = packed_logprobs(model, batch, slice(None), config.temperature)
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
     if ref_model is not None and config.kl_in == "reward":
         with torch.no_grad(), autocast:
@@ -378,8 +406,7 @@ def update_policy(wrapped, model, ref_model, optimizer, batch, config, num_seque
 def micro_step(wrapped, ref_model, batch, rows, config, num_sequences, num_tokens, world_size, diagnostics):
     """Forward, loss and backward of one micro-batch; returns its diagnostics (summed over completion tokens)."""
     with autocast_for(batch.input_ids.device):
-        logprobs, entropy = sequence_logprobs(wrapped, batch.input_ids[rows], temperature=config.temperature,
-                                              return_entropy=True)
+        logprobs, entropy = packed_logprobs(wrapped, batch, rows, config.temperature, return_entropy=True)
     old = batch.old_logprobs[rows] if config.mu > 1 else logprobs.detach()
     kl = None
     if ref_model is not None and config.kl_in == "loss":
@@ -410,6 +437,7 @@ def main(argv=None):
     rank, world_size, device = init_distributed(config.device)
     master = rank == 0
     torch.manual_seed(config.seed)
+    pack = device.type == "cuda" if config.pack == "auto" else config.pack == "true"
     if config.prompts_per_step % world_size:
         raise SystemExit(f"prompts_per_step={config.prompts_per_step} must be a multiple of the {world_size} ranks")
 
@@ -446,7 +474,7 @@ def main(argv=None):
                                                          world_size)
         times["rollout"], t0 = time.time() - t0, time.time()
         # 3. the reference's and pi_old's log-probs, a KL-in-reward penalty, advantages within each group
-        batch = collate(samples, tokenizer.pad_token_id, device) if samples else None
+        batch = collate(samples, tokenizer.pad_token_id, device, pack) if samples else None
         rewards = score_batch(batch, samples, model, ref_model, config, device) if samples else None
         times["score"], t0 = time.time() - t0, time.time()
         # 4-7. mu epochs of PPO-clip with the KL term, normalised by the global counts

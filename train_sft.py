@@ -194,7 +194,8 @@ def main(argv=None):
             batch = make_batch(micro_batch, pack, tokenizer.pad_token_id, device)
             set_gradient_sync(wrapped, enabled=k == len(micro_batches) - 1)
             with autocast:
-                logprobs = sequence_logprobs(wrapped, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"])
+                logprobs = sequence_logprobs(wrapped, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"],
+                                             loss_mask=batch["loss_mask"])
             token_loss = -(logprobs * batch["loss_mask"]).sum()
             (token_loss * world_size / global_tokens).backward()
             loss_sum += token_loss.item()

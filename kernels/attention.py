@@ -53,6 +53,10 @@ def attention_ref(q, k, v, causal=True, cu_seqlens=None, attn_mask=None, scale=N
             raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {B}")
         if int(cu_seqlens[-1]) != T:
             raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])} but the row holds {T} tokens")
+        if not return_lse:  # one causal attention per document: no (total x total) mask to fill and multiply
+            bounds = cu_seqlens.tolist()
+            return torch.cat([attention_ref(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], causal, scale=scale)
+                              for a, b in zip(bounds[:-1], bounds[1:]) if b > a], dim=2)
         attn_mask = document_causal_mask(cu_seqlens, T)[None, None]
         causal = False
     if return_lse:  # the explicit formula (tests and the backward's definition)

@@ -161,6 +161,32 @@ def test_packed_sequences_equal_separate_forwards(tmp_path):
     assert (together - apart).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("family", ["qwen2-tied", "qwen3-untied"])
+def test_a_loss_mask_scores_only_its_tokens_with_the_same_values_and_gradients(tmp_path, family):
+    """sequence_logprobs(loss_mask=...) runs the head at the masked tokens' predecessors only: the same log-probs,
+    entropies and parameter gradients there as the unmasked call, 0 elsewhere (prompts and padding cost nothing)."""
+    from model import sequence_logprobs
+
+    write_hf_checkpoint(tmp_path, **FAMILIES[family])
+    ids = torch.randint(0, 300, (3, 11), generator=torch.Generator().manual_seed(2))
+    loss_mask = torch.zeros(3, 11, dtype=torch.long)
+    loss_mask[0, 4:] = 1
+    loss_mask[1, 9:10] = 1
+    loss_mask[2, 1:6] = 1
+    results = []
+    for mask in (None, loss_mask):
+        model = Transformer.from_pretrained(tmp_path)
+        logprobs, entropy = sequence_logprobs(model, ids, temperature=0.8, return_entropy=True, loss_mask=mask)
+        ((logprobs * loss_mask).sum() + (entropy * loss_mask).sum() * 0.3).backward()
+        results.append((logprobs, entropy, {n: p.grad for n, p in model.named_parameters()}))
+    (full_lp, full_ent, full_grads), (lp, ent, grads) = results
+    on = loss_mask.bool()
+    assert torch.allclose(lp[on], full_lp[on], atol=1e-6) and torch.all(lp[~on] == 0)
+    assert torch.allclose(ent[on], full_ent[on], atol=1e-6) and torch.all(ent[~on] == 0)
+    for name in full_grads:
+        assert torch.allclose(grads[name], full_grads[name], atol=1e-6), name
+
+
 def test_gradient_checkpointing_gives_same_gradients(tmp_path):
     write_hf_checkpoint(tmp_path, family="llama")
     ids = torch.randint(0, 300, (2, 16))

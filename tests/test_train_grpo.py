@@ -400,6 +400,24 @@ def test_collate_marks_the_completion_and_its_stop_token_only():
     assert torch.equal(batch.sampler_logprobs, -0.5 * completion_mask)  # the sampler's, at the completion tokens
 
 
+def test_packed_training_passes_equal_padded_ones(tmp_path, demo_model, monkeypatch):
+    """--pack=true runs the policy, reference and pi_old passes on packed rows (varlen attention, no padding) and
+    puts the log-probs back in place: the same metrics and the same update as padded rows, up to float rounding."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(train_grpo, "rollout", fake_rollout)
+    metrics, weights = {}, {}
+    for pack in ("false", "true"):
+        metrics[pack] = train_grpo.main(TINY + [f"--model={demo_model}", f"--out_dir={tmp_path / pack}", "--beta=0.1",
+                                                "--mu=2", "--micro_batch_size=3", f"--pack={pack}"])
+        weights[pack] = load_file(tmp_path / pack / "final" / "model.safetensors")
+    for key in ("reward", "kl", "entropy", "mismatch", "ratio_max_dev", "grad_norm"):
+        assert metrics["true"][key] == pytest.approx(metrics["false"][key], rel=1e-4, abs=1e-6), key
+    assert metrics["true"]["kl"] > 1e-6  # the policy moved, so the packed reference pass is compared
+    for name, tensor in weights["false"].items():
+        assert torch.allclose(tensor, weights["true"][name], atol=1e-5), name
+
+
 def test_sampler_and_trainer_log_probs_agree_at_temperature_0_7(tmp_path, demo_model):
     """The real sampler and verifier at temperature 0.7: the trainer's recomputed log-probs of the sampled tokens
     equal the sampler's (the logged mismatch is ~3e-7; ~0.1 when either side drops the temperature)."""
@@ -425,7 +443,7 @@ def test_main_passes_the_right_tensors_to_the_loss_and_the_kl(tmp_path, demo_mod
     reference = train_grpo.load_reference(demo_model, torch.device("cpu"))
     micro_batches = math.ceil(16 / 6)  # the last one ragged
     assert len(calls["collate"]) == 2 and len(calls["kl_estimate"]) == len(calls["policy_loss"]) == 2 * micro_batches
-    for step, ((samples, _, _), _, batch) in enumerate(calls["collate"]):
+    for step, ((samples, *_), _, batch) in enumerate(calls["collate"]):
         input_ids, completion_mask = batch.input_ids, batch.completion_mask
         rewards = torch.tensor([s.reward for s in samples]).view(4, 4)
         scale = rewards.std(dim=1, keepdim=True) if scale_rewards == "group" else rewards.std()
@@ -437,7 +455,7 @@ def test_main_passes_the_right_tensors_to_the_loss_and_the_kl(tmp_path, demo_mod
             assert (estimator, direction) == ("k2", "forward")
             assert logprobs.requires_grad and not ref_logprobs.requires_grad
             with torch.no_grad():
-                expected_ref = sequence_logprobs(reference, input_ids[rows], temperature=0.7)
+                expected_ref = sequence_logprobs(reference, input_ids[rows], temperature=0.7) * completion_mask[rows]
             assert torch.allclose(ref_logprobs, expected_ref, atol=1e-6)
             if step == 1:  # the policy has moved away from the reference
                 assert not torch.allclose(logprobs, ref_logprobs, atol=1e-4)
