@@ -129,6 +129,8 @@ class Config:
     save_every: int = 50
     resume: bool = False  # continue from out_dir's latest checkpoint
     overwrite: bool = False  # a fresh run replaces the run already in out_dir (its checkpoints and metrics)
+    wandb_project: str = ""  # also log to this Weights & Biases project ("": off; needs pip install wandb)
+    wandb_run_name: str = ""  # "": the out_dir's name
 
 
 PRESETS = {
@@ -323,30 +325,30 @@ def packed_logprobs(model, batch, rows, temperature, return_entropy=False):
 def score_batch(batch, samples, model, ref_model, config, device):
     """Fills in what the update needs before it starts: the reference's and pi_old's log-probs (each once, and
     only when used), the KL-in-reward penalty, and the advantages (the batch std over all ranks for
-    --scale_rewards=batch). Returns the rewards."""
-    autocast = autocast_for(device)
-    needs_estimate = ref_model is not None and config.kl_estimator != "full"
-    with torch.no_grad(), autocast:
-        if needs_estimate:
-            batch.ref_logprobs = packed_logprobs(ref_model, batch, slice(None), config.temperature)
-        if config.mu > 1 or (needs_estimate and config.kl_in == "reward"):
-            batch.old_logprobs = packed_logprobs(model, batch, slice(None), config.temperature)
+    --scale_rewards=batch, which a rank without rollouts, batch None, joins too)."""
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
-    if ref_model is not None and config.kl_in == "reward":
-        with torch.no_grad(), autocast:
-            kl = token_kl(model, ref_model, batch.input_ids, batch.old_logprobs, batch.ref_logprobs, config)
-        rewards = rewards - config.beta * (kl * batch.completion_mask).sum(1).cpu()
+    if batch is not None:
+        needs_estimate = ref_model is not None and config.kl_estimator != "full"
+        with torch.no_grad(), autocast_for(device):
+            if needs_estimate:
+                batch.ref_logprobs = packed_logprobs(ref_model, batch, slice(None), config.temperature)
+            if config.mu > 1 or (needs_estimate and config.kl_in == "reward"):
+                batch.old_logprobs = packed_logprobs(model, batch, slice(None), config.temperature)
+            if ref_model is not None and config.kl_in == "reward":
+                kl = token_kl(model, ref_model, batch.input_ids, batch.old_logprobs, batch.ref_logprobs, config)
+                rewards = rewards - config.beta * (kl * batch.completion_mask).sum(1).cpu()
     batch_std = None
     if config.scale_rewards == "batch":
         count = all_reduce_sum(len(rewards), device)
         batch_mean = all_reduce_sum(rewards.sum().item(), device) / max(count, 1)
         batch_std = math.sqrt(all_reduce_sum(((rewards - batch_mean) ** 2).sum().item(), device) / max(count - 1, 1))
+    if batch is None:
+        return
     batch.advantages = group_advantages(rewards, config.group_size, config.advantage, config.scale_rewards,
                                         batch_std=batch_std)[0].to(device)
     if config.mask_truncated:
         batch.completion_mask = batch.completion_mask * torch.tensor([not s.truncated for s in samples],
                                                                      device=device)[:, None]
-    return rewards
 
 
 def token_kl(policy, ref_model, input_ids, logprobs, ref_logprobs, config):
@@ -457,7 +459,8 @@ def main(argv=None):
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     start_step = load_run_state(resume_from, model, optimizer, rank)[0] if resume_from else 0
     task, problems, eval_task, heldout = load_tasks(config, master)
-    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=master, start_step=start_step)
+    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=master, start_step=start_step,
+                     config=config)
     if master:
         print(f"config: {dataclasses.asdict(config)}")
         print(f"policy {model_path}: {model.num_parameters() / 1e6:.1f}M parameters | task {task.name}: "
@@ -475,7 +478,7 @@ def main(argv=None):
         times["rollout"], t0 = time.time() - t0, time.time()
         # 3. the reference's and pi_old's log-probs, a KL-in-reward penalty, advantages within each group
         batch = collate(samples, tokenizer.pad_token_id, device, pack) if samples else None
-        rewards = score_batch(batch, samples, model, ref_model, config, device) if samples else None
+        score_batch(batch, samples, model, ref_model, config, device)
         times["score"], t0 = time.time() - t0, time.time()
         # 4-7. mu epochs of PPO-clip with the KL term, normalised by the global counts
         num_sequences = all_reduce_sum(len(samples), device)
@@ -490,7 +493,7 @@ def main(argv=None):
         times["update"] = time.time() - t0
         # diagnostics, held-out eval and checkpoints
         done = step + 1
-        metrics = step_metrics(samples, rewards, stats, rounds, equal_groups, num_tokens, config, world_size, device)
+        metrics = step_metrics(samples, stats, rounds, equal_groups, num_tokens, config, world_size, device)
         metrics.update(step=done, lr=lr, grad_norm=grad_norm, **{f"time_{k}": v for k, v in times.items()})
         metrics["tokens_per_s"] = metrics.pop("generated") / max(sum(times.values()), 1e-9)
         if master and done % config.log_every == 0:
@@ -512,7 +515,7 @@ def main(argv=None):
     return metrics if config.max_steps > start_step else {}
 
 
-def step_metrics(samples, rewards, stats, rounds, equal_groups, num_tokens, config, world_size, device) -> dict:
+def step_metrics(samples, stats, rounds, equal_groups, num_tokens, config, world_size, device) -> dict:
     """The step's means over all ranks: rewards and accuracy of the rollouts, then per completion token the KL,
     entropy, clip fractions and the sampler/trainer log-prob mismatch."""
     gathered = [row for part in all_gather_objects([(s.reward, s.correct, s.truncated, len(s.tokens))

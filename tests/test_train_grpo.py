@@ -304,12 +304,14 @@ def odd_groups_equal(policy, tokenizer, task, problems, config, seed):
     return samples
 
 
-def test_a_rank_left_without_rollouts_joins_the_update(tmp_path, demo_model):
+@pytest.mark.parametrize("extra", [[], ["--scale_rewards=batch"]])
+def test_a_rank_left_without_rollouts_joins_the_update(tmp_path, demo_model, extra):
     """Dynamic sampling can leave a rank with nothing to train on: it must still join the gradient all-reduce
-    (it hung), and the update is that of the other ranks' rollouts alone, normalised over the whole batch."""
+    (it hung) and the batch std's (--scale_rewards=batch), and the update is that of the other ranks' rollouts
+    alone, normalised over the whole batch."""
     from safetensors.torch import load_file
 
-    args = TINY + [f"--model={demo_model}", "--dynamic_sampling=true", "--max_resample_rounds=0"]
+    args = TINY + [f"--model={demo_model}", "--dynamic_sampling=true", "--max_resample_rounds=0"] + extra
     for world_size in (1, 2):
         spawn(world_size, args + [f"--out_dir={tmp_path / str(world_size)}"], rollout=odd_groups_equal)
     one, two = [load_file(tmp_path / str(n) / "final" / "model.safetensors") for n in (1, 2)]
