@@ -461,14 +461,21 @@ def load_run_state(path, model, optimizer, rank):
 class MetricsLog:
     """Appends one JSON object per line; only rank 0 writes. A run starting at step S first drops the lines of
     later steps (a killed run logged them after its last checkpoint, and the resumed run logs them again) and a
-    line torn by the kill, so each step appears once."""
+    line torn by the kill, so each step appears once. With config.wandb_project set (not empty), rank 0 also
+    starts a Weights & Biases run with the config and logs every line to it; wandb is optional, and asking for it
+    without it installed is an error at start."""
 
-    def __init__(self, path, enabled=True, start_step=0):
+    def __init__(self, path, enabled=True, start_step=0, config=None):
         self.path = path if enabled else None
+        self.wandb = None
         if self.path:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             if os.path.exists(path):
                 self._keep_steps_until(start_step)
+            project = getattr(config, "wandb_project", "") if config is not None else ""
+            if project:
+                self.wandb = start_wandb(project, getattr(config, "wandb_run_name", "") or
+                                         os.path.basename(os.path.dirname(os.path.abspath(path))), config)
 
     def _keep_steps_until(self, start_step):
         kept = []
@@ -488,6 +495,26 @@ class MetricsLog:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+        if self.wandb is not None:
+            step = metrics.get("step")
+            self.wandb.log({k: v for k, v in metrics.items() if k != "step"},
+                           step=int(step) if isinstance(step, (int, float)) else None)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def start_wandb(project, name, config):
+    """A Weights & Biases run (wandb.init) holding the run's config; an error naming the flag without wandb."""
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit(f"--wandb_project={project}: wandb is not installed (pip install wandb), or leave "
+                         f"--wandb_project empty to log to metrics.jsonl only") from None
+    values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
+    return wandb.init(project=project, name=name or None, config=values)
 
 
 def format_eta(seconds):

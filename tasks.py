@@ -167,6 +167,8 @@ def get_task(spec: str, data_dir="data", demo_problems=500, flag="--task") -> Ta
     if ".py:" in spec:
         return _user_task(*spec.rsplit(":", 1), flag=flag)
     if spec.endswith(".jsonl") or os.path.exists(spec):
+        if not os.path.exists(spec):
+            raise SystemExit(f"{flag}={spec}: no such file")
         return JsonlTask(spec)  # read_jsonl names what is wrong with the file
     raise SystemExit(f"{flag}={spec}: unknown task; choose demo, {', '.join(BENCHMARK_FILES)}, a .jsonl file of "
                      f"problems, or path/to/file.py:TaskClass")
@@ -175,8 +177,10 @@ def get_task(spec: str, data_dir="data", demo_problems=500, flag="--task") -> Ta
 def _user_task(path, class_name, flag) -> Task:
     if not os.path.isfile(path):
         raise SystemExit(f"{flag}={path}:{class_name}: {path} is not a file")
-    spec = importlib.util.spec_from_file_location(f"user_task_{os.path.splitext(os.path.basename(path))[0]}", path)
+    name = f"user_task_{os.path.splitext(os.path.basename(path))[0]}"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # registered before it runs, as an import would be: @dataclass and pickle look it up
     spec.loader.exec_module(module)
     task_class = getattr(module, class_name, None)
     if not (isinstance(task_class, type) and issubclass(task_class, Task)):
@@ -191,12 +195,17 @@ def check_problems(problems, task) -> list[dict]:
     """A user task's problems, refused with the problem's index and field when one is malformed."""
     if not isinstance(problems, list) or not problems:
         raise SystemExit(f"task {task.name!r}: returned no problems (a non-empty list of dicts is needed)")
+    graded_by_answer = type(task).grade is Task.grade  # the default judge reads problem["answer"]
     for i, problem in enumerate(problems):
         if not isinstance(problem, dict) or not isinstance(problem.get("problem"), str):
             raise SystemExit(f"task {task.name!r}: problem {i} needs a field 'problem' (a string)")
+        if graded_by_answer and problem.get("answer") is None:
+            raise SystemExit(f"task {task.name!r}: problem {i} needs a field 'answer' (or the task its own grade())")
     ids = [str(p.get("id", f"{task.name}-{i}")) for i, p in enumerate(problems)]
-    if len(set(ids)) < len(ids):
-        raise SystemExit(f"task {task.name!r}: problem ids are not unique")
+    repeated = [i for i, count in Counter(ids).items() if count > 1]
+    if repeated:
+        raise SystemExit(f"task {task.name!r}: problem ids are not unique ({repeated[0]!r} occurs "
+                         f"{ids.count(repeated[0])} times)")
     return [dict(p, id=i) for p, i in zip(problems, ids)]
 
 
@@ -357,37 +366,65 @@ DEMO_HELDOUT_SEED = 1234
 
 
 class DemoTask(Task):
-    """The demo: 2-4 step word problems on small integers, answered by a 2.5M-parameter model in 64 tokens."""
+    """The demo: 2-4 step word problems on small integers, answered by a 2.5M-parameter model in 64 tokens.
+    level=None is that distribution (the held-out set and training stream every test and result rests on); another
+    level (demo_level: "3", "2-3", "5:19", ...) draws problems of that many steps and operands up to that size, from
+    the same seeds, held out by the same hash."""
 
     name = "demo"
     temperature, top_p, max_new_tokens = 1.0, 1.0, 64  # as the trainers' held-out evals sample it
 
-    def __init__(self, test_size=500):
-        self.test_size = test_size
+    def __init__(self, test_size=500, level=None):
+        self.test_size, self.level = test_size, level
+        if level is not None:
+            demo_level(level)  # refuse a malformed level here, not at the first draw
+            self.name = f"demo-{level}"
 
     def train_problems(self, seed):
-        return [dict(p, id=f"demo-train-{i}") for i, p in enumerate(demo_problems(DEMO_TRAIN_SIZE, seed + 1, False))]
+        return [dict(p, id=f"demo-train-{i}")
+                for i, p in enumerate(demo_problems(DEMO_TRAIN_SIZE, seed + 1, False, level=self.level))]
 
     def test_problems(self):
         return [{"id": f"demo-{i}", "problem": p["problem"], "answer": p["answer"]}
-                for i, p in enumerate(demo_problems(self.test_size, DEMO_HELDOUT_SEED, heldout=True))]
+                for i, p in enumerate(demo_problems(self.test_size, DEMO_HELDOUT_SEED, heldout=True,
+                                                    level=self.level))]
 
 
-def demo_problem(rng) -> dict:
-    """A 2-4 step word problem on small integers (add or take away 1-9, or double): values stay under 60."""
+def demo_level(level) -> dict:
+    """demo_problem's keyword arguments for a difficulty level: None (the demo: 2-4 steps, operands up to 9), or
+    "S" / "S1-S2" steps with an optional ":M" largest operand ("5" = exactly 5 steps, "2-3:19")."""
+    if level is None or level == "":
+        return {}
+    text = str(level)
+    steps, _, operand = text.partition(":")
+    low, _, high = steps.partition("-")
+    try:
+        low, high = int(low), int(high or low)
+        max_operand = int(operand) if operand else 9
+    except ValueError:
+        raise SystemExit(f"demo level {text!r}: expected steps 'S' or 'S1-S2', optionally ':M' (largest operand)") \
+            from None
+    if not (1 <= low <= high and max_operand >= 1):
+        raise SystemExit(f"demo level {text!r}: needs 1 <= S1 <= S2 and M >= 1")
+    return dict(steps=(low, high), max_operand=max_operand)
+
+
+def demo_problem(rng, steps=(2, 4), max_operand=9) -> dict:
+    """A word problem of steps[0] to steps[1] steps on small integers (add or take away 1 to max_operand, or
+    double). The defaults are the demo's (values stay under 60), drawn from rng exactly as always."""
     name, item = rng.choice(DEMO_NAMES), rng.choice(DEMO_ITEMS)
     value = rng.randint(2, 20)
-    sentences, steps = [f"{name} has {value} {item}."], []
-    for _ in range(rng.randint(2, 4)):
+    sentences, step_list = [f"{name} has {value} {item}."], []
+    for _ in range(rng.randint(*steps)):
         options = ["+"] + (["-"] if value > 0 else []) + (["*"] if 0 < value <= 10 else [])
         op = rng.choice(options)
-        k = 2 if op == "*" else rng.randint(1, min(value, 9)) if op == "-" else rng.randint(1, 9)
+        k = 2 if op == "*" else rng.randint(1, min(value, max_operand)) if op == "-" else rng.randint(1, max_operand)
         result = value + k if op == "+" else value - k if op == "-" else value * k
         sentences.append(f"Then {name} {rng.choice(DEMO_STEPS[op]).format(k=k)}.")
-        steps.append((value, op, k, result))
+        step_list.append((value, op, k, result))
         value = result
     question = " ".join(sentences) + f" How many {item} does {name} have now?"
-    return {"problem": question, "steps": steps, "answer": str(value)}
+    return {"problem": question, "steps": step_list, "answer": str(value)}
 
 
 def is_demo_heldout(problem_text: str) -> bool:
@@ -396,12 +433,12 @@ def is_demo_heldout(problem_text: str) -> bool:
     return zlib.crc32(problem_text.encode()) % 8 == 0
 
 
-def demo_problems(count, seed, heldout: bool) -> list[dict]:
+def demo_problems(count, seed, heldout: bool, level=None) -> list[dict]:
     """The first `count` distinct problems of one split drawn from a seeded stream (so a smaller count is a
-    prefix of a larger one)."""
-    rng, problems, seen = random.Random(seed), [], set()
+    prefix of a larger one), at a difficulty level (demo_level; None: the demo's own)."""
+    rng, problems, seen, knobs = random.Random(seed), [], set(), demo_level(level)
     while len(problems) < count:
-        problem = demo_problem(rng)
+        problem = demo_problem(rng, **knobs)
         if is_demo_heldout(problem["problem"]) == heldout and problem["problem"] not in seen:
             seen.add(problem["problem"])
             problems.append(problem)

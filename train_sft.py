@@ -71,6 +71,8 @@ class Config:
     save_every: int = 250  # steps between checkpoints
     resume: bool = False  # continue from out_dir's latest checkpoint
     overwrite: bool = False  # a fresh run replaces the run already in out_dir (its checkpoints and metrics)
+    wandb_project: str = ""  # also log to this Weights & Biases project ("": off; needs pip install wandb)
+    wandb_run_name: str = ""  # "": the out_dir's name
 
 
 PRESETS = {
@@ -169,7 +171,8 @@ def main(argv=None):
     if resume_from:
         start_step, metrics = load_run_state(resume_from, model, optimizer, rank)
     examples = load_examples(config, tokenizer, rank)
-    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=master, start_step=start_step)
+    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=master, start_step=start_step,
+                     config=config)
     if master:
         print(f"config: {dataclasses.asdict(config)}")
         print(f"model {model_path}: {model.num_parameters() / 1e6:.1f}M parameters | {len(examples)} examples | "
