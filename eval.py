@@ -27,7 +27,7 @@ import torch
 from common import check_values, init_distributed, parse_config
 from data import Tokenizer, read_jsonl
 from model import Transformer
-from tasks import BENCHMARK_FILES, Task, check_problems, evaluate, get_task, metrics, verdict_fields
+from tasks import BENCHMARK_FILES, Benchmark, Task, check_problems, evaluate, get_task, metrics, verdict_fields
 
 # DeepSeek-V3 technical report (arXiv:2412.19437): GSM8K from Table 3 (the base model, 8-shot, EM); MATH-500 and
 # AIME 2024 from Table 6 (the chat model; MATH-500 EM, AIME 2024 Pass@1).
@@ -147,8 +147,8 @@ def main(argv=None):
         return grade_completions_main(config, tasks)
     rank, world_size, device = init_distributed()
     if config.download and rank == 0:
-        for name in tasks:
-            if name in BENCHMARK_FILES:
+        for name, task in tasks.items():
+            if isinstance(task, Benchmark):  # not a .jsonl file that happens to be named gsm8k.jsonl
                 download(name, config.data_dir)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32}[config.dtype]
@@ -294,6 +294,9 @@ def check_config(config) -> dict:
                  non_negative=("max_slots", "temperature", "top_p"))
     if config.top_p is not None and config.top_p > 1:
         raise SystemExit(f"--top_p={config.top_p}: must be at most 1")
+    if config.task and config.benchmarks != EvalConfig.benchmarks:
+        raise SystemExit(f"--task={config.task} and --benchmarks={config.benchmarks}: name the tasks once (--task=X "
+                         f"is --benchmarks=X)")
     specs = [config.task] if config.task else [b.strip() for b in config.benchmarks.split(",") if b.strip()]
     if not specs:
         raise SystemExit(f"--benchmarks={config.benchmarks!r}: empty; choose from demo, {', '.join(BENCHMARK_FILES)}, "

@@ -222,7 +222,8 @@ def evaluate(model, tokenizer, task, problems, n=1, temperature=0.6, top_p=0.95,
     unless keep_partial (eval.py's main removes it once every benchmark is saved)."""
     model_path = getattr(tokenizer, "path", None)
     run_key = json.dumps([model_path, weights_fingerprint(model_path), n, temperature, top_p, max_new_tokens,
-                          instruction, seed, world_size], default=str)  # other weights or settings: not reused
+                          task.instruction if instruction is None else instruction, seed, world_size],
+                         default=str)  # other weights or settings: not reused
     done = {}
     if partial_file and os.path.exists(partial_file):
         done = {r["id"]: r for r in read_partial(partial_file) if r.get("run_key") == run_key}

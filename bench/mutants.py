@@ -31,6 +31,9 @@ WIRING = GRPO + "test_main_passes_the_right_tensors_to_the_loss_and_the_kl"
 TEMPERATURE = GRPO + "test_sampler_and_trainer_log_probs_agree_at_temperature_0_7"
 FREQUENCIES = SAMPLER + "test_generate_first_token_frequencies"
 TRACES = "tests/test_make_traces.py::"
+TASKS = "tests/test_tasks.py::"
+PROMPT = TASKS + "test_training_and_evaluation_send_the_same_prompt_for_every_kind_of_task"
+SCORE = TASKS + "test_score_adds_the_format_reward_and_the_overlong_penalty_to_the_task_reward"
 
 
 def mutant(name, file, original, mutated, tests):
@@ -197,6 +200,47 @@ MUTANTS = [
     mutant("traces_early_answer_counts_results", "make_traces.py",
            '    return re.sub(r"=\\s*\\S+", "=", opening)', "    return opening",
            [TRACES + "test_rejection_reasons"]),
+    # tasks.py and the loss-position log-probs (issues 17 and 18)
+    mutant("prompt_ignores_the_instruction_flag", "tasks.py",
+           "self.instruction if instruction is None else instruction)", "self.instruction)", [PROMPT]),
+    mutant("prompt_ignores_the_tasks_instruction", "tasks.py",
+           "self.instruction if instruction is None else instruction)", "instruction)", [PROMPT]),
+    mutant("check_problems_leaves_ids_unset", "tasks.py",
+           "return [dict(p, id=i) for p, i in zip(problems, ids)]", "return problems",
+           [TASKS + "test_problems_of_a_users_task_are_checked_with_their_index"]),
+    mutant("score_drops_the_format_reward", "tasks.py",
+           "rewards = [r + format_weight * format_reward(c) for r, c in zip(rewards, completions)]",
+           "rewards = [r for r, c in zip(rewards, completions)]", [SCORE]),
+    mutant("score_drops_the_overlong_penalty", "tasks.py",
+           "rewards = [r + p for r, p in zip(rewards, penalties)]", "rewards = [r for r, p in zip(rewards, penalties)]",
+           [SCORE]),
+    mutant("score_ignores_the_tasks_reward", "tasks.py",
+           "rewards = [task.reward(c, p, v) for c, p, v in zip(completions, problems, verdicts)]",
+           "rewards = [float(v.correct) for c, p, v in zip(completions, problems, verdicts)]", [SCORE]),
+    mutant("jsonl_answer_keeps_the_working", "tasks.py",
+           'answer = answer.split("####")[-1].strip()', 'answer = answer.split("####")[0].strip()',
+           [TASKS + "test_get_task_resolves_every_kind_of_name"]),
+    mutant("demo_task_ignores_its_size", "tasks.py",
+           "return DemoTask(test_size=demo_problems)", "return DemoTask()",
+           [TASKS + "test_get_task_resolves_every_kind_of_name"]),
+    mutant("jsonl_task_needs_the_extension", "tasks.py",
+           'if spec.endswith(".jsonl") or os.path.exists(spec):', 'if spec.endswith(".jsonl"):',
+           [TASKS + "test_get_task_resolves_every_kind_of_name"]),
+    mutant("evaluate_grades_against_the_wrong_problems", "tasks.py",
+           "verdicts = task.grade(texts, [batch[c.prompt_index] for c in completions])",
+           "verdicts = task.grade(texts, [problems[c.prompt_index] for c in completions])",
+           [TASKS + "test_evaluate_grades_each_completion_against_its_own_problem"]),
+    mutant("heldout_not_cut_to_eval_problems", "train_grpo.py",
+           "check_problems(eval_task.test_problems(), eval_task)[: config.eval_problems]",
+           "check_problems(eval_task.test_problems(), eval_task)",
+           [TASKS + "test_grpo_evaluates_the_first_eval_problems_of_the_held_out_task"]),
+    mutant("packed_logprobs_put_back_column_major", "train_grpo.py",
+           "return packed.new_zeros(input_ids.shape).masked_scatter(real, packed[0])",
+           "return packed.new_zeros(input_ids.shape).T.masked_scatter(real.T, packed[0]).T",
+           [GRPO + "test_packed_training_passes_equal_padded_ones"]),
+    mutant("loss_mask_shifted", "model.py",
+           "~loss_mask[:, 1:].bool()", "~loss_mask[:, :-1].bool()",
+           [MODEL + "test_a_loss_mask_scores_only_its_tokens_with_the_same_values_and_gradients"]),
 ]
 
 

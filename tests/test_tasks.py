@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import pickle
 import re
 
 import pytest
@@ -35,13 +36,15 @@ def write_jsonl(path, rows):
 
 
 def test_get_task_resolves_every_kind_of_name(tmp_path):
-    assert isinstance(get_task("demo"), DemoTask) and get_task("demo", demo_problems=3).test_problems()[2]["id"] \
-        == "demo-2"
+    assert isinstance(get_task("demo"), DemoTask)
+    assert [p["id"] for p in get_task("demo", demo_problems=3).test_problems()] == ["demo-0", "demo-1", "demo-2"]
     assert isinstance(get_task("math500", data_dir=str(tmp_path)), Benchmark)
     file = write_jsonl(tmp_path / "mine.jsonl", [{"question": "1+1?", "answer": "work\n#### 2"}])
     task = get_task(file)
     assert isinstance(task, JsonlTask) and task.name == "mine"
     assert task.train_problems(0) == task.test_problems() == [{"id": "mine-1", "problem": "1+1?", "answer": "2"}]
+    other = write_jsonl(tmp_path / "other.txt", [{"problem": "2+2?", "answer": "4"}])  # a JSONL by any other name
+    assert isinstance(get_task(other), JsonlTask) and get_task(other).test_problems()[0]["answer"] == "4"
     with pytest.raises(SystemExit, match=r"^--eval_data=gsm9k: unknown task"):
         get_task("gsm9k", flag="--eval_data")
     with pytest.raises(SystemExit, match=r"^--task=nowhere.py:X: nowhere.py is not a file"):
@@ -70,10 +73,68 @@ def test_problems_of_a_users_task_are_checked_with_their_index():
     with pytest.raises(SystemExit, match="returned no problems"):
         check_problems([], task)
     with pytest.raises(SystemExit, match="problem 1 needs a field 'problem'"):
-        check_problems([{"problem": "a"}, {"question": "b"}], task)
-    with pytest.raises(SystemExit, match="not unique"):
-        check_problems([{"id": 1, "problem": "a"}, {"id": "1", "problem": "b"}], task)
-    assert check_problems([{"problem": "a"}], task) == [{"id": "task-0", "problem": "a"}]
+        check_problems([{"problem": "a", "answer": "1"}, {"question": "b", "answer": "2"}], task)
+    with pytest.raises(SystemExit, match=r"not unique \('1' occurs 2 times\)"):
+        check_problems([{"id": 1, "problem": "a", "answer": "1"}, {"id": "1", "problem": "b", "answer": "2"}], task)
+    assert check_problems([{"problem": "a", "answer": "1"}], task) == [{"id": "task-0", "problem": "a", "answer": "1"}]
+    # the default judge reads "answer": refused at load, not after the first batch has been sampled
+    with pytest.raises(SystemExit, match="problem 1 needs a field 'answer'"):
+        check_problems([{"problem": "a", "answer": "1"}, {"problem": "b"}], task)
+
+    class OwnJudge(Task):
+        def grade(self, completions, problems):
+            return [Verdict("correct", c, "any") for c in completions]
+
+    assert check_problems([{"problem": "a"}], OwnJudge()) == [{"id": "task-0", "problem": "a"}]
+
+
+def test_a_missing_file_and_two_names_for_the_tasks_are_refused_naming_the_flags(tmp_path):
+    with pytest.raises(SystemExit, match=r"^--eval_data=nowhere/p.jsonl: no such file"):
+        get_task("nowhere/p.jsonl", flag="--eval_data")
+    with pytest.raises(SystemExit, match=r"^--task=gsm8k and --benchmarks=math500: name the tasks once"):
+        evaluation.main(["--task=gsm8k", "--benchmarks=math500"])
+
+
+def test_a_users_task_file_is_imported_as_a_module(tmp_path):
+    """Its module is registered while it runs, as an import's is: a dataclass with postponed annotations (which
+    looks its module up) defines, and its tasks pickle."""
+    (tmp_path / "dataclass_task.py").write_text(
+        "from __future__ import annotations\n\nimport dataclasses\n\nfrom tasks import Task\n\n\n"
+        "@dataclasses.dataclass\nclass Sums(Task):\n    size: int = 3\n\n"
+        "    def test_problems(self) -> list[dict]:\n"
+        "        return [{'problem': f'{i}+1?', 'answer': str(i + 1)} for i in range(self.size)]\n")
+    task = get_task(f"{tmp_path / 'dataclass_task.py'}:Sums")
+    assert task.name == "Sums" and len(check_problems(task.test_problems(), task)) == 3
+    assert pickle.loads(pickle.dumps(task)).size == 3
+
+
+def test_evaluate_grades_each_completion_against_its_own_problem(tokenizer, monkeypatch):
+    """Completions that answer their own prompt right are all graded correct, over several chunks, n > 1 and
+    each rank's share: a completion checked against another problem's answer would read as wrong."""
+    from sampler import Completion
+
+    task = DemoTask(test_size=5)
+    problems = task.test_problems()
+    answers = {tuple(task.prompt(tokenizer, p)): p["answer"] for p in problems}
+    assert len(set(answers.values())) > 1  # a mix-up of problems changes the verdicts
+
+    def answering_generate(model, prompts, max_new_tokens, n=1, **kwargs):
+        return [Completion(i, tokenizer.encode(f"\\boxed{{{answers[tuple(prompt)]}}}"), finish_reason="stop")
+                for i, prompt in enumerate(prompts) for _ in range(n)]
+
+    monkeypatch.setattr(tasks, "generate", answering_generate)
+    for rank, world_size in [(0, 1), (1, 2)]:
+        records = tasks.evaluate(None, tokenizer, task, problems, n=2, chunk=2, rank=rank, world_size=world_size,
+                                 show_progress=False)
+        assert [r["id"] for r in records] == [p["id"] for p in problems[rank::world_size]]
+        assert all(s["status"] == "correct" for r in records for s in r["samples"]), (rank, world_size)
+
+
+def test_grpo_evaluates_the_first_eval_problems_of_the_held_out_task():
+    _, problems, eval_task, heldout = train_grpo.load_tasks(train_grpo.Config(eval_problems=3), master=False)
+    assert eval_task.name == "demo" and len(problems) == tasks.DEMO_TRAIN_SIZE
+    assert heldout == DemoTask(test_size=3).test_problems()
+    assert train_grpo.load_tasks(train_grpo.Config(eval_problems=0), master=False)[3] == []
 
 
 def test_training_and_evaluation_send_the_same_prompt_for_every_kind_of_task(tmp_path, tokenizer, monkeypatch):
