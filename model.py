@@ -1,8 +1,10 @@
 """
 A hand-written decoder-only transformer for the Llama, Mistral, Qwen2 and Qwen3 families.
 
-It loads Hugging Face checkpoints (config.json + safetensors, sharded or not) with the same parameter
-names, so loading is a 1:1 mapping, and saves folders that transformers and vLLM load back unchanged.
+It loads Hugging Face checkpoints (config.json + safetensors, sharded or not) and saves folders that transformers
+and vLLM load back unchanged. Parameter names are Hugging Face's, except that each layer holds q/k/v_proj as one
+qkv_proj and gate/up_proj as one gate_up_proj (one GEMM each; FUSED): from_pretrained concatenates the checkpoint's
+tensors, save_pretrained and hf_state_dict() split them back.
 
     model = Transformer.from_pretrained("path/to/Qwen2.5-1.5B-Instruct", device="cuda", dtype=torch.bfloat16)
     logits = model(input_ids)                                   # (B, T, vocab), float32
@@ -168,6 +170,46 @@ class ModelConfig:
         return hf
 
 
+# Hugging Face tensors that this model holds concatenated in one parameter (along dim 0, in this order), so that
+# a layer runs one GEMM where the checkpoint has two or three: the model's own state_dict has the fused names,
+# checkpoints on disk the Hugging Face ones (from_pretrained concatenates, save_pretrained splits)
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def fused_parts(name: str, config: ModelConfig) -> list[tuple[str, int]] | None:
+    """The Hugging Face tensors a fused parameter holds, [(name, rows), ...] in order along dim 0, or None for a
+    parameter stored as it is: "model.layers.0.mlp.gate_up_proj.weight" -> [("model.layers.0.mlp.gate_proj.weight",
+    intermediate_size), ("model.layers.0.mlp.up_proj.weight", intermediate_size)]."""
+    for fused, parts in FUSED.items():
+        prefix, found, suffix = name.partition(f".{fused}.")
+        if found:
+            kv_rows = config.num_key_value_heads * config.head_dim
+            rows = (config.intermediate_size,) * 2 if fused == "mlp.gate_up_proj" else \
+                (config.num_attention_heads * config.head_dim, kv_rows, kv_rows)
+            return [(f"{prefix}.{part}.{suffix}", n) for part, n in zip(parts, rows)]
+    return None
+
+
+def to_hf_state(state: dict, config: ModelConfig) -> dict:
+    """The model's state dict under Hugging Face names: each fused tensor split into its parts (views, no copy)."""
+    hf = {}
+    for name, tensor in state.items():
+        parts = fused_parts(name, config)
+        if parts is None:
+            hf[name] = tensor
+        else:
+            hf.update(zip([n for n, _ in parts], tensor.split([rows for _, rows in parts])))
+    return hf
+
+
+def from_hf_state(hf: dict, names, config: ModelConfig) -> dict:
+    """The model's tensors `names` from Hugging Face ones, concatenating the parts of each fused tensor; the
+    tensors used are popped from hf, so that a part is freed once its fused copy exists."""
+    return {name: hf.pop(name) if (parts := fused_parts(name, config)) is None
+            else torch.cat([hf.pop(part) for part, _ in parts]) for name in names}
+
+
 # -----------------------------------------------------------------------------
 # building blocks
 
@@ -291,9 +333,10 @@ class Attention(nn.Module):
         self.layer_index = layer_index
         self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         dim = config.hidden_size
-        self.q_proj = nn.Linear(dim, self.n_head * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(dim, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(dim, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
+        # q_proj, k_proj and v_proj as one GEMM: their weights (and Qwen2's biases) concatenated along the output
+        # dimension at load, split back into the Hugging Face tensors at save (fused_parts)
+        self.qkv_sizes = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim)
+        self.qkv_proj = nn.Linear(dim, sum(self.qkv_sizes), bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, dim, bias=config.o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -301,9 +344,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, signed_sin, cu_seqlens=None, cache: "CacheView | None" = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)  # views of one (B, T, q + k + v) output
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         if hasattr(self, "q_norm"):  # under autocast the fp32 norm weights promote q and k: back to v's dtype
             q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
         if cache is not None and cu_seqlens is None and T == 1:
@@ -355,12 +399,16 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        # gate_proj and up_proj as one GEMM (gate rows first), split back at save (fused_parts)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        if torch.is_grad_enabled():
+            return self.down_proj(F.silu(gate) * up)
+        # no graph to keep (sampling, evaluation): SiLU and the product in place in the GEMM's output, no new tensor
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class Block(nn.Module):
@@ -384,7 +432,7 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = nn.Module()  # "model." prefix: Hugging Face parameter names map 1:1
+        self.model = nn.Module()  # "model." prefix: Hugging Face parameter names map 1:1 (but for FUSED)
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.model.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -450,7 +498,8 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None) -> "Transformer":
-        """Builds on the meta device and assigns the checkpoint's tensors, so no second copy is made."""
+        """Builds on the meta device and assigns the checkpoint's tensors, so no second copy is made (but for the
+        fused qkv_proj and gate_up_proj, concatenated from their Hugging Face parts, each part freed once used)."""
         config_file = os.path.join(path, "config.json")
         with open(config_file) as f:
             try:
@@ -460,7 +509,7 @@ class Transformer(nn.Module):
         config = ModelConfig.from_hf(hf_config, source=config_file)
         with torch.device("meta"):
             model = cls(config)
-        expected = {name: p.shape for name, p in model.state_dict().items()}
+        expected = {name: p.shape for name, p in model.hf_state_dict().items()}  # the names on disk
         state = {}
         for file in checkpoint_files(path):
             check_safetensors(file)
@@ -478,8 +527,13 @@ class Transformer(nn.Module):
                              f"unexpected tensors {unexpected}, wrong shapes {wrong_shape}")
         if dtype is not None:
             state = {name: t.to(dtype) for name, t in state.items()}
-        model.load_state_dict(state, assign=True)
+        model.load_state_dict(from_hf_state(state, list(model.state_dict()), config), assign=True)
         return model
+
+    def hf_state_dict(self) -> dict:
+        """state_dict() under the Hugging Face names a checkpoint uses (q_proj, k_proj, v_proj, gate_proj, up_proj
+        split out of the fused qkv_proj and gate_up_proj): views of the model's tensors, no copy."""
+        return to_hf_state(self.state_dict(), self.config)
 
     def save_pretrained(self, path, max_shard_bytes=5 * 1024**3):
         """config.json + model.safetensors, or shards with model.safetensors.index.json above max_shard_bytes."""
@@ -487,7 +541,10 @@ class Transformer(nn.Module):
         self.config.torch_dtype = str(self.lm_head_weight.dtype).removeprefix("torch.")
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(self.config.to_hf(), f, indent=2)
-        state = {n: t.detach().contiguous().cpu() for n, t in self.state_dict().items()}
+        # Hugging Face names; a part of a fused tensor is copied out of it, so that no two saved tensors share memory
+        parts = {part for name in self.state_dict() for part, _ in fused_parts(name, self.config) or ()}
+        state = {n: t.detach().to("cpu", copy=True) if n in parts else t.detach().contiguous().cpu()
+                 for n, t in self.hf_state_dict().items()}
         shards, current, current_bytes = [], {}, 0
         for name, tensor in state.items():
             size = tensor.numel() * tensor.element_size()
@@ -563,9 +620,10 @@ def check_safetensors(file):
 
 
 def init_weights(model: Transformer, std=0.02, seed=0):
-    """Random initialisation for models trained from scratch (the demo); checkpoints overwrite all of it."""
+    """Random initialisation for models trained from scratch (the demo); checkpoints overwrite all of it. Drawn
+    tensor by tensor under the Hugging Face names (each part of a fused parameter on its own), in their order."""
     generator = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
+    for name, p in to_hf_state(dict(model.named_parameters()), model.config).items():
         with torch.no_grad():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)

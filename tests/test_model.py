@@ -70,6 +70,30 @@ def test_round_trip_through_transformers(tmp_path):
     assert (hf_logits(reloaded, ids) - hf_logits(hf_model, ids)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_fused_projections_are_saved_under_hugging_face_names(tmp_path, family):
+    """The model holds q/k/v_proj as one qkv_proj and gate/up_proj as one gate_up_proj; save_pretrained writes back
+    exactly the tensors transformers wrote (names, shapes, bits), also from a meta shell given the model's own
+    state_dict (common.save_checkpoint's path under FSDP)."""
+    from safetensors.torch import load_file
+
+    write_hf_checkpoint(tmp_path / "src", family=family)
+    model = Transformer.from_pretrained(tmp_path / "src")
+    names = list(model.state_dict())
+    assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.1.mlp.gate_up_proj.weight" in names
+    assert not any(f".{part}." in name for name in names for part in ("q_proj", "k_proj", "v_proj", "gate_proj",
+                                                                       "up_proj"))
+    with torch.device("meta"):
+        shell = Transformer(model.config)
+    shell.load_state_dict(model.state_dict(), assign=True)
+    shell.save_pretrained(tmp_path / "ours")
+    source = load_file(tmp_path / "src" / "model.safetensors")
+    saved = load_file(tmp_path / "ours" / "model.safetensors")
+    assert sorted(saved) == sorted(source)
+    assert all(torch.equal(saved[name], source[name]) for name in source)
+    assert sorted(model.hf_state_dict()) == sorted(source)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_sharded_save_and_load(tmp_path, family):
     import transformers
