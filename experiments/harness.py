@@ -1,0 +1,342 @@
+"""
+Plumbing shared by the experiment scripts: flags, a smaller demo model, running the trainers' main(argv) per
+setting and seed (with a cache of finished runs), measuring a checkpoint (held-out accuracy per difficulty level,
+KL to the start, entropy, length), and the outputs: results.md, results.json and SVG curves per question in
+experiments/results/<question>/.
+
+Every script takes the same flags:
+    --seeds=0,1,2     the seeds (each setting runs once per seed)
+    --quick           a tiny budget that only checks the script runs end to end (tests/test_experiments.py);
+                      its numbers are not results, and it writes into a separate folder by default
+    --out=DIR         where results go (default experiments/results/<question>, quick: out/experiments_quick/<question>)
+    --rerun           ignore the cache of finished runs in DIR/runs and run everything again
+
+Budget. The experiments shrink the demo so that a question with its 3 seeds fits in about 20 minutes of 2 shared CPU
+cores: SMALL_MODEL (hidden 128, 4 layers, ~0.6M parameters against the demo's 2.4M), a shorter SFT (BUDGET), short
+GRPO runs, and 200 held-out problems instead of 500. The absolute accuracies are therefore lower than the README's
+demo table; the comparisons between settings are what each question is about.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import plot  # noqa: E402
+import train_grpo  # noqa: E402
+import train_sft  # noqa: E402
+from data import Tokenizer  # noqa: E402
+from model import ModelConfig, Transformer, init_weights  # noqa: E402
+from sampler import generate  # noqa: E402
+from tasks import DemoTask, build_demo_tokenizer, demo_problems, demo_trace, evaluate, metrics  # noqa: E402
+
+SMALL_MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, rope_theta=10000.0)
+
+# the budget of a real run and of --quick (which only checks that the script runs)
+BUDGET = dict(sft_steps=400, sft_examples=6000, grpo_steps=40, prompts_per_step=8, group_size=8, eval_problems=200,
+              eval_every=20, measure_problems=64)
+QUICK = dict(sft_steps=4, sft_examples=64, grpo_steps=2, prompts_per_step=2, group_size=4, eval_problems=8,
+             eval_every=1, measure_problems=4)
+
+MACHINE = "2-core CPU"
+
+
+@dataclasses.dataclass
+class Args:
+    seeds: list
+    quick: bool
+    out: str
+    rerun: bool
+    budget: dict
+
+
+def parse_args(question, argv=None) -> Args:
+    argv = sys.argv[1:] if argv is None else argv
+    seeds, quick, out, rerun = [0, 1, 2], False, "", False
+    for arg in argv:
+        key, _, value = arg[2:].partition("=") if arg.startswith("--") else (arg, "", "")
+        if key == "seeds" and value:
+            seeds = [int(s) for s in value.split(",") if s.strip()]
+        elif key == "quick":
+            quick = value.lower() not in ("0", "false", "no")
+        elif key == "out" and value:
+            out = value
+        elif key == "rerun":
+            rerun = value.lower() not in ("0", "false", "no")
+        else:
+            raise SystemExit(f"unknown argument {arg!r}; known: --seeds=0,1,2 --quick --out=DIR --rerun")
+    if not seeds:
+        raise SystemExit("--seeds: give at least one seed")
+    default_out = os.path.join(ROOT, "out", "experiments_quick", question) if quick else \
+        os.path.join(ROOT, "experiments", "results", question)
+    return Args(seeds, quick, out or default_out, rerun, dict(QUICK if quick else BUDGET))
+
+
+def build_small_init(path, seed=0) -> str:
+    """The demo tokenizer and a SMALL_MODEL-shaped untrained model, as a Hugging Face folder (kept if present)."""
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return path
+    tokenizer = build_demo_tokenizer(path, seed=seed)
+    config = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=(tokenizer.vocab_size + 63) // 64 * 64,
+                         qkv_bias=True, torch_dtype="float32", eos_token_id=tokenizer.eos_token_ids[0], **SMALL_MODEL)
+    init_weights(Transformer(config), seed=seed).save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def demo_trace_rows(count, seed, level=None, slip_rate=0.25, offset=0) -> list[dict]:
+    """{"prompt", "completion", "answer"} rows of the demo teacher (tasks.demo_trace) on training problems of a level:
+    what train_sft.py trains on for the demo, as a file (for levels other than the demo's own)."""
+    rng = random.Random(seed)
+    problems = demo_problems(offset + count, seed=seed, heldout=False, level=level)[offset:]
+    return [{"prompt": p["problem"], "completion": demo_trace(p, rng, slip_rate), "answer": p["answer"]}
+            for p in problems]
+
+
+# -----------------------------------------------------------------------------
+# running the trainers
+
+
+class Experiment:
+    """One question: runs settings x seeds through the trainers' main(argv), each in out/runs/<setting>/seed<k>,
+    and collects one row per run. A run that finished before (its done.json) is read back unless --rerun."""
+
+    def __init__(self, question, title, argv=None, doc=""):
+        self.question, self.title, self.doc = question, title, doc
+        self.args = parse_args(question, argv)
+        self.budget, self.seeds, self.out = self.args.budget, self.args.seeds, self.args.out
+        self.rows = []
+        self.curves = {}  # setting -> [metrics.jsonl paths]
+        self.started = time.time()
+        os.makedirs(self.out, exist_ok=True)
+        torch.set_num_threads(1)
+
+    def run_dir(self, setting, seed):
+        return os.path.join(self.out, "runs", setting.replace(" ", "_").replace("/", "-"), f"seed{seed}")
+
+    def _cached(self, run_dir):
+        done = os.path.join(run_dir, "done.json")
+        if not self.args.rerun and os.path.exists(done):
+            with open(done) as f:
+                return json.load(f)
+        return None
+
+    def train(self, trainer, setting, seed, flags) -> dict:
+        """trainer.main(flags + out_dir, seed, overwrite) unless cached; returns {"final", "metrics", "wall_s"}."""
+        run_dir = self.run_dir(setting, seed)
+        cached = self._cached(run_dir)
+        if cached is not None:
+            return cached
+        argv = [f"--out_dir={run_dir}", f"--seed={seed}", "--overwrite=true", "--save_every=100000"] + list(flags)
+        print(f"[{self.question}] {setting} seed {seed}: {trainer.__name__} {' '.join(flags)}", flush=True)
+        start = time.time()
+        trainer.main(argv)
+        result = dict(final=os.path.join(run_dir, "final"), metrics=os.path.join(run_dir, "metrics.jsonl"),
+                      wall_s=time.time() - start, flags=list(flags))
+        with open(os.path.join(run_dir, "done.json"), "w") as f:
+            json.dump(result, f)
+        return result
+
+    def cached_step(self, setting, seed, compute) -> dict:
+        """compute() -> a JSON dict, cached in the run folder like a training run (measurements, trace files)."""
+        run_dir = self.run_dir(setting, seed)
+        cached = self._cached(run_dir)
+        if cached is not None:
+            return cached
+        os.makedirs(run_dir, exist_ok=True)
+        start = time.time()
+        result = dict(compute(run_dir), wall_s=time.time() - start)
+        with open(os.path.join(run_dir, "done.json"), "w") as f:
+            json.dump(result, f)
+        return result
+
+    def init(self, seed) -> str:
+        return build_small_init(os.path.join(self.out, "runs", "init", f"seed{seed}"), seed=seed)
+
+    def sft(self, setting, seed, model=None, data="", steps=None, extra=()) -> dict:
+        """SFT of the small model (from its untrained init unless model=) on the demo teacher's traces (or data=)."""
+        b = self.budget
+        steps = steps or b["sft_steps"]
+        flags = [f"--model={model or self.init(seed)}", f"--max_steps={steps}", "--batch_size=32",
+                 "--micro_batch_size=32", f"--demo_examples={b['sft_examples']}",
+                 f"--warmup_steps={max(1, steps // 20)}", f"--eval_problems={b['eval_problems']}",
+                 f"--log_every={max(1, steps // 4)}", f"--eval_every={max(1, steps // 4)}"]
+        if data:
+            flags.append(f"--data={data}")
+        return self.train(train_sft, setting, seed, flags + list(extra))
+
+    def base_sft(self, seed) -> dict:
+        """The demo SFT of the small model on the teacher's traces, shared by every question that starts GRPO from
+        an SFT checkpoint (cached in <out>/../_sft/seed<k>: run once per seed for all of them)."""
+        shared = Experiment.__new__(Experiment)
+        shared.__dict__.update(self.__dict__, out=os.path.join(os.path.dirname(self.out), "_sft"))
+        return shared.sft("sft", seed)
+
+    def base_grpo(self, seed) -> dict:
+        """GRPO with the experiments' default flags (beta=0) from base_sft, shared the same way (recipe 3 of the
+        recipes question, the beta=0 arm of kl_removal, the SFT+RL model of extrapolation)."""
+        shared = Experiment.__new__(Experiment)
+        shared.__dict__.update(self.__dict__, out=os.path.join(os.path.dirname(self.out), "_sft"))
+        return shared.grpo("grpo", seed, self.base_sft(seed)["final"])
+
+    def grpo(self, setting, seed, model, steps=None, extra=()) -> dict:
+        """GRPO from `model` with the experiments' budget; extra flags override it (later flags win)."""
+        b = self.budget
+        flags = [f"--model={model}", f"--max_steps={steps or b['grpo_steps']}",
+                 f"--prompts_per_step={b['prompts_per_step']}", f"--group_size={b['group_size']}",
+                 f"--eval_problems={b['eval_problems']}", f"--eval_every={b['eval_every']}", "--lr=1e-4",
+                 "--warmup_steps=2", f"--log_every={max(1, b['grpo_steps'] // 4)}", "--sample_every=100000"]
+        return self.train(train_grpo, setting, seed, flags + list(extra))
+
+    # -------------------------------------------------------------------------
+    # rows, table, plots
+
+    def add(self, setting, seed, run=None, **values):
+        """One row of the results: the final held-out accuracy and the last step's KL/entropy/length of the run's
+        metrics.jsonl (when a run is given), then any measured values, which win."""
+        row = dict(setting=setting, seed=seed)
+        if run is not None:
+            records = plot.read_metrics(run["metrics"])
+            evals = [r for r in records if "heldout_accuracy" in r]
+            if evals:
+                row["heldout_accuracy"] = evals[-1]["heldout_accuracy"]
+                row["heldout_start"] = evals[0]["heldout_accuracy"] if evals[0].get("step") == 0 else None
+            steps = [r for r in records if "loss" in r or "reward" in r]
+            if steps:
+                for key in ("kl", "entropy", "length", "reward"):
+                    if key in steps[-1]:
+                        row[f"train_{key}"] = steps[-1][key]
+            row["wall_s"] = run["wall_s"]
+            self.curves.setdefault(setting, []).append(run["metrics"])
+        row.update(values)
+        self.rows.append(row)
+        return row
+
+    def finish(self, columns, notes="", plots=None):
+        """results.json (every row, the summary, the budget), results.md (mean ± std per setting) and the SVGs:
+        plots maps a file name to (the settings it shows, None for all; the metrics it plots)."""
+        settings = list(dict.fromkeys(r["setting"] for r in self.rows))
+        summary = {}
+        for setting in settings:
+            rows = [r for r in self.rows if r["setting"] == setting]
+            summary[setting] = {c: mean_std([r.get(c) for r in rows]) for c in columns}
+            summary[setting]["runs"] = len(rows)
+        elapsed = time.time() - self.started
+        header = dict(question=self.question, title=self.title, date=time.strftime("%Y-%m-%d"), machine=MACHINE,
+                      quick=self.args.quick, seeds=self.seeds, budget=self.budget, small_model=SMALL_MODEL,
+                      elapsed_s=elapsed, host=platform.node(), torch=torch.__version__)
+        with open(os.path.join(self.out, "results.json"), "w") as f:
+            json.dump(dict(header, summary=summary, rows=self.rows), f, indent=1)
+        svgs = []
+        plots = plots or {"curves.svg": (None, ("heldout_accuracy", "kl", "entropy"))}
+        for name, (shown, keys) in plots.items():
+            runs = {s: self.curves[s] for s in (shown or self.curves) if s in self.curves}
+            if runs:
+                svgs.append(plot.plot_runs(runs, list(keys), os.path.join(self.out, name),
+                                           title=f"{self.question}: mean over seeds {self.seeds} (thin: each seed)"))
+        lines = [f"# {self.title}", "",
+                 f"{header['date']}, {MACHINE} (shared with other jobs, so wall times are inflated and noisy), torch "
+                 f"{torch.__version__}, seeds {', '.join(map(str, self.seeds))}; whole question {elapsed / 60:.1f} min. "
+                 + ("**QUICK RUN: a smoke test of the script, not a result.**" if self.args.quick else ""), "",
+                 f"Command: `python experiments/{self.question}.py`. Budget: {json.dumps(self.budget)}; model: "
+                 f"{SMALL_MODEL['num_hidden_layers']} layers, hidden {SMALL_MODEL['hidden_size']} "
+                 f"(experiments/harness.py). Mean ± sample std over seeds; accuracies in %.", ""]
+        if self.doc:
+            lines += [self.doc.strip(), ""]
+        lines += ["| setting | runs | " + " | ".join(columns) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in columns) + " |"]
+        for setting in settings:
+            lines.append(f"| {setting} | {summary[setting]['runs']} | "
+                         + " | ".join(format_mean_std(summary[setting][c], c) for c in columns) + " |")
+        lines += ["", *(f"![{os.path.basename(s)}]({os.path.basename(s)})" for s in svgs), ""]
+        if notes:
+            lines += [notes.strip(), ""]
+        with open(os.path.join(self.out, "results.md"), "w") as f:
+            f.write("\n".join(lines))
+        print("\n".join(lines), flush=True)
+        return summary
+
+
+def mean_std(values):
+    values = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not values:
+        return None
+    return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
+                n=len(values))
+
+
+def format_mean_std(stat, column):
+    if stat is None:
+        return "-"
+    digits = 1 if ("accuracy" in column or column.startswith("heldout") or column.startswith("acc") or column.endswith("_s") or "length" in column
+                   or column.startswith("level") or column.startswith("traces") or "pass" in column) else 4
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+# -----------------------------------------------------------------------------
+# measuring a checkpoint
+
+
+def load(path):
+    model = Transformer.from_pretrained(path, device=torch.device("cpu"), dtype=torch.float32).eval()
+    return model, Tokenizer.from_pretrained(path)
+
+
+@torch.no_grad()
+def accuracy(path, level=None, problems=200, max_new_tokens=64, seed=0) -> float:
+    """pass@1 (%) of one sample per held-out problem of a demo level, at temperature 1 (the trainers' eval)."""
+    model, tokenizer = load(path)
+    task = DemoTask(test_size=problems, level=level)
+    records = evaluate(model, tokenizer, task, task.test_problems(), n=1, temperature=1.0, top_p=1.0,
+                       max_new_tokens=max_new_tokens, instruction=None, seed=seed, show_progress=False)
+    return metrics(records, n=1)["pass@1"]
+
+
+@torch.no_grad()
+def drift(path, start_path, problems=64, max_new_tokens=64, seed=0) -> dict:
+    """How far a checkpoint moved from where it started, measured the same way for every setting (beta = 0
+    included): completions sampled from it (temperature 1) on held-out prompts, and at each completion token the
+    exact KL over the vocabulary to the start, both ways (reverse KL(pi||start), forward KL(start||pi)), and the
+    entropy of pi; per-token means, and the mean completion length."""
+    model, tokenizer = load(path)
+    start, _ = load(start_path)
+    task = DemoTask(test_size=problems)
+    prompts = [task.prompt(tokenizer, p) for p in task.test_problems()]
+    completions = generate(model, prompts, max_new_tokens, temperature=1.0, n=1,
+                           stop_token_ids=tokenizer.eos_token_ids, seed=seed)
+    reverse = forward = entropy = tokens = 0.0
+    for c in completions:
+        if not c.tokens:
+            continue
+        ids = torch.tensor([prompts[c.prompt_index] + list(c.tokens)])
+        first = len(prompts[c.prompt_index]) - 1  # the logits at position t predict token t + 1
+        logp = torch.log_softmax(model(ids)[0, first:-1].float(), -1)
+        logq = torch.log_softmax(start(ids)[0, first:-1].float(), -1)
+        p, q = logp.exp(), logq.exp()
+        reverse += float((p * (logp - logq)).sum())
+        forward += float((q * (logq - logp)).sum())
+        entropy += float(-(p * logp).sum())
+        tokens += logp.shape[0]
+    tokens = max(tokens, 1)
+    return dict(kl_reverse=reverse / tokens, kl_forward=forward / tokens, entropy=entropy / tokens,
+                length=statistics.fmean(len(c.tokens) for c in completions))

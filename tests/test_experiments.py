@@ -1,0 +1,169 @@
+# python -m pytest tests/test_experiments.py -q
+"""experiments/: each question's script runs end to end on its --quick budget (one seed, a couple of steps) so it
+cannot rot; plot.py draws metrics.jsonl files; MetricsLog logs to Weights & Biases when asked (a fake wandb
+module); the demo's difficulty knob leaves the default distribution as it was."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import types
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import plot  # noqa: E402
+from common import MetricsLog  # noqa: E402
+from tasks import DemoTask, demo_level, demo_problem, demo_problems  # noqa: E402
+
+QUESTIONS = ["kl_removal", "recipes", "extrapolation", "kl_form", "faked_traces"]
+
+
+# -----------------------------------------------------------------------------
+# the demo's difficulty knob
+
+
+def test_demo_defaults_are_the_old_distribution():
+    """demo_problem(rng) with the default knobs makes the draws it always made: the held-out set and the training
+    stream (which the demo's results and other tests rest on) are unchanged, pinned by a digest."""
+    import hashlib
+
+    digest = lambda problems: hashlib.sha256(json.dumps(problems).encode()).hexdigest()[:16]
+    assert demo_problems(500, 1234, heldout=True) == demo_problems(500, 1234, heldout=True, level=None)
+    assert DemoTask().test_problems() == DemoTask(level=None).test_problems()
+    rng_a, rng_b = random.Random(5), random.Random(5)
+    assert [demo_problem(rng_a) for _ in range(50)] == [demo_problem(rng_b, steps=(2, 4), max_operand=9)
+                                                         for _ in range(50)]
+    assert digest(DemoTask().test_problems()) == "87b70b6e5e24c1d1"
+    assert digest(DemoTask().train_problems(0)[:200]) == "ebef2f278575ad7b"
+
+
+def test_demo_levels():
+    assert demo_level(None) == {} and demo_level("") == {}
+    assert demo_level("5") == dict(steps=(5, 5), max_operand=9)
+    assert demo_level("2-3:19") == dict(steps=(2, 3), max_operand=19)
+    for bad in ("x", "3-2", "0", "2:0"):
+        with pytest.raises(SystemExit):
+            demo_level(bad)
+    for level, steps in (("2", 2), ("6", 6)):
+        task = DemoTask(test_size=20, level=level)
+        problems = demo_problems(20, 1234, heldout=True, level=level)
+        assert all(len(p["steps"]) == steps for p in problems)
+        assert task.name == f"demo-{level}" and len(task.test_problems()) == 20
+    big = demo_problems(200, 1, heldout=False, level="3:19")
+    assert max(k for p in big for _, op, k, _ in p["steps"] if op == "+") > 9
+    # a level's held-out problems never meet its training stream (the split is the text's hash)
+    train = {p["problem"] for p in DemoTask(level="5").train_problems(0)[:2000]}
+    assert not train & {p["problem"] for p in DemoTask(test_size=200, level="5").test_problems()}
+
+
+# -----------------------------------------------------------------------------
+# Weights & Biases through MetricsLog
+
+
+class FakeConfig:
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
+def test_metrics_log_wandb(tmp_path, monkeypatch):
+    calls = []
+    run = types.SimpleNamespace(log=lambda values, step=None: calls.append(("log", values, step)),
+                                finish=lambda: calls.append(("finish",)))
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: calls.append(("init", kwargs)) or run
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    config = FakeConfig(wandb_project="r1-demo", wandb_run_name="", lr=0.1)
+    log = MetricsLog(str(tmp_path / "run" / "metrics.jsonl"), enabled=True, config=config)
+    log.write(step=1, loss=2.5)
+    log.write(step=2, heldout_accuracy=40.0)
+    log.close()
+    assert calls[0] == ("init", dict(project="r1-demo", name="run", config={"wandb_project": "r1-demo",
+                                                                           "wandb_run_name": "", "lr": 0.1}))
+    assert calls[1:] == [("log", {"loss": 2.5}, 1), ("log", {"heldout_accuracy": 40.0}, 2), ("finish",)]
+    assert len(plot.read_metrics(str(tmp_path / "run" / "metrics.jsonl"))) == 2  # the file is written as before
+    # off: no project, or not rank 0
+    calls.clear()
+    MetricsLog(str(tmp_path / "a" / "m.jsonl"), config=FakeConfig(wandb_project="")).write(step=1, loss=1.0)
+    MetricsLog(str(tmp_path / "b" / "m.jsonl"), enabled=False, config=config).write(step=1, loss=1.0)
+    assert calls == []
+
+
+def test_metrics_log_wandb_missing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(SystemExit, match="wandb_project=r1-demo: wandb is not installed"):
+        MetricsLog(str(tmp_path / "metrics.jsonl"), config=FakeConfig(wandb_project="r1-demo"))
+
+
+def test_trainers_take_the_wandb_flags():
+    import train_grpo
+    import train_sft
+    from common import parse_config
+
+    for module in (train_sft, train_grpo):
+        config = parse_config(module.Config, module.PRESETS, ["--wandb_project=p", "--wandb_run_name=n"])
+        assert (config.wandb_project, config.wandb_run_name) == ("p", "n")
+        assert module.Config().wandb_project == ""
+
+
+# -----------------------------------------------------------------------------
+# plot.py
+
+
+def write_metrics(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.write('{"step": 9, "torn')  # a line torn by a kill is skipped
+    return path
+
+
+def test_plot_cli_and_runs(tmp_path):
+    a = write_metrics(str(tmp_path / "a" / "metrics.jsonl"),
+                      [{"step": 0, "heldout_accuracy": 10.0}] + [{"step": s, "kl": 0.01 * s, "entropy": 1.0 - 0.1 * s,
+                                                                  "reward": 0.1} for s in range(1, 5)]
+                      + [{"step": 4, "heldout_accuracy": 20.0}])
+    b = write_metrics(str(tmp_path / "b" / "metrics.jsonl"), [{"step": s, "kl": 0.02 * s} for s in range(1, 4)])
+    assert plot.series(plot.read_metrics(a), "heldout_accuracy") == [(0, 10.0), (4, 20.0)]
+    assert plot.mean_series([[(1, 1.0), (2, 3.0)], [(1, 3.0), (3, 5.0)]]) == [(1, 2.0)]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"), a, "--keys=heldout_accuracy,kl,entropy"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    svg = open(tmp_path / "a" / "metrics.svg").read()
+    assert svg.startswith("<svg") and svg.count("<polyline") == 3 and "heldout_accuracy" in svg
+    assert plot.main([a, b, "--keys=kl", f"--out={tmp_path / 'both.svg'}"]) == str(tmp_path / "both.svg")
+    assert open(tmp_path / "both.svg").read().count("<polyline") == 2
+    path = plot.plot_runs({"x": [a, b], "y": [b]}, ["kl"], str(tmp_path / "runs.svg"), title="t")
+    svg = open(path).read()
+    assert svg.count("<polyline") == 3 + 2 and "x (mean of 2)" in svg  # a thin line per run, a thick mean each
+    with pytest.raises(SystemExit):
+        plot.main([str(tmp_path / "missing.jsonl")])
+
+
+# -----------------------------------------------------------------------------
+# each question on its --quick budget
+
+
+@pytest.fixture(scope="module")
+def quick_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("experiments")  # the questions share its _sft cache, as the real runs do
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_question_runs_quick(question, quick_root):
+    import importlib
+
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    module = importlib.import_module(question)
+    out = quick_root / question
+    summary = module.main(["--quick", "--seeds=0", f"--out={out}"])
+    assert summary and all(stats["runs"] == 1 for stats in summary.values())
+    results = json.loads((out / "results.json").read_text())
+    assert results["quick"] and results["seeds"] == [0] and results["rows"]
+    markdown = (out / "results.md").read_text()
+    assert "QUICK RUN" in markdown and "| setting |" in markdown
+    assert any(name.endswith(".svg") for name in os.listdir(out))
