@@ -9,8 +9,8 @@ sampling, and "faked" by showing the teacher the known answer.
     torchrun --standalone --nproc_per_node=8 make_traces.py --preset=r1-teacher --teacher=... --data=...
 
 Problems: JSONL with answers in (GSM8K {"question", "answer": "... #### N"}, MATH-500 and AIME {"problem",
-"answer"}), or any task train_grpo.py trains on (tasks.py); no --data means the demo's training problems. Per chunk of --chunk
-problems:
+"answer"}), or a task of tasks.py judged by the math verifier; no --data means the demo's training problems. Per
+chunk of --chunk problems:
  1. Sample: --samples completions per problem from the teacher (sampler.py), the problem rendered as eval.py and
     train_grpo.py render it (problem, then --instruction, in the teacher's chat template).
  2. Grade: a completion passes if the verifier accepts its final answer against the gold (the teacher's pass rate
@@ -52,7 +52,7 @@ from common import check_values, format_eta, init_distributed, parse_config
 from data import Tokenizer, user_message
 from model import Transformer
 from sampler import generate
-from tasks import INSTRUCTION, DemoTask, check_problems, get_task, pass_at_k, weights_fingerprint
+from tasks import INSTRUCTION, DemoTask, Task, check_problems, get_task, pass_at_k, weights_fingerprint
 from verifier import format_reward, verify_batch
 
 HINT_TEMPLATE = ("\n\nThe correct final answer is {answer}. Solve the problem step by step as if you did not "
@@ -362,6 +362,9 @@ def main(argv=None):
     rank, world_size, device = init_distributed(config.device)
     master = rank == 0
     task = get_task(config.data, flag="--data") if config.data else DemoTask()
+    if type(task).grade is not Task.grade:
+        raise SystemExit(f"--data={config.data}: task {task.name!r} has a judge of its own, and make_traces.py keeps "
+                         f"traces the math verifier accepts; give it problems with answers")
     problems = check_problems(task.train_problems(config.seed), task)
     problems = problems[: config.limit or None] if config.data else problems[: config.demo_problems]
     if not problems:

@@ -145,16 +145,17 @@ class Benchmark(Task):
 
 class JsonlTask(Task):
     """Any JSONL file of problems with answers: it is the training set when a trainer names it, the held-out set
-    when an eval does. Its problems are asked as written (no instruction unless --instruction adds one)."""
+    when an eval does. Its problems are asked as written (no instruction unless --instruction adds one). Its name
+    keeps the extension, so a file called gsm8k.jsonl is never scored as the GSM8K benchmark."""
 
     def __init__(self, path):
-        self.path, self.name = path, os.path.splitext(os.path.basename(path))[0]
+        self.path, self.name = path, os.path.basename(path)
 
     def train_problems(self, seed):
-        return load_problems(self.path, self.name)
+        return load_problems(self.path, os.path.splitext(self.name)[0])
 
     def test_problems(self):
-        return load_problems(self.path, self.name)
+        return load_problems(self.path, os.path.splitext(self.name)[0])
 
 
 def get_task(spec: str, data_dir="data", demo_problems=500, flag="--task") -> Task:

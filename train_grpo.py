@@ -376,7 +376,7 @@ def exact_kl(model, ref_model, input_ids, temperature, direction):
 
 
 def update_policy(wrapped, model, ref_model, optimizer, batch, config, num_sequences, num_tokens, world_size,
-                  device):
+                  device, step):
     """--mu epochs of PPO-clip over this rank's rows in micro-batches, then the optimizer step. The loss is
     normalised by the global counts, so the gradient does not depend on how the batch is split over ranks and
     micro-steps (DDP averages over ranks: x world_size). Returns the summed diagnostics and the gradient norm."""
@@ -398,8 +398,8 @@ def update_policy(wrapped, model, ref_model, optimizer, batch, config, num_seque
                 stats[key] = max(stats[key], value) if key == "ratio_max_dev" else stats[key] + value
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         if not torch.isfinite(grad_norm):
-            raise SystemExit("the gradient norm is not finite; stopping before the update (lower --lr, or resume "
-                             "from the last checkpoint)")
+            raise SystemExit(f"step {step}: the gradient norm is not finite; stopping before the update (lower --lr, "
+                             f"or resume from the last checkpoint)")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return stats, float(grad_norm)
@@ -466,8 +466,9 @@ def main(argv=None):
         print(f"policy {model_path}: {model.num_parameters() / 1e6:.1f}M parameters | task {task.name}: "
               f"{len(problems)} problems | {world_size} process(es) on {device} | reference model: "
               f"{'loaded' if ref_model else 'none (beta=0)'}")
+    instruction = task.instruction if config.instruction is None else config.instruction
     if start_step == 0 and heldout:
-        heldout_eval(model, tokenizer, eval_task, heldout, config, rank, world_size, 0, log)
+        heldout_eval(model, tokenizer, eval_task, heldout, instruction, config, rank, world_size, 0, log)
 
     start_time = time.time()
     for step in range(start_step, config.max_steps):
@@ -487,7 +488,7 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         stats, grad_norm = update_policy(wrapped, model, ref_model, optimizer, batch, config, num_sequences,
-                                         num_tokens, world_size, device)
+                                         num_tokens, world_size, device, step)
         if ref_model is not None and config.ref_update_every and (step + 1) % config.ref_update_every == 0:
             ref_model.load_state_dict(full_state_dict(model, device=device))
         times["update"] = time.time() - t0
@@ -501,8 +502,8 @@ def main(argv=None):
         if master and samples and done % config.sample_every == 0:
             print(f"--- sample (reward {samples[0].reward:.2f}):\n{samples[0].text}\n---", flush=True)
         if heldout and ((config.eval_every and done % config.eval_every == 0) or done == config.max_steps):
-            metrics["heldout_accuracy"] = heldout_eval(model, tokenizer, eval_task, heldout, config, rank,
-                                                       world_size, done, log)
+            metrics["heldout_accuracy"] = heldout_eval(model, tokenizer, eval_task, heldout, instruction, config,
+                                                       rank, world_size, done, log)
         log.write(**{k: float(v) for k, v in metrics.items()})
         if done % config.save_every == 0 or done == config.max_steps:
             refreshed_reference = ref_model if ref_model is not None and config.ref_update_every else None
@@ -535,7 +536,8 @@ def step_metrics(samples, stats, rounds, equal_groups, num_tokens, config, world
 
 def print_step(metrics, config, eta):
     print(f"step {metrics['step']}/{config.max_steps} | reward {metrics['reward']:.3f} | acc "
-          f"{metrics['accuracy']:.3f} | len {metrics['length']:.0f} | trunc {metrics['truncated']:.2f} | zero-var {metrics['zero_variance']:.2f} | "
+          f"{metrics['accuracy']:.3f} | len {metrics['length']:.0f} | trunc {metrics['truncated']:.2f} | zero-var "
+          f"{metrics['zero_variance']:.2f} | "
           f"kl {metrics['kl']:.4f} | ent {metrics['entropy']:.3f} | clip {metrics['clip_low']:.3f}/"
           f"{metrics['clip_high']:.3f} | mismatch {metrics['mismatch']:.1e} | gen {metrics['time_rollout']:.1f}s "
           f"score {metrics['time_score']:.1f}s train {metrics['time_update']:.1f}s | "
@@ -573,9 +575,11 @@ def check_config(config):
 def load_tasks(config, master):
     """(task, its training problems, the held-out task, its first --eval_problems problems). A JSONL file named by
     --data is training problems only: the held-out ones come from --eval_data."""
-    task = get_task(config.data, flag="--data") if config.data else get_task(config.task)
+    task = get_task(config.data, flag="--data") if config.data else get_task(config.task,
+                                                                             demo_problems=config.eval_problems)
     problems = check_problems(task.train_problems(config.seed), task)
-    eval_task = get_task(config.eval_data, flag="--eval_data") if config.eval_data else task
+    eval_task = get_task(config.eval_data, demo_problems=config.eval_problems, flag="--eval_data") \
+        if config.eval_data else task
     if not config.eval_problems or (eval_task is task and isinstance(task, JsonlTask)):
         if master and config.eval_problems:
             print(f"no held-out eval: {task.name} is a file of training problems; name held-out ones with "
@@ -591,10 +595,12 @@ def load_reference(path, device):
     return reference
 
 
-def heldout_eval(model, tokenizer, task, problems, config, rank, world_size, step, log):
+def heldout_eval(model, tokenizer, task, problems, instruction, config, rank, world_size, step, log):
+    """pass@1 on the held-out problems, asked with the training prompts' instruction (the model is evaluated on
+    the prompt it is trained on, whatever the held-out task's own default)."""
     with autocast_for(next(model.parameters()).device):
         accuracy = heldout_accuracy(unsharded_copy(model), tokenizer, task, problems, config.eval_temperature,
-                                    config.max_new_tokens, config.instruction, config.seed, rank, world_size)
+                                    config.max_new_tokens, instruction, config.seed, rank, world_size)
     if rank == 0:
         print(f"step {step}: held-out accuracy {accuracy:.1f}% ({len(problems)} {task.name} problems, temperature "
               f"{config.eval_temperature})", flush=True)

@@ -41,7 +41,7 @@ def test_get_task_resolves_every_kind_of_name(tmp_path):
     assert isinstance(get_task("math500", data_dir=str(tmp_path)), Benchmark)
     file = write_jsonl(tmp_path / "mine.jsonl", [{"question": "1+1?", "answer": "work\n#### 2"}])
     task = get_task(file)
-    assert isinstance(task, JsonlTask) and task.name == "mine"
+    assert isinstance(task, JsonlTask) and task.name == "mine.jsonl"
     assert task.train_problems(0) == task.test_problems() == [{"id": "mine-1", "problem": "1+1?", "answer": "2"}]
     other = write_jsonl(tmp_path / "other.txt", [{"problem": "2+2?", "answer": "4"}])  # a JSONL by any other name
     assert isinstance(get_task(other), JsonlTask) and get_task(other).test_problems()[0]["answer"] == "4"
@@ -135,6 +135,22 @@ def test_grpo_evaluates_the_first_eval_problems_of_the_held_out_task():
     assert eval_task.name == "demo" and len(problems) == tasks.DEMO_TRAIN_SIZE
     assert heldout == DemoTask(test_size=3).test_problems()
     assert train_grpo.load_tasks(train_grpo.Config(eval_problems=0), master=False)[3] == []
+    assert len(train_grpo.load_tasks(train_grpo.Config(eval_problems=600), master=False)[3]) == 600  # > the default
+
+
+def test_grpo_asks_held_out_problems_with_the_training_prompts_instruction(tmp_path, demo_model, monkeypatch):
+    """Training on a file (no instruction) and evaluating on a task whose own default is an instruction: the
+    held-out eval asks with the training prompts' instruction, so the model is scored on the prompt it learned."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"problem": "What is 1+1?", "answer": "2"}])
+    (tmp_path / "held.py").write_text("from tasks import Task\n\n\nclass Held(Task):\n    instruction = 'Shout.'\n\n"
+                                      "    def test_problems(self):\n        return [{'problem': '2+2?', 'answer': '4'}]\n")
+    asked = []
+    monkeypatch.setattr(train_grpo, "heldout_accuracy", lambda *args: asked.append(args[6]) or 0.0)
+    base = [f"--data={train}", f"--eval_data={tmp_path / 'held.py'}:Held", f"--model={demo_model}",
+            "--prompts_per_step=2", "--group_size=2", "--max_steps=1", "--max_new_tokens=4"]
+    train_grpo.main(base + [f"--out_dir={tmp_path / 'a'}"])
+    train_grpo.main(base + [f"--out_dir={tmp_path / 'b'}", "--instruction=Think."])
+    assert asked == ["none", "none", "Think.", "Think."]  # at the start and the end of each run
 
 
 def test_training_and_evaluation_send_the_same_prompt_for_every_kind_of_task(tmp_path, tokenizer, monkeypatch):

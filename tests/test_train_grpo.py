@@ -279,11 +279,15 @@ def test_fsdp_two_processes_with_eval_rollouts_reference_refresh_and_resume_equa
 def test_two_processes_give_the_same_update_as_one(tmp_path, demo_model, extra):
     from safetensors.torch import load_file
 
-    results = {}
+    results, logged = {}, {}
     for world_size in (1, 2):
         out = tmp_path / f"world{world_size}"
         spawn(world_size, TINY + [f"--model={demo_model}", f"--out_dir={out}", "--micro_batch_size=3"] + extra)
         results[world_size] = load_file(out / "final" / "model.safetensors")
+        logged[world_size] = metrics_lines(out)
+    for one, two in zip(logged[1], logged[2], strict=True):  # the logged means are over all ranks' tokens
+        for key in ("reward", "length", "zero_variance", "kl", "entropy", "mismatch", "clip_low", "clip_high"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-7), key
     for name, tensor in results[1].items():
         # Adam turns float-summation noise in near-zero gradients into up to ~1e-5 of a 1e-3 step; a wrong
         # normalisation would move most weights by ~1e-3
@@ -337,6 +341,25 @@ def test_mu_one_ratio_is_exactly_one_and_nothing_clips(tmp_path, demo_model, mon
                                       "--eps_low=0.0001", "--eps_high=0.0001"])
     assert metrics["ratio_max_dev"] == 0.0 and metrics["clip_low"] == 0.0 and metrics["clip_high"] == 0.0
     assert metrics["grad_norm"] > 0
+
+
+def test_mu_two_keeps_pi_old_fixed_and_counts_clips_per_token_and_epoch(tmp_path, demo_model, monkeypatch):
+    """With --mu=2 the second epoch's ratio is to the rollout policy (pi_old), not to itself, and the logged clip
+    fractions are the clipped tokens of both epochs over (completion tokens x mu)."""
+    calls = []
+    monkeypatch.setattr(train_grpo, "rollout", fake_rollout)
+    spy(monkeypatch, "policy_loss", calls)
+    metrics = train_grpo.main(TINY + [f"--model={demo_model}", f"--out_dir={tmp_path}", "--mu=2", "--max_steps=1",
+                                      "--eps_low=0.0001", "--eps_high=0.0001", "--micro_batch_size=16"])
+    assert metrics["ratio_max_dev"] > 1e-6
+    (first, _, _), (second, _, _) = calls
+    assert torch.allclose(first[1], first[0].detach(), atol=1e-6)  # pi_old: the policy before the update
+    assert torch.equal(second[1], first[1])  # and still in epoch 2, after the policy has moved
+    num_tokens = first[5]
+    clipped = [c for _, _, (_, c) in calls]
+    assert sum(c["clip_low"] for c in clipped) > 0 or sum(c["clip_high"] for c in clipped) > 0
+    assert metrics["clip_low"] == pytest.approx(sum(c["clip_low"] for c in clipped) / (num_tokens * 2))
+    assert metrics["clip_high"] == pytest.approx(sum(c["clip_high"] for c in clipped) / (num_tokens * 2))
 
 
 @pytest.mark.parametrize("options", [
