@@ -245,6 +245,18 @@ MUTANTS = [
     mutant("loss_mask_shifted", "model.py",
            "~loss_mask[:, 1:].bool()", "~loss_mask[:, :-1].bool()",
            [MODEL + "test_a_loss_mask_scores_only_its_tokens_with_the_same_values_and_gradients"]),
+    mutant("pi_old_is_the_current_policy_in_every_epoch", "train_grpo.py",
+           "old = batch.old_logprobs[rows] if config.mu > 1 else logprobs.detach()",
+           "old = logprobs.detach()",
+           [GRPO + "test_mu_two_keeps_pi_old_fixed_and_counts_clips_per_token_and_epoch"]),
+    mutant("logged_means_of_this_rank_only", "train_grpo.py",
+           "totals = {k: all_reduce_sum(v, device) for k, v in stats.items() if k != \"ratio_max_dev\"}",
+           "totals = {k: v for k, v in stats.items() if k != \"ratio_max_dev\"}",
+           [GRPO + "test_two_processes_give_the_same_update_as_one"]),
+    mutant("clip_fraction_not_per_epoch", "train_grpo.py",
+           "clip_low=totals[\"clip_low\"] / max(num_tokens * config.mu, 1),",
+           "clip_low=totals[\"clip_low\"] / max(num_tokens, 1),",
+           [GRPO + "test_mu_two_keeps_pi_old_fixed_and_counts_clips_per_token_and_epoch"]),
 ]
 
 
