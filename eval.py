@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from common import check_values, init_distributed, parse_config
+from common import MetricsLog, check_values, init_distributed, parse_config
 from data import Tokenizer, read_jsonl
 from model import Transformer
 from tasks import BENCHMARK_FILES, Benchmark, Task, check_problems, evaluate, get_task, metrics, verdict_fields
@@ -64,6 +64,8 @@ class EvalConfig:
     # output
     out_dir: str = "out/eval"
     chunk: int = 64  # problems per resumable chunk
+    wandb_project: str = ""  # also log the scores to this Weights & Biases project ("": off; needs pip install wandb)
+    wandb_run_name: str = ""  # "": the out_dir's name
 
 
 def download(name, data_dir):
@@ -184,6 +186,8 @@ def main(argv=None):
             os.remove(partial_file(name))
     if rank != 0:
         return results
+    MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), config=config).write(step=0, combined_score=score, **{
+        f"{name}/{key}": value for name, m in results.items() for key, value in m.items() if isinstance(value, (int, float))})
     print_table(results)
     if score is not None:
         print(f"combined score (mean of ours - DeepSeek-V3 on gsm8k, math500, aime24): {score:+.2f} points")

@@ -17,7 +17,9 @@ GRPO runs, and 200 held-out problems instead of 500. The absolute accuracies are
 demo table; the comparisons between settings are what each question is about.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -141,37 +143,50 @@ class Experiment:
                 return json.load(f)
         return None
 
+    @contextlib.contextmanager
+    def _claim(self, run_dir):
+        """Held while a run is made: another script needing the same run (the shared SFT and GRPO) waits for it and
+        then reads it from the cache, so questions can run side by side."""
+        os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+        with open(run_dir + ".busy", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def train(self, trainer, setting, seed, flags) -> dict:
         """trainer.main(flags + out_dir, seed, overwrite) unless cached; returns {"final", "metrics", "wall_s"}."""
         run_dir = self.run_dir(setting, seed)
-        cached = self._cached(run_dir)
-        if cached is not None:
-            return cached
-        argv = [f"--out_dir={run_dir}", f"--seed={seed}", "--overwrite=true", "--save_every=100000"] + list(flags)
-        print(f"[{self.question}] {setting} seed {seed}: {trainer.__name__} {' '.join(flags)}", flush=True)
-        start = time.time()
-        trainer.main(argv)
-        result = dict(final=os.path.join(run_dir, "final"), metrics=os.path.join(run_dir, "metrics.jsonl"),
-                      wall_s=time.time() - start, flags=list(flags))
-        with open(os.path.join(run_dir, "done.json"), "w") as f:
-            json.dump(result, f)
-        return result
+        with self._claim(run_dir):
+            cached = self._cached(run_dir)
+            if cached is not None:
+                return cached
+            argv = [f"--out_dir={run_dir}", f"--seed={seed}", "--overwrite=true", "--save_every=100000"] + list(flags)
+            print(f"[{self.question}] {setting} seed {seed}: {trainer.__name__} {' '.join(flags)}", flush=True)
+            start = time.time()
+            trainer.main(argv)
+            result = dict(final=os.path.join(run_dir, "final"), metrics=os.path.join(run_dir, "metrics.jsonl"),
+                          wall_s=time.time() - start, flags=list(flags))
+            with open(os.path.join(run_dir, "done.json"), "w") as f:
+                json.dump(result, f)
+            return result
 
     def cached_step(self, setting, seed, compute) -> dict:
-        """compute() -> a JSON dict, cached in the run folder like a training run (measurements, trace files)."""
+        """compute(run_dir) -> a JSON dict, cached in the run folder like a training run (measurements, traces)."""
         run_dir = self.run_dir(setting, seed)
-        cached = self._cached(run_dir)
-        if cached is not None:
-            return cached
-        os.makedirs(run_dir, exist_ok=True)
-        start = time.time()
-        result = dict(compute(run_dir), wall_s=time.time() - start)
-        with open(os.path.join(run_dir, "done.json"), "w") as f:
-            json.dump(result, f)
-        return result
+        with self._claim(run_dir):
+            cached = self._cached(run_dir)
+            if cached is not None:
+                return cached
+            os.makedirs(run_dir, exist_ok=True)
+            start = time.time()
+            result = dict(compute(run_dir), wall_s=time.time() - start)
+            with open(os.path.join(run_dir, "done.json"), "w") as f:
+                json.dump(result, f)
+            return result
 
     def init(self, seed) -> str:
-        return build_small_init(os.path.join(self.out, "runs", "init", f"seed{seed}"), seed=seed)
+        path = os.path.join(self.out, "runs", "init", f"seed{seed}")
+        with self._claim(path):
+            return build_small_init(path, seed=seed)
 
     def sft(self, setting, seed, model=None, data="", steps=None, extra=()) -> dict:
         """SFT of the small model (from its untrained init unless model=) on the demo teacher's traces (or data=)."""

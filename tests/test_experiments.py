@@ -167,3 +167,22 @@ def test_question_runs_quick(question, quick_root):
     markdown = (out / "results.md").read_text()
     assert "QUICK RUN" in markdown and "| setting |" in markdown
     assert any(name.endswith(".svg") for name in os.listdir(out))
+
+
+def test_eval_logs_to_wandb(tmp_path, monkeypatch):
+    """eval.py --wandb_project: the scores go to the run as one line (and to out_dir/metrics.jsonl)."""
+    import eval as eval_script
+
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: calls.append(("init", kwargs)) or types.SimpleNamespace(
+        log=lambda values, step=None: calls.append(("log", values, step)), finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    from harness import build_small_init
+
+    model = build_small_init(str(tmp_path / "init"))
+    eval_script.main([f"--model={model}", "--demo_problems=2", "--max_new_tokens=4", f"--out_dir={tmp_path / 'eval'}",
+                      "--wandb_project=r1-eval"])
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "r1-eval" and calls[0][1]["config"]["demo_problems"] == 2
+    assert calls[1][0] == "log" and calls[1][1]["demo/problems"] == 2 and "demo/pass@1" in calls[1][1]
