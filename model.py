@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from kernels import choose_backend
 from kernels.attention import attention
-from kernels.decode_attention import decode_attention, grouped_decode_attention
+from kernels.decode_attention import decode_attention
 from kernels.logprob import IGNORE_INDEX, token_logprobs
 from kernels.rope_cache import rope_and_cache
 
@@ -267,6 +267,15 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
+        self.rope = None  # (cos, signed_sin), each (max_len, head_dim): rope_table's, made on first use
+
+    def rope_table(self, inv_freq, dtype):
+        """cos and signed_sin (max_len, head_dim) of every cache position, computed once (rope_cos_sin's values):
+        a forward through the cache indexes its rows instead of recomputing them."""
+        if self.rope is None or self.rope[0].dtype != dtype or self.rope[0].device != inv_freq.device:
+            positions = torch.arange(self.max_len, device=inv_freq.device)[None]
+            self.rope = tuple(t[0, 0] for t in rope_cos_sin(positions, inv_freq, dtype))
+        return self.rope
 
     @staticmethod
     def bytes_needed(config: ModelConfig, slots: int, max_len: int, dtype) -> int:
@@ -297,7 +306,9 @@ class CacheView:
     token_slots: torch.Tensor | None = None  # (total,) packed prefill: the cache row of each token
     # derived by Transformer.forward
     lengths: torch.Tensor | None = field(default=None, init=False)  # (B,) decode: the keys each row sees
-    masked_keys: torch.Tensor | None = field(default=None, init=False)  # (B, key_len) decode: True past a length
+    key_bias: torch.Tensor | None = field(default=None, init=False)  # (B * kv_heads, 1, key_len) decode: -inf past
+    # a row's length, else 0 (added to the scores)
+    write_index: torch.Tensor | None = field(default=None, init=False)  # (B, kv_heads, T, head_dim) positions
     visible: torch.Tensor | None = field(default=None, init=False)  # (B, 1, T, key_len) padded prefill
     rope_backend: str = field(default="torch", init=False)  # decode: ROPE_CACHE_BACKEND's choice
     attention_backend: str = field(default="torch", init=False)  # decode: DECODE_ATTENTION_BACKEND's choice
@@ -326,6 +337,30 @@ class CacheView:
             k_cache[self.slots[:, None], :, self.positions] = k.transpose(1, 2)  # (B, T, kv_heads, head_dim)
             v_cache[self.slots[:, None], :, self.positions] = v.transpose(1, 2)
 
+    def write_and_prefix(self, k_cache, v_cache, k, v):
+        """write, then prefix. With consecutive slots the prefix is a view of the cache and the scatter goes
+        straight into it (every position written is below key_len), at the index forward made once for all layers."""
+        if self.first_slot is None or self.write_index is None:
+            self.write(k_cache, v_cache, k, v)
+            return self.prefix(k_cache, v_cache)
+        keys, values = self.prefix(k_cache, v_cache)
+        return keys.scatter_(2, self.write_index, k), values.scatter_(2, self.write_index, v)
+
+
+def cached_decode_attention(q, keys, values, key_bias):
+    """The torch decode attention: q (B, n_head, head_dim) against keys and values (B, n_kv_head, L, head_dim)
+    (views of the cache), key_bias (B * n_kv_head, 1, L) -inf at the keys a row must not see, else 0. A group's
+    query heads meet their shared KV head through a reshape, not a copy of the cache; one baddbmm takes q k^T, the
+    scale and the bias, and the softmax is float32: kernels.decode_attention.grouped_decode_attention's values in
+    three ops instead of seven (a decode step on a CPU pays for each)."""
+    B, n_head, head_dim = q.shape
+    n_kv_head, key_len = keys.shape[1], keys.shape[2]
+    grouped_q = q.reshape(B * n_kv_head, n_head // n_kv_head, head_dim)
+    scores = torch.baddbmm(key_bias, grouped_q, keys.reshape(B * n_kv_head, key_len, head_dim).transpose(1, 2),
+                           alpha=head_dim ** -0.5)  # (B * n_kv_head, group, L)
+    probs = scores.softmax(-1, dtype=torch.float32).to(values.dtype)
+    return torch.bmm(probs, values.reshape(B * n_kv_head, key_len, head_dim)).view(B, n_head, head_dim)
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
@@ -344,15 +379,16 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, signed_sin, cu_seqlens=None, cache: "CacheView | None" = None):
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)  # views of one (B, T, q + k + v) output
+        qkv = self.qkv_proj(x)  # (B, T, q + k + v): one GEMM
+        if cache is not None and cu_seqlens is None and T == 1:
+            y = self.decode(qkv.view(B, -1), cos, signed_sin, cache)
+            return self.o_proj(y.view(B, 1, self.n_head * self.head_dim))
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         if hasattr(self, "q_norm"):  # under autocast the fp32 norm weights promote q and k: back to v's dtype
             q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
-        if cache is not None and cu_seqlens is None and T == 1:
-            y = self.decode(q[:, 0], k[:, 0], v[:, 0], cos[:, 0, 0], signed_sin[:, 0, 0], cache)
-            return self.o_proj(y.view(B, 1, self.n_head * self.head_dim))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cos.dtype != q.dtype:  # under autocast q is bf16 while the residual stream is fp32
             cos, signed_sin = cos.to(q.dtype), signed_sin.to(q.dtype)
@@ -373,27 +409,36 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
 
-    def decode(self, q, k, v, cos, signed_sin, cache):
-        """One new token per row: q (B, n_head, head_dim); k, v (B, n_kv_head, head_dim); cos, signed_sin
-        (B, head_dim). Rope and the cache write (ROPE_CACHE_BACKEND: one Triton kernel, or apply_rope and indexed
-        writes), then attention to each row's prefix (DECODE_ATTENTION_BACKEND: the split-KV kernel reading the
-        cache in place, or grouped matmuls over cache views). Positions past a row's own length may hold stale
-        values; neither path lets the query see them, and a later step overwrites them before they become
-        visible. Returns (B, n_head, head_dim)."""
+    def decode(self, qkv, cos, signed_sin, cache):
+        """One new token per row: qkv (B, q + k + v) the fused projection's output; cos, signed_sin (B, 1, head_dim)
+        (the same for every head). Rope and the cache write (ROPE_CACHE_BACKEND: one Triton kernel, or apply_rope
+        over q's and k's heads at once and a scatter into views of the cache), then attention to each row's prefix
+        (DECODE_ATTENTION_BACKEND: the split-KV kernel reading the cache in place, or cached_decode_attention over
+        cache views). Positions past a row's own length may hold stale values; neither path lets the query see
+        them, and a later step overwrites them before they become visible. Returns (B, n_head, head_dim)."""
+        B, H = qkv.shape[0], self.n_head
+        qk, v = qkv.split((self.qkv_sizes[0] + self.qkv_sizes[1], self.qkv_sizes[2]), dim=-1)
+        qk, v = qk.view(B, H + self.n_kv_head, self.head_dim), v.view(B, self.n_kv_head, self.head_dim)
+        if hasattr(self, "q_norm"):  # q's heads, then k's: one tensor again for the rope
+            qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1).to(v.dtype)
         k_cache, v_cache = cache.layer(self.layer_index)
         if cache.rope_backend == "triton":
-            q = rope_and_cache(q, k, v, cos, signed_sin, k_cache, v_cache, cache.slots, cache.positions[:, 0],
-                               backend="triton")
+            q = rope_and_cache(qk[:, :H], qk[:, H:], v, cos[:, 0], signed_sin[:, 0], k_cache, v_cache, cache.slots,
+                               cache.positions[:, 0], backend="triton")
+            if cache.attention_backend == "torch":
+                keys, values = cache.prefix(k_cache, v_cache)
         else:
-            if cos.dtype != q.dtype:  # under autocast q is bf16 while the residual stream is fp32
-                cos, signed_sin = cos.to(q.dtype), signed_sin.to(q.dtype)
-            cos, signed_sin = cos[:, None], signed_sin[:, None]  # (B, 1, head_dim): the same for every head
-            q, k = apply_rope(q, cos, signed_sin), apply_rope(k, cos, signed_sin)
-            cache.write(k_cache, v_cache, k[:, :, None], v[:, :, None])
+            if cos.dtype != qk.dtype:  # under autocast q is bf16 while the residual stream is fp32
+                cos, signed_sin = cos.to(qk.dtype), signed_sin.to(qk.dtype)
+            qk = apply_rope(qk, cos, signed_sin)
+            q, k = qk[:, :H], qk[:, H:, None]  # k (B, kv_heads, 1, head_dim)
+            if cache.attention_backend == "torch":  # (B, kv_heads, key_len, head_dim) each
+                keys, values = cache.write_and_prefix(k_cache, v_cache, k, v[:, :, None])
+            else:
+                cache.write(k_cache, v_cache, k, v[:, :, None])
         if cache.attention_backend == "triton":
             return decode_attention(q, k_cache, v_cache, cache.slots, cache.lengths, backend="triton")
-        keys, values = cache.prefix(k_cache, v_cache)  # (B, kv_heads, key_len, head_dim)
-        return grouped_decode_attention(q, keys, values, cache.masked_keys)
+        return cached_decode_attention(q, keys, values, cache.key_bias)
 
 
 class MLP(nn.Module):
@@ -461,15 +506,26 @@ class Transformer(nn.Module):
             cache.rope_backend = choose_backend("ROPE_CACHE_BACKEND", input_ids)
             cache.attention_backend = choose_backend("DECODE_ATTENTION_BACKEND", input_ids)
             cache.lengths = cache.positions[:, 0] + 1
-            if cache.attention_backend == "torch":  # (B, key_len): the keys past a row's own length
-                cache.masked_keys = torch.arange(cache.key_len, device=input_ids.device) >= cache.lengths[:, None]
+            if cache.attention_backend == "torch":  # made once here for every layer
+                n_kv, key_len = self.config.num_key_value_heads, cache.key_len
+                masked = torch.arange(key_len, device=input_ids.device) >= cache.lengths[:, None]  # (B, key_len)
+                bias = torch.zeros((B, n_kv, 1, key_len), dtype=cache.kv.k[0].dtype, device=input_ids.device)
+                cache.key_bias = bias.masked_fill_(masked[:, None, None], float("-inf")).view(B * n_kv, 1, key_len)
+                cache.write_index = cache.positions[:, None, :, None].expand(B, n_kv, 1, self.config.head_dim)
         elif cache is not None and cu_seqlens is None:  # (B, 1, T, key_len): each row sees its slot's prefix
             key_positions = torch.arange(cache.key_len, device=input_ids.device)
             cache.visible = (key_positions <= cache.positions[:, :, None])[:, None]
         x = self.model.embed_tokens(input_ids)  # (B, T, dim)
         if self.inv_freq is None or self.inv_freq.device != x.device:
             self.inv_freq = rope_inv_freq(self.config, x.device)
-        cos, signed_sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        if cache is not None:  # the positions are cache positions: rows of the cache's table, not a recomputation
+            cos_table, sin_table = cache.kv.rope_table(self.inv_freq, x.dtype)
+            if cu_seqlens is None and T == 1:  # decoding: (B, 1, head_dim), the same for every head
+                cos, signed_sin = cos_table[position_ids[:, 0]][:, None], sin_table[position_ids[:, 0]][:, None]
+            else:  # (B, 1, T, head_dim) as rope_cos_sin's
+                cos, signed_sin = cos_table[position_ids][:, None], sin_table[position_ids][:, None]
+        else:
+            cos, signed_sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, signed_sin, cu_seqlens, cache,
