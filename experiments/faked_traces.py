@@ -1,6 +1,6 @@
 """
 Question 4, faked traces: is SFT data from the teacher, from a weak model filtered by the verifier, or rationalized
-from known answers better for the RL that follows? Three trace sets for the same 500 training problems, each taught
+from known answers better for the RL that follows? Three trace sets for the same 300 training problems, each taught
 to the same student (the shared SFT checkpoint of that seed) by the same short SFT (50 steps of 32 at lr 3e-4, the
 README's rejection-sampling fine-tuning recipe), each followed by the same GRPO (20 steps):
  - teacher: the demo teacher's own traces (tasks.demo_trace: one arithmetic slip, and a wrong answer, in 25%), not
@@ -17,7 +17,7 @@ kept traces with a wrong `a op b = c` line (process errors the outcome check let
 
     python experiments/faked_traces.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun]
 
-Budget (experiments/harness.py): the small model (0.6M parameters), the shared SFT, 500 problems, GRPO 20 steps of
+Budget (experiments/harness.py): the small model (0.6M parameters), the shared SFT, 300 problems, GRPO 20 steps of
 8 prompts x 8 samples at lr 1e-4, 200 held-out problems.
 """
 
@@ -55,7 +55,7 @@ def main(argv=None):
     exp = Experiment("faked_traces", "Question 4: teacher, distilled and faked traces before RL", argv,
                      __doc__.split("\n\n")[0])
     quick = exp.args.quick
-    count = 8 if quick else 500
+    count = 8 if quick else 300
     sft_steps, weak_steps, grpo_steps = (2, 2, 1) if quick else (50, 100, 20)
     hint = make_traces.HINT_TEMPLATE
     for seed in exp.seeds:
@@ -108,7 +108,7 @@ def main(argv=None):
 
 
 NOTES = """
-traces: kept traces (of 500 problems); traces_slipped: % of them with a wrong `a op b = c` line; weak_pass1 /
+traces: kept traces (of 300 problems); traces_slipped: % of them with a wrong `a op b = c` line; weak_pass1 /
 weak_hinted_pass1: the weak model's pass@1 (%) without / with the hint (make_traces.py's summary); sft_accuracy:
 held-out accuracy (200 problems) of the student after SFT on the set; heldout_accuracy: after the GRPO that follows
 (the curves: its GRPO steps); wall_s: the GRPO run.
