@@ -129,6 +129,7 @@ class Experiment:
         self.budget, self.seeds, self.out = self.args.budget, self.args.seeds, self.args.out
         self.rows = []
         self.curves = {}  # setting -> [metrics.jsonl paths]
+        self.run_walls = {}  # run folder -> its wall time (s), for the runs this question used (made or cached)
         self.started = time.time()
         os.makedirs(self.out, exist_ok=True)
         torch.set_num_threads(1)
@@ -158,6 +159,7 @@ class Experiment:
         with self._claim(run_dir):
             cached = self._cached(run_dir)
             if cached is not None:
+                self.run_walls[run_dir] = cached["wall_s"]
                 return cached
             argv = [f"--out_dir={run_dir}", f"--seed={seed}", "--overwrite=true", "--save_every=100000"] + list(flags)
             print(f"[{self.question}] {setting} seed {seed}: {trainer.__name__} {' '.join(flags)}", flush=True)
@@ -167,6 +169,7 @@ class Experiment:
                           wall_s=time.time() - start, flags=list(flags))
             with open(os.path.join(run_dir, "done.json"), "w") as f:
                 json.dump(result, f)
+            self.run_walls[run_dir] = result["wall_s"]
             return result
 
     def cached_step(self, setting, seed, compute) -> dict:
@@ -175,12 +178,14 @@ class Experiment:
         with self._claim(run_dir):
             cached = self._cached(run_dir)
             if cached is not None:
+                self.run_walls[run_dir] = cached["wall_s"]
                 return cached
             os.makedirs(run_dir, exist_ok=True)
             start = time.time()
             result = dict(compute(run_dir), wall_s=time.time() - start)
             with open(os.path.join(run_dir, "done.json"), "w") as f:
                 json.dump(result, f)
+            self.run_walls[run_dir] = result["wall_s"]
             return result
 
     def init(self, seed) -> str:
@@ -236,16 +241,26 @@ class Experiment:
             if evals:
                 row["heldout_accuracy"] = evals[-1]["heldout_accuracy"]
                 row["heldout_start"] = evals[0]["heldout_accuracy"] if evals[0].get("step") == 0 else None
-            steps = [r for r in records if "loss" in r or "reward" in r]
-            if steps:
-                for key in ("kl", "entropy", "length", "reward"):
-                    if key in steps[-1]:
-                        row[f"train_{key}"] = steps[-1][key]
+            steps = [r for r in records if "loss" in r or "reward" in r][-5:]  # the last 5 steps' mean
+            for key in ("kl", "entropy", "length", "reward"):
+                if steps and all(key in r for r in steps):
+                    row[f"train_{key}"] = statistics.fmean(r[key] for r in steps)
             row["wall_s"] = run["wall_s"]
             self.curves.setdefault(setting, []).append(run["metrics"])
         row.update(values)
         self.rows.append(row)
         return row
+
+    def paired(self, label, a, b, columns):
+        """Rows of the per-seed difference a - b (settings) in each column: a paired comparison, whose mean ± std
+        over seeds is free of what the seeds share (the same SFT start, the same eval problems)."""
+        by = lambda setting: {r["seed"]: r for r in self.rows if r["setting"] == setting}
+        rows_a, rows_b = by(a), by(b)
+        for seed in self.seeds:
+            if seed in rows_a and seed in rows_b:
+                self.rows.append(dict(setting=label, seed=seed, **{
+                    c: rows_a[seed][c] - rows_b[seed][c] for c in columns
+                    if isinstance(rows_a[seed].get(c), (int, float)) and isinstance(rows_b[seed].get(c), (int, float))}))
 
     def finish(self, columns, notes="", plots=None):
         """results.json (every row, the summary, the budget), results.md (mean ± std per setting) and the SVGs:
@@ -259,7 +274,8 @@ class Experiment:
         elapsed = time.time() - self.started
         header = dict(question=self.question, title=self.title, date=time.strftime("%Y-%m-%d"), machine=MACHINE,
                       quick=self.args.quick, seeds=self.seeds, budget=self.budget, small_model=SMALL_MODEL,
-                      elapsed_s=elapsed, host=platform.node(), torch=torch.__version__)
+                      elapsed_s=elapsed, runs_wall_s=sum(self.run_walls.values()), host=platform.node(),
+                      torch=torch.__version__)
         with open(os.path.join(self.out, "results.json"), "w") as f:
             json.dump(dict(header, summary=summary, rows=self.rows), f, indent=1)
         svgs = []
@@ -271,7 +287,9 @@ class Experiment:
                                            title=f"{self.question}: mean over seeds {self.seeds} (thin: each seed)"))
         lines = [f"# {self.title}", "",
                  f"{header['date']}, {MACHINE} (shared with other jobs, so wall times are inflated and noisy), torch "
-                 f"{torch.__version__}, seeds {', '.join(map(str, self.seeds))}; whole question {elapsed / 60:.1f} min. "
+                 f"{torch.__version__}, seeds {', '.join(map(str, self.seeds))}; the runs and measurements this question "
+                 f"uses took {header['runs_wall_s'] / 60:.1f} min of wall time in all (one after another; the SFT and "
+                 f"GRPO runs shared between questions count in each), this invocation {elapsed / 60:.1f} min. "
                  + ("**QUICK RUN: a smoke test of the script, not a result.**" if self.args.quick else ""), "",
                  f"Command: `python experiments/{self.question}.py`. Budget: {json.dumps(self.budget)}; model: "
                  f"{SMALL_MODEL['num_hidden_layers']} layers, hidden {SMALL_MODEL['hidden_size']} "

@@ -31,6 +31,9 @@ def main(argv=None):
             measured = exp.cached_step(setting + " drift", seed, lambda _: drift(
                 run["final"], sft["final"], problems=exp.budget["measure_problems"], seed=seed))
             exp.add(setting, seed, run, **{k: measured[k] for k in ("kl_reverse", "kl_forward", "entropy", "length")})
+    for setting in list(ARMS)[1:]:
+        exp.paired(f"{setting.split(', ')[1]} minus beta=0 (paired)", setting, "beta=0 (no reference)",
+                   ["heldout_accuracy", "kl_reverse", "kl_forward", "entropy", "length"])
     return exp.finish(["heldout_start", "heldout_accuracy", "kl_reverse", "kl_forward", "entropy", "length", "wall_s"],
                       notes=NOTES)
 

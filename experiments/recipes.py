@@ -2,9 +2,10 @@
 Question 1, the three recipes on the demo: (1) GRPO from the untrained model, (2) SFT only, (3) SFT then GRPO.
 Recipe 2 is run twice: the shared SFT checkpoint itself (the start of recipe 3), and that checkpoint taught as many
 more teacher examples as recipe 3's GRPO samples completions (40 steps x 8 prompts x 8 = 2,560, i.e. 80 more SFT
-steps of 32 at a constant lr 3e-4), so that SFT and SFT+RL see the same number of sequences. Recipe 1 gets the same GRPO steps as recipe 3: with
-every reward 0 all advantages are 0 and the update is exactly zero, so more steps cannot change it (the table's
-reward column shows whether it ever got a reward).
+steps of 32 at a constant lr 3e-4), so that SFT and SFT+RL see the same number of sequences. Recipe 1 gets the
+same GRPO steps as recipe 3, not also the SFT's compute: it samples 64-token completions that rarely hold the right
+number, so most groups have equal (zero) rewards and teach nothing (train_reward and the curves show how rarely it
+is rewarded).
 
     python experiments/recipes.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun]
 
@@ -33,6 +34,9 @@ def main(argv=None):
         exp.add("2: SFT only, +RL's sequences", seed, long_sft, wall_s=sft["wall_s"] + long_sft["wall_s"])
         both = exp.base_grpo(seed)
         exp.add("3: SFT then GRPO", seed, both, wall_s=sft["wall_s"] + both["wall_s"])
+    exp.paired("3 minus 2 (paired by seed)", "3: SFT then GRPO", "2: SFT only", ["heldout_accuracy"])
+    exp.paired("3 minus 2 with RL's sequences (paired)", "3: SFT then GRPO", "2: SFT only, +RL's sequences",
+               ["heldout_accuracy"])
     return exp.finish(["heldout_start", "heldout_accuracy", "train_reward", "train_length", "wall_s"],
                       notes=NOTES, plots={
         "curves.svg": (["1: GRPO from the untrained model", "3: SFT then GRPO"], ("heldout_accuracy", "reward", "length")),
@@ -41,8 +45,8 @@ def main(argv=None):
 
 NOTES = """
 heldout_accuracy: the run's last held-out eval (200 problems, temperature 1, one sample each); heldout_start: GRPO's
-step-0 eval (the starting model). train_reward / train_length: the last GRPO step's mean reward and completion
-length (GRPO runs only). wall_s: the run (for recipe 3, SFT + GRPO). The curves are over each run's own steps (SFT
+step-0 eval (the starting model). train_reward / train_length: mean reward and completion length of the last 5
+GRPO steps (GRPO runs only). "minus" rows: the per-seed difference in points, then its mean ± std. wall_s: the run (for recipe 3, SFT + GRPO). The curves are over each run's own steps (SFT
 steps for recipe 2 in sft_curves.svg, GRPO steps in curves.svg).
 """
 
