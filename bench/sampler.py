@@ -11,6 +11,13 @@ On CUDA ours decodes through the CUDA graph; --decode_backend sets DECODE_ATTENT
 (default 64 on CUDA: at batch 1 it decodes ~13 tokens/s on the H100 machine, and its per-step cost does not grow
 over these lengths) and compared as tokens per second. --profile prints the CUDA kernels of a few eager decode
 steps at the largest batch: where the step time goes.
+
+Timing: after one untimed call of each, --repeat rounds (default 3 on CPU, 1 on CUDA) each time transformers once
+and then ours, interleaved, so that a noisy machine slows both alike; the table gives the best of the rounds and
+the per-round ratios (min/median/max). --threads sets torch's intra-op threads for both (on a CPU shared with other
+jobs, 1 thread gives steadier figures than threads waiting for a busy core).
+
+    python bench/sampler.py --batches 1,16 --threads 1 --repeat 5
 """
 
 import argparse
@@ -57,19 +64,15 @@ def copy_bandwidth(device):
     return 2 * x.numel() * 10 / (time.perf_counter() - start)  # read + write
 
 
-def timed(fn, device, repeat=1):
-    """Best of `repeat` timed calls, after one untimed call."""
+def timed(fn, device):
+    """Seconds of one call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
     fn()
-    best = float("inf")
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def roofline_tokens_per_s(model, batch, prompt_len, new_tokens, bandwidth):
@@ -107,9 +110,14 @@ def main(argv=None):
     parser.add_argument("--skip_hf", action="store_true")
     parser.add_argument("--decode_backend", default="triton", choices=["triton", "torch", "both"])
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--repeat", type=int, default=None, help="timed rounds (default 3 on CPU, 1 on CUDA)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads, for both")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
+    repeat = args.repeat or (1 if on_gpu else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shape, dtype = (QWEN25_15B, torch.bfloat16) if on_gpu else (CPU_SMALL, torch.float32)
     prompt_len, new_tokens = (256, 512) if on_gpu else (32, 128)
     new_tokens = args.new_tokens or new_tokens
@@ -119,30 +127,43 @@ def main(argv=None):
     hf_model, ours = build_pair(shape, device, dtype)
     bandwidth = copy_bandwidth(device) if on_gpu else None
     print(f"device {torch.cuda.get_device_name() if on_gpu else 'cpu'} | {ours.num_parameters() / 1e6:.1f}M params | "
-          f"{dtype} | prompt {prompt_len} | new {new_tokens} (transformers {hf_tokens})"
+          f"{dtype} | prompt {prompt_len} | new {new_tokens} (transformers {hf_tokens}) | threads "
+          f"{torch.get_num_threads()} | best of {repeat} interleaved rounds"
           + (f" | copy bandwidth {bandwidth / 1e9:.0f} GB/s" if bandwidth else ""))
-    print(f"{'batch':>6} {'decode attn':>11} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6}"
+    print(f"{'batch':>6} {'decode attn':>11} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'rounds min/med/max':>19}"
           + (f" {'roofline tok/s':>15} {'share':>6}" if on_gpu else ""))
     rows = []
     for batch in batches:
         prompts = torch.randint(0, shape["vocab_size"], (batch, prompt_len), generator=torch.Generator().manual_seed(1))
-        hf_rate = None
-        if not args.skip_hf:
-            ids = prompts.to(device)
-            hf_time = timed(lambda: hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                                      max_new_tokens=hf_tokens, min_new_tokens=hf_tokens,
-                                                      temperature=1.0, top_p=1.0, top_k=0, pad_token_id=0), device)
-            hf_rate = batch * hf_tokens / hf_time
-        for backend in backends:
+        ids = prompts.to(device)
+        hf_run = None if args.skip_hf else \
+            lambda: hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=hf_tokens,
+                                      min_new_tokens=hf_tokens, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=0)
+
+        def ours_run(backend):
             if on_gpu:
                 os.environ["DECODE_ATTENTION_BACKEND"] = backend  # the whole decode step: kernels or torch's ops
                 os.environ["ROPE_CACHE_BACKEND"] = backend
-            run = lambda: generate(ours, prompts.tolist(), max_new_tokens=new_tokens, seed=0, cuda_graph=on_gpu)
-            ours_rate = batch * new_tokens / timed(run, device, repeat=1 if on_gpu else 3)
+            generate(ours, prompts.tolist(), max_new_tokens=new_tokens, seed=0, cuda_graph=on_gpu)
+
+        runs = ([("hf", hf_run)] if hf_run else []) + [(b, lambda b=b: ours_run(b)) for b in backends]
+        for _, run in runs:  # warm-up, untimed
+            run()
+        seconds = {name: [] for name, _ in runs}
+        for _ in range(repeat):  # interleaved rounds: transformers, then ours
+            for name, run in runs:
+                seconds[name].append(timed(run, device))
+        hf_rate = batch * hf_tokens / min(seconds["hf"]) if hf_run else None
+        for backend in backends:
+            ours_rate = batch * new_tokens / min(seconds[backend])
+            round_ratios = [(new_tokens / o) / (hf_tokens / h) for o, h in zip(seconds[backend], seconds["hf"])] \
+                if hf_run else [float("nan")]
             row = dict(batch=batch, decode_attention=backend, ours_tokens_per_s=ours_rate, hf_tokens_per_s=hf_rate,
-                       ratio=ours_rate / hf_rate if hf_rate else None)
+                       ratio=ours_rate / hf_rate if hf_rate else None, round_ratios=round_ratios if hf_run else None)
+            median = sorted(round_ratios)[len(round_ratios) // 2]
+            spread = f"{min(round_ratios):.2f}/{median:.2f}/{max(round_ratios):.2f}x" if hf_run else "-"
             line = f"{batch:>6} {backend:>11} {ours_rate:>11,.0f} {hf_rate or float('nan'):>10,.0f} " \
-                   f"{(ours_rate / hf_rate if hf_rate else float('nan')):>5.1f}x"
+                   f"{(ours_rate / hf_rate if hf_rate else float('nan')):>5.2f}x {spread:>19}"
             if on_gpu:
                 roofline = roofline_tokens_per_s(ours, batch, prompt_len, new_tokens, bandwidth)
                 row.update(roofline_tokens_per_s=roofline, share_of_roofline=ours_rate / roofline)
