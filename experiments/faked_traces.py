@@ -102,6 +102,9 @@ def main(argv=None):
             rl = exp.grpo(f"{name}: SFT then GRPO", seed, student["final"], steps=grpo_steps,
                           extra=[f"--eval_every={max(1, grpo_steps // 2)}"])
             exp.add(f"{name} traces", seed, rl, sft_accuracy=sft_accuracy, **values)
+    for name in ("distilled", "faked"):
+        exp.paired(f"{name} minus teacher (paired)", f"{name} traces", "teacher traces",
+                   ["sft_accuracy", "heldout_accuracy"])
     return exp.finish(["traces", "traces_slipped", "weak_pass1", "weak_hinted_pass1", "sft_accuracy",
                        "heldout_accuracy", "wall_s"], notes=NOTES,
                       plots={"curves.svg": (None, ("heldout_accuracy", "reward", "entropy"))})

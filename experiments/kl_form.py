@@ -58,8 +58,9 @@ def main(argv=None):
 
 NOTES = """
 kl_reverse = KL(pi||SFT), kl_forward = KL(SFT||pi), entropy: exact per completion token on 64 completions the final
-policy samples for held-out prompts (the same measurement for every form); train_kl: the last step's value of the
-run's own estimator (each estimates a different quantity, so compare it within a form only); length: mean
+policy samples for held-out prompts (the same measurement for every form); train_kl: the last 5 steps' mean of the
+run's own estimator (each estimates a different quantity, so compare it within a form only; train_grpo.py logs the
+KL of the loss term only, so it reads 0 for --kl_in=reward); length: mean
 completion tokens. heldout_accuracy: 200 held-out problems after GRPO (the SFT start's is in kl_removal's table).
 """
 
