@@ -186,8 +186,10 @@ def main(argv=None):
             os.remove(partial_file(name))
     if rank != 0:
         return results
-    MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), config=config).write(step=0, combined_score=score, **{
-        f"{name}/{key}": value for name, m in results.items() for key, value in m.items() if isinstance(value, (int, float))})
+    scores = {f"{name}/{key}": value for name, m in results.items() for key, value in m.items()
+              if isinstance(value, (int, float))}
+    MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), config=config).write(step=0, combined_score=score,
+                                                                                  **scores)
     print_table(results)
     if score is not None:
         print(f"combined score (mean of ours - DeepSeek-V3 on gsm8k, math500, aime24): {score:+.2f} points")

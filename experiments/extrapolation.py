@@ -18,7 +18,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Experiment, accuracy, plot  # noqa: E402
 
-LEVELS = {"2 steps": "2", "3 steps": "3", "4 steps": "4", "5 steps": "5", "6 steps": "6", "3 steps, operands<=19": "3:19"}
+LEVELS = {"2 steps": "2", "3 steps": "3", "4 steps": "4", "5 steps": "5", "6 steps": "6",
+          "3 steps, operands<=19": "3:19"}
 
 
 def main(argv=None):

@@ -258,9 +258,10 @@ class Experiment:
         rows_a, rows_b = by(a), by(b)
         for seed in self.seeds:
             if seed in rows_a and seed in rows_b:
+                number = lambda row, c: isinstance(row.get(c), (int, float))
                 self.rows.append(dict(setting=label, seed=seed, **{
                     c: rows_a[seed][c] - rows_b[seed][c] for c in columns
-                    if isinstance(rows_a[seed].get(c), (int, float)) and isinstance(rows_b[seed].get(c), (int, float))}))
+                    if number(rows_a[seed], c) and number(rows_b[seed], c)}))
 
     def finish(self, columns, notes="", plots=None):
         """results.json (every row, the summary, the budget), results.md (mean ± std per setting) and the SVGs:
@@ -287,7 +288,8 @@ class Experiment:
                                            title=f"{self.question}: mean over seeds {self.seeds} (thin: each seed)"))
         lines = [f"# {self.title}", "",
                  f"{header['date']}, {MACHINE} (shared with other jobs, so wall times are inflated and noisy), torch "
-                 f"{torch.__version__}, seeds {', '.join(map(str, self.seeds))}; the runs and measurements this question "
+                 f"{torch.__version__}, seeds {', '.join(map(str, self.seeds))}; the runs and measurements this "
+                 f"question "
                  f"uses took {header['runs_wall_s'] / 60:.1f} min of wall time in all (one after another; the SFT and "
                  f"GRPO runs shared between questions count in each), this invocation {elapsed / 60:.1f} min. "
                  + ("**QUICK RUN: a smoke test of the script, not a result.**" if self.args.quick else ""), "",
@@ -321,8 +323,8 @@ def mean_std(values):
 def format_mean_std(stat, column):
     if stat is None:
         return "-"
-    digits = 1 if ("accuracy" in column or column.startswith("heldout") or column.startswith("acc") or column.endswith("_s") or "length" in column
-                   or column.startswith("level") or column.startswith("traces") or "pass" in column) else 4
+    digits = 1 if ("accuracy" in column or column.startswith(("heldout", "level", "traces")) or column.endswith("_s")
+                   or "length" in column or "pass" in column) else 4
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 

@@ -39,14 +39,16 @@ def main(argv=None):
                ["heldout_accuracy"])
     return exp.finish(["heldout_start", "heldout_accuracy", "train_reward", "train_length", "wall_s"],
                       notes=NOTES, plots={
-        "curves.svg": (["1: GRPO from the untrained model", "3: SFT then GRPO"], ("heldout_accuracy", "reward", "length")),
+        "curves.svg": (["1: GRPO from the untrained model", "3: SFT then GRPO"],
+                       ("heldout_accuracy", "reward", "length")),
         "sft_curves.svg": (["2: SFT only", "2: SFT only, +RL's sequences"], ("heldout_accuracy", "loss"))})
 
 
 NOTES = """
 heldout_accuracy: the run's last held-out eval (200 problems, temperature 1, one sample each); heldout_start: GRPO's
 step-0 eval (the starting model). train_reward / train_length: mean reward and completion length of the last 5
-GRPO steps (GRPO runs only). "minus" rows: the per-seed difference in points, then its mean ± std. wall_s: the run (for recipe 3, SFT + GRPO). The curves are over each run's own steps (SFT
+GRPO steps (GRPO runs only). "minus" rows: the per-seed difference in points, then its mean ± std. wall_s: the run
+(for recipe 3, SFT + GRPO). The curves are over each run's own steps (SFT
 steps for recipe 2 in sft_curves.svg, GRPO steps in curves.svg).
 """
 
