@@ -357,7 +357,8 @@ def _checkpoint_step(path) -> int:
 # not --parallel or --device: FSDP and DDP save their optimizer state differently
 RESUME_MAY_CHANGE = {"resume", "overwrite", "max_steps", "activation_checkpointing",
                      "micro_batch_size", "pack", "cuda_graph", "out_dir", "log_every", "save_every", "sample_every",
-                     "eval_every", "eval_problems", "eval_data", "eval_max_new_tokens", "eval_temperature"}
+                     "eval_every", "eval_problems", "eval_data", "eval_max_new_tokens", "eval_temperature",
+                     "wandb_project", "wandb_run_name"}
 
 
 def resume_checkpoint(config, rank, world_size) -> str | None:

@@ -325,8 +325,10 @@ def packed_logprobs(model, batch, rows, temperature, return_entropy=False):
 def score_batch(batch, samples, model, ref_model, config, device):
     """Fills in what the update needs before it starts: the reference's and pi_old's log-probs (each once, and
     only when used), the KL-in-reward penalty, and the advantages (the batch std over all ranks for
-    --scale_rewards=batch, which a rank without rollouts, batch None, joins too)."""
+    --scale_rewards=batch, which a rank without rollouts, batch None, joins too). Returns the KL-in-reward penalty's
+    KL summed over this rank's completion tokens (0 unless --kl_in=reward), for the log."""
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+    reward_kl = 0.0
     if batch is not None:
         needs_estimate = ref_model is not None and config.kl_estimator != "full"
         with torch.no_grad(), autocast_for(device):
@@ -336,19 +338,22 @@ def score_batch(batch, samples, model, ref_model, config, device):
                 batch.old_logprobs = packed_logprobs(model, batch, slice(None), config.temperature)
             if ref_model is not None and config.kl_in == "reward":
                 kl = token_kl(model, ref_model, batch.input_ids, batch.old_logprobs, batch.ref_logprobs, config)
-                rewards = rewards - config.beta * (kl * batch.completion_mask).sum(1).cpu()
+                kl_per_sequence = (kl * batch.completion_mask).sum(1).cpu()
+                rewards = rewards - config.beta * kl_per_sequence
+                reward_kl = float(kl_per_sequence.sum())
     batch_std = None
     if config.scale_rewards == "batch":
         count = all_reduce_sum(len(rewards), device)
         batch_mean = all_reduce_sum(rewards.sum().item(), device) / max(count, 1)
         batch_std = math.sqrt(all_reduce_sum(((rewards - batch_mean) ** 2).sum().item(), device) / max(count - 1, 1))
     if batch is None:
-        return
+        return reward_kl
     batch.advantages = group_advantages(rewards, config.group_size, config.advantage, config.scale_rewards,
                                         batch_std=batch_std)[0].to(device)
     if config.mask_truncated:
         batch.completion_mask = batch.completion_mask * torch.tensor([not s.truncated for s in samples],
                                                                      device=device)[:, None]
+    return reward_kl
 
 
 def token_kl(policy, ref_model, input_ids, logprobs, ref_logprobs, config):
@@ -479,7 +484,7 @@ def main(argv=None):
         times["rollout"], t0 = time.time() - t0, time.time()
         # 3. the reference's and pi_old's log-probs, a KL-in-reward penalty, advantages within each group
         batch = collate(samples, tokenizer.pad_token_id, device, pack) if samples else None
-        score_batch(batch, samples, model, ref_model, config, device)
+        reward_kl = score_batch(batch, samples, model, ref_model, config, device)
         times["score"], t0 = time.time() - t0, time.time()
         # 4-7. mu epochs of PPO-clip with the KL term, normalised by the global counts
         num_sequences = all_reduce_sum(len(samples), device)
@@ -489,6 +494,7 @@ def main(argv=None):
             group["lr"] = lr
         stats, grad_norm = update_policy(wrapped, model, ref_model, optimizer, batch, config, num_sequences,
                                          num_tokens, world_size, device, step)
+        stats["kl"] += reward_kl  # logged for --kl_in=reward too (the loss's KL is summed in the update)
         if ref_model is not None and config.ref_update_every and (step + 1) % config.ref_update_every == 0:
             ref_model.load_state_dict(full_state_dict(model, device=device))
         times["update"] = time.time() - t0

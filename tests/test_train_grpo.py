@@ -343,6 +343,20 @@ def test_mu_one_ratio_is_exactly_one_and_nothing_clips(tmp_path, demo_model, mon
     assert metrics["grad_norm"] > 0
 
 
+def test_kl_in_the_reward_is_logged_like_kl_in_the_loss(tmp_path, demo_model, monkeypatch):
+    """The logged kl is the mean per completion token wherever the KL term sits: with --kl_in=reward it is the
+    penalty's KL (it read 0, as if the policy never left the reference)."""
+    monkeypatch.setattr(train_grpo, "rollout", fake_rollout)
+    logged = {}
+    for kl_in in ("loss", "reward"):
+        train_grpo.main(TINY + [f"--model={demo_model}", f"--out_dir={tmp_path / kl_in}", "--beta=0.1",
+                                "--kl_estimator=k3", f"--kl_in={kl_in}"])
+        logged[kl_in] = [m["kl"] for m in metrics_lines(tmp_path / kl_in)]
+    for kl_in in ("loss", "reward"):
+        assert logged[kl_in][0] == 0.0 and logged[kl_in][1] > 1e-6  # the policy starts at the reference, then moves
+    assert logged["reward"][1] == pytest.approx(logged["loss"][1], rel=1e-4)  # step 1 moved both alike (zero KL gradient)
+
+
 def test_mu_two_keeps_pi_old_fixed_and_counts_clips_per_token_and_epoch(tmp_path, demo_model, monkeypatch):
     """With --mu=2 the second epoch's ratio is to the rollout policy (pi_old), not to itself, and the logged clip
     fractions are the clipped tokens of both epochs over (completion tokens x mu)."""
