@@ -451,15 +451,7 @@ def main(argv=None):
     out_dir_lock = claim_out_dir(config.out_dir, config.resume, config.overwrite, config.model) if master else None
     resume_from = resume_checkpoint(config, rank, world_size)
     model_path = resume_from or config.model
-    if not os.path.exists(os.path.join(model_path, "config.json")):
-        raise SystemExit(f"{model_path} is not a model folder. The demo starts from the SFT checkpoint: run "
-                         f"'python train_sft.py' first (or pass --model=<Hugging Face folder>)")
-    model = Transformer.from_pretrained(model_path, device=device, dtype=torch.float32)
-    tokenizer = Tokenizer.from_pretrained(model_path)
-    ref_model = None
-    if config.beta > 0:  # beta = 0: no reference model at all, and none of its memory
-        saved = os.path.join(resume_from, "reference") if resume_from else None
-        ref_model = load_reference(saved if saved and os.path.exists(saved) else config.model, device)
+    model, tokenizer, ref_model = load_models(config, model_path, resume_from, device)
     wrapped, model = wrap_model(model, config.parallel, device, config.activation_checkpointing)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     start_step = load_run_state(resume_from, model, optimizer, rank)[0] if resume_from else 0
@@ -592,6 +584,19 @@ def load_tasks(config, master):
                   f"--eval_data=<task>", flush=True)
         return task, problems, eval_task, []
     return task, problems, eval_task, check_problems(eval_task.test_problems(), eval_task)[: config.eval_problems]
+
+
+def load_models(config, model_path, resume_from, device):
+    """The policy, its tokenizer, and the reference model when --beta > 0 (a resumed run's refreshed one if saved)."""
+    if not os.path.exists(os.path.join(model_path, "config.json")):
+        raise SystemExit(f"{model_path} is not a model folder. The demo starts from the SFT checkpoint: run "
+                         f"'python train_sft.py' first (or pass --model=<Hugging Face folder>)")
+    model = Transformer.from_pretrained(model_path, device=device, dtype=torch.float32)
+    ref_model = None
+    if config.beta > 0:  # beta = 0: no reference model at all, and none of its memory
+        saved = os.path.join(resume_from, "reference") if resume_from else None
+        ref_model = load_reference(saved if saved and os.path.exists(saved) else config.model, device)
+    return model, Tokenizer.from_pretrained(model_path), ref_model
 
 
 def load_reference(path, device):
