@@ -137,6 +137,24 @@ def make_batch(examples, pack, pad_id, device):
     return dict(input_ids=ids, loss_mask=mask, position_ids=None, cu_seqlens=None)
 
 
+def accumulate_gradients(wrapped, micro_batches, pack, pad_id, global_tokens, world_size, device):
+    """Forward and backward of each micro-batch, the loss summed over completion tokens and divided by the global
+    batch's (all ranks, all micro-steps); gradients are all-reduced on the last micro-step only. Returns this rank's
+    summed token loss and the tokens it ran, counted for all ranks."""
+    loss_sum, tokens = 0.0, 0
+    for k, micro_batch in enumerate(micro_batches):
+        batch = make_batch(micro_batch, pack, pad_id, device)
+        set_gradient_sync(wrapped, enabled=k == len(micro_batches) - 1)
+        with autocast_for(device):
+            logprobs = sequence_logprobs(wrapped, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"],
+                                         loss_mask=batch["loss_mask"])
+        token_loss = -(logprobs * batch["loss_mask"]).sum()
+        (token_loss * world_size / global_tokens).backward()
+        loss_sum += token_loss.item()
+        tokens += batch["input_ids"].numel() * world_size
+    return loss_sum, tokens
+
+
 def evaluate_demo(model, tokenizer, config, rank, world_size):
     task = DemoTask(test_size=config.eval_problems)
     with autocast_for(next(model.parameters()).device):
@@ -178,7 +196,6 @@ def main(argv=None):
         print(f"model {model_path}: {model.num_parameters() / 1e6:.1f}M parameters | {len(examples)} examples | "
               f"{world_size} process(es) on {device} | {'packed' if pack else 'padded'} batches"
               + (f" | resuming at step {start_step}" if resume_from else ""))
-    autocast = autocast_for(device)
 
     start_time, tokens_seen = time.time(), 0
     for step in range(start_step, config.max_steps):
@@ -192,17 +209,9 @@ def main(argv=None):
         lr = lr_at(step, config.max_steps, config.lr, config.warmup_steps, config.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
-        for k, micro_batch in enumerate(micro_batches):
-            batch = make_batch(micro_batch, pack, tokenizer.pad_token_id, device)
-            set_gradient_sync(wrapped, enabled=k == len(micro_batches) - 1)
-            with autocast:
-                logprobs = sequence_logprobs(wrapped, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"],
-                                             loss_mask=batch["loss_mask"])
-            token_loss = -(logprobs * batch["loss_mask"]).sum()
-            (token_loss * world_size / global_tokens).backward()
-            loss_sum += token_loss.item()
-            tokens_seen += batch["input_ids"].numel() * world_size
+        loss_sum, tokens = accumulate_gradients(wrapped, micro_batches, pack, tokenizer.pad_token_id, global_tokens,
+                                                world_size, device)
+        tokens_seen += tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         loss = all_reduce_sum(loss_sum, device) / global_tokens
         if not (np.isfinite(loss) and torch.isfinite(grad_norm)):
