@@ -296,6 +296,9 @@ def grade_completions_main(config, tasks) -> dict:
 
 def check_config(config) -> dict:
     """{name: Task} of the tasks to run, after refusing values that make no sense (naming the flag)."""
+    for key, default in (("limit", "every problem"), ("max_new_tokens", "the task's default")):
+        if getattr(config, key) == 0:  # 0 meant the default before these flags defaulted to None
+            raise SystemExit(f"--{key}=0: leave the flag out for {default}")
     check_values(config, positive=("n", "chunk", "demo_problems", "limit", "max_new_tokens"),
                  non_negative=("max_slots", "temperature", "top_p"))
     if config.top_p is not None and config.top_p > 1:

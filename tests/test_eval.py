@@ -195,6 +195,14 @@ def test_completions_made_elsewhere_are_graded_without_a_model(tmp_path, capsys)
         pass
 
 
+@pytest.mark.parametrize("flag, message", [("--limit=0", "leave the flag out for every problem"),
+                                           ("--max_new_tokens=0", "leave the flag out for the task's default"),
+                                           ("--limit=-2", "must be greater than 0")])
+def test_a_zero_that_used_to_mean_the_default_says_what_to_do(flag, message):
+    with pytest.raises(SystemExit, match=f"^{flag}: {message}"):
+        evaluation.main([flag])
+
+
 def test_completions_rows_that_match_no_problem_are_refused_with_the_line(tmp_path):
     write_math500(tmp_path, [("p1", "What is 2 + 2?", "4")])
     with open(tmp_path / "completions.jsonl", "w") as f:
