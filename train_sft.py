@@ -137,6 +137,17 @@ def make_batch(examples, pack, pad_id, device):
     return dict(input_ids=ids, loss_mask=mask, position_ids=None, cu_seqlens=None)
 
 
+def load_model(config, model_path, build_demo, master, world_size, device):
+    """The model and tokenizer at model_path; the demo's untrained model is built there first (by rank 0, the others
+    wait) when no --model is given and nothing is resumed."""
+    if build_demo and master:
+        build_demo_model(model_path, seed=config.seed)
+    if world_size > 1:
+        torch.distributed.barrier()
+    return Transformer.from_pretrained(model_path, device=device, dtype=torch.float32), \
+        Tokenizer.from_pretrained(model_path)
+
+
 def accumulate_gradients(wrapped, micro_batches, pack, pad_id, global_tokens, world_size, device):
     """Forward and backward of each micro-batch, the loss summed over completion tokens and divided by the global
     batch's (all ranks, all micro-steps); gradients are all-reduced on the last micro-step only. Returns this rank's
@@ -177,12 +188,8 @@ def main(argv=None):
     out_dir_lock = claim_out_dir(config.out_dir, config.resume, config.overwrite, config.model) if master else None
     resume_from = resume_checkpoint(config, rank, world_size)
     model_path = resume_from or config.model or os.path.join(config.out_dir, "init")
-    if not resume_from and not config.model and master:
-        build_demo_model(model_path, seed=config.seed)
-    if world_size > 1:
-        torch.distributed.barrier()
-    model = Transformer.from_pretrained(model_path, device=device, dtype=torch.float32)
-    tokenizer = Tokenizer.from_pretrained(model_path)
+    model, tokenizer = load_model(config, model_path, build_demo=not resume_from and not config.model,
+                                  master=master, world_size=world_size, device=device)
     wrapped, model = wrap_model(model, config.parallel, device, config.activation_checkpointing)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     start_step, metrics = 0, {}
