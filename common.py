@@ -164,33 +164,41 @@ def is_sharded(model) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def full_state_dict(model, device="cpu", rank0_only=False) -> dict:
-    """Whole (unsharded) weights on `device`, on every rank; every rank must call it. Under FSDP2 the shards are
-    all-gathered one tensor at a time. rank0_only: the other ranks get {} (a checkpoint is written by rank 0
+def full_state_dict(model, device="cpu", rank0_only=False, dtype=None) -> dict:
+    """Whole (unsharded) weights on `device` (cast to `dtype` if given), on every rank; every rank must call it.
+    Under FSDP2 the shards are all-gathered one tensor at a time. rank0_only: the other ranks get {} (a checkpoint is written by rank 0
     alone, and a full copy in host memory per rank would not fit a large model)."""
     if not is_sharded(model):
-        return {k: v.detach().to(device) for k, v in model.state_dict().items()}
+        return {k: v.detach().to(device, dtype) for k, v in model.state_dict().items()}
     if rank0_only:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     from torch.distributed.tensor import DTensor
 
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().to(device)
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().to(device, dtype)
             for k, v in model.state_dict().items()}
 
 
-def unsharded_copy(model):
-    """The model itself, or under FSDP2 a plain copy with the full weights on every rank: the sampler decodes a
-    different number of steps on each rank, which a sharded model (one all-gather per block and step, in
-    lockstep) cannot do. It costs one full copy of the weights per rank for the duration of the rollout."""
-    if not is_sharded(model):
+def sampling_copy(model):
+    """The weights the sampler decodes with (rollouts, held-out evals).
+    CPU, unsharded: the model itself.
+    FSDP2: a plain copy with the full weights on every rank. The sampler decodes a different number of steps on each
+    rank, which a sharded model (one all-gather per block and step, in lockstep) cannot do.
+    GPU: a bf16 copy. Under autocast each decode step re-casts every fp32 master weight (autocast caches no casts
+    inside a CUDA graph): on an H200 at 1.5B, 64 sequences decode 1.57x faster from the copy (9,979 -> 15,659
+    tokens/s, bench/results/2026-11-30_h200_gpu_check.md). The copy costs 2 bytes per parameter for the rollout's
+    duration, and its norms and residual stream run in bf16 where the trainer's run in fp32: the mean |sampler -
+    trainer| log-prob gap there went from 0.016 to 0.023 (the logged mismatch shows it in every run)."""
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    if not is_sharded(model) and not on_gpu:
         return model
     from model import Transformer
 
+    weights = full_state_dict(model, next(model.parameters()).device, dtype=torch.bfloat16 if on_gpu else None)
     with torch.device("meta"):
         copy = Transformer(model.config)
-    copy.load_state_dict(full_state_dict(model, device=next(model.parameters()).device), assign=True)
+    copy.load_state_dict(weights, assign=True)
     return copy.eval()
 
 
@@ -213,12 +221,16 @@ def lr_at(step, max_steps, lr, warmup_steps, min_lr_ratio=0.1):
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95)):
-    """AdamW; no weight decay on norms and biases."""
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), fused=None):
+    """AdamW; no weight decay on norms and biases. fused (default: on GPUs) is torch's one-kernel AdamW: 2.5% off a
+    1.5B SFT step on an H200 against the foreach one (bench/results/2026-11-30_h200_gpu_check.md); on CPUs the
+    foreach one, whose rounding the golden losses were made with."""
+    if fused is None:
+        fused = next(model.parameters()).device.type == "cuda"
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=False)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
 # -----------------------------------------------------------------------------

@@ -57,7 +57,7 @@ import torch
 
 from common import (MetricsLog, all_gather_objects, all_reduce_sum, autocast_for, check_values, claim_out_dir,
                     format_eta, full_state_dict, init_distributed, load_run_state, lr_at, make_optimizer,
-                    parse_config, resume_checkpoint, save_checkpoint, set_gradient_sync, unsharded_copy, wrap_model)
+                    parse_config, resume_checkpoint, save_checkpoint, set_gradient_sync, sampling_copy, wrap_model)
 from data import Tokenizer
 from kernels.logprob import kl_full
 from model import Transformer, sequence_logprobs
@@ -263,7 +263,7 @@ def collect_rollouts(model, tokenizer, task, problems, config, step, rank, world
     """This rank's share of the step's groups, sampled by the current policy. With --dynamic_sampling, groups whose
     rewards are all equal are dropped and more prompts drawn, up to --max_resample_rounds times. Returns (samples,
     rounds, groups with equal rewards)."""
-    policy = unsharded_copy(model)
+    policy = sampling_copy(model)
     wanted = config.prompts_per_step // world_size * config.group_size
     samples, rounds, equal_groups = [], 0, 0
     while len(samples) < wanted and rounds <= config.max_resample_rounds:
@@ -610,7 +610,7 @@ def heldout_eval(model, tokenizer, task, problems, instruction, config, rank, wo
     """pass@1 on the held-out problems, asked with the training prompts' instruction (the model is evaluated on
     the prompt it is trained on, whatever the held-out task's own default)."""
     with autocast_for(next(model.parameters()).device):
-        accuracy = heldout_accuracy(unsharded_copy(model), tokenizer, task, problems, config.eval_temperature,
+        accuracy = heldout_accuracy(sampling_copy(model), tokenizer, task, problems, config.eval_temperature,
                                     config.max_new_tokens, instruction, config.seed, rank, world_size)
     if rank == 0:
         print(f"step {step}: held-out accuracy {accuracy:.1f}% ({len(problems)} {task.name} problems, temperature "

@@ -29,7 +29,7 @@ import torch
 
 from common import (MetricsLog, all_reduce_sum, autocast_for, check_values, claim_out_dir, format_eta,
                     init_distributed, load_run_state, lr_at, make_optimizer, parse_config, resume_checkpoint,
-                    save_checkpoint, set_gradient_sync, unsharded_copy, wrap_model)
+                    save_checkpoint, set_gradient_sync, sampling_copy, wrap_model)
 from data import Tokenizer, read_jsonl, sft_example
 from model import Transformer, sequence_logprobs
 from tasks import DemoTask, build_demo_model, demo_problems, demo_trace, heldout_accuracy
@@ -169,7 +169,7 @@ def accumulate_gradients(wrapped, micro_batches, pack, pad_id, global_tokens, wo
 def evaluate_demo(model, tokenizer, config, rank, world_size):
     task = DemoTask(test_size=config.eval_problems)
     with autocast_for(next(model.parameters()).device):
-        return heldout_accuracy(unsharded_copy(model), tokenizer, task, task.test_problems(), config.eval_temperature,
+        return heldout_accuracy(sampling_copy(model), tokenizer, task, task.test_problems(), config.eval_temperature,
                                 config.eval_max_new_tokens, None, config.seed, rank, world_size)
 
 

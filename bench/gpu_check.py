@@ -12,8 +12,11 @@ each prints one table row when it ends:
   3. essentials of bench/attention.py and bench/logprob.py (ours vs SDPA, vs naive log-prob), with ratios
   4. the sampler on a random-weight Qwen2.5-1.5B-shaped model (bench/sampler.py): tokens/s at batch 1, 64, 256
      with the Triton and the torch decode attention, vs transformers and the bandwidth roofline; graph vs eager
-  5. one SFT step and one GRPO step (G=8, 8 prompts, 1k-token completions, EOS ignored) on that model: time per
-     phase, tokens/s, MFU, peak memory; and the longest sequence that fits a GRPO update on one card
+  5. SFT steps (8 packed 2k-token documents) with activation checkpointing on and off, foreach and fused AdamW, and
+     the kernels of one step by GPU time; a GRPO step (8 prompts x G=8, completions cut to lengths from 64 to 1k):
+     rollout from the fp32 masters under autocast vs the bf16 sampling copy (speed and sampler-vs-trainer log-prob
+     gap), the no-grad pass and the update on padded vs packed rows; MFU and peak memory of each; and the longest
+     sequence that fits a GRPO update on one card
   6. results.json and results.md in --out
 """
 
@@ -148,6 +151,14 @@ def step_correctness(smoke):
                                                    for g, r in zip(grads, ref_grads)))
         results[f"logprob_{name}"] = dict(worst, ok=worst["logp"] <= 2e-3 and worst["max_logp"] <= 0
                                           and worst["grad"] < 1e-2)
+        # a micro-batch whose rows are all masked reaches the kernel with no rows: empty outputs, zero gradients
+        hidden = torch.randn(0, 64, device=device, dtype=dtype).requires_grad_()
+        weight = torch.randn(300, 64, device=device, dtype=dtype).requires_grad_()
+        logp, entropy = token_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long, device=device), 1.0,
+                                       return_entropy=True, backend="triton")
+        (logp.sum() + entropy.sum()).backward()
+        results[f"logprob_no_rows_{name}"] = dict(ok=logp.shape == (0,) and entropy.shape == (0,)
+                                                  and not weight.grad.any().item())
     results["all_ok"] = all(r["ok"] for r in results.values())
     return results
 
@@ -176,21 +187,51 @@ def step_sampler(smoke, skip_hf=False, new_tokens=512):
     """bench/sampler.py's rows (CUDA graph, Triton and torch decode attention), plus how far greedy decoding
     through the graph agrees with eager decoding on the same random model."""
     from bench import sampler as sampler_bench
-    from sampler import generate
 
     argv = ["--device", "cpu", "--batches", "1,4", "--new_tokens", "16"] if smoke else \
         ["--device", "cuda", "--batches", "1,64,256", "--new_tokens", str(new_tokens), "--decode_backend", "both"]
     rows = sampler_bench.main(argv + (["--skip_hf"] if skip_hf or smoke else []))
     if smoke:
-        return dict(rows=rows)
+        return dict(rows=rows, graph_vs_eager_greedy=greedy_divergence(random_model(TINY, "cpu", torch.float32), 4, 8,
+                                                                       cuda_graph=False))
     model = random_model(QWEN25_15B, "cuda", torch.bfloat16).eval()
-    prompts = torch.randint(0, QWEN25_15B["vocab_size"], (8, 256)).tolist()
-    eager = generate(model, prompts, 32, temperature=0)
-    graphed = generate(model, prompts, 32, temperature=0, cuda_graph=True)
-    common = [next((i for i, (a, b) in enumerate(zip(e.tokens, g.tokens)) if a != b), 32) for e, g in zip(eager, graphed)]
-    return dict(rows=rows, graph_vs_eager_greedy=dict(decode_attention=os.environ.get("DECODE_ATTENTION_BACKEND"),
-        sequences_equal=sum(c == 32 for c in common) / len(common), common_prefix_tokens=common,
-        first_token_logprob_gap=max(abs(e.logprobs[0] - g.logprobs[0]) for e, g in zip(eager, graphed))))
+    divergence = dict(bf16=greedy_divergence(model, 32, 128))
+    del model
+    divergence["fp32"] = greedy_divergence(random_model(QWEN25_15B, "cuda", torch.float32).eval(), 32, 128)
+    return dict(rows=rows, graph_vs_eager_greedy=divergence)
+
+
+def greedy_divergence(model, batch, new_tokens, cuda_graph=True):
+    """Greedy decoding eager and through the CUDA graph, same model and prompts: how many sequences agree and, at
+    each first disagreement, the two chosen tokens' logit gap from a full forward (no cache) of the shared prefix,
+    beside the spacing of the model's dtype at that logit. Gaps within about one spacing are ties that rounding
+    breaks either way (the graph runs its GEMMs at the captured batch size, which can pick other kernels); a gap of
+    many spacings would be a bug."""
+    from sampler import generate
+
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    prompts = torch.randint(0, vocab, (batch, 256 if device.type == "cuda" else 16),
+                            generator=torch.Generator().manual_seed(2)).tolist()
+    eager = generate(model, prompts, new_tokens, temperature=0)
+    graphed = generate(model, prompts, new_tokens, temperature=0, cuda_graph=cuda_graph)
+    common = [next((i for i, (a, b) in enumerate(zip(e.tokens, g.tokens)) if a != b), new_tokens)
+              for e, g in zip(eager, graphed)]
+    eps = torch.finfo(next(model.parameters()).dtype).eps
+    gaps = []
+    for prompt, e, g, position in zip(prompts, eager, graphed, common):
+        if position == new_tokens:
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + e.tokens[:position]], device=device))[0, -1].float()
+        chosen = logits[e.tokens[position]]
+        spacing = 2.0 ** torch.log2(chosen.abs().clamp(min=1e-30)).floor().item() * eps
+        top = logits.topk(2).values
+        gaps.append(dict(position=position, eager_minus_graph_logit=(chosen - logits[g.tokens[position]]).item(),
+                         top2_gap=(top[0] - top[1]).item(), dtype_spacing=spacing))
+    return dict(dtype=str(next(model.parameters()).dtype), sequences_equal=sum(c == new_tokens for c in common)
+                / len(common), common_prefix_tokens=common, divergences=gaps,
+                first_token_logprob_gap=max(abs(e.logprobs[0] - g.logprobs[0]) for e, g in zip(eager, graphed)))
 
 
 # -----------------------------------------------------------------------------
@@ -198,97 +239,198 @@ def step_sampler(smoke, skip_hf=False, new_tokens=512):
 
 
 def step_training(smoke):
-    import train_grpo
-    from common import make_optimizer
-    from model import sequence_logprobs
-    from sampler import generate
-
+    """SFT and GRPO steps on the 1.5B shapes, each lever measured beside the path it replaces."""
     device = "cpu" if smoke else "cuda"
     shape = TINY if smoke else QWEN25_15B
     model = random_model(shape, device, torch.float32).train()
-    model.gradient_checkpointing = True
-    optimizer = make_optimizer(model, 1e-5, 0.0)
-    params = model.num_parameters()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if not smoke else torch.autocast("cpu", enabled=False)
-    peak_flops = 989e12 if not smoke else 1e12  # H100 SXM dense bf16; MFU is reported against it
-    result = {}
+    peak_flops = 989e12 if not smoke else 1e12  # H100/H200 SXM dense bf16; MFU is reported against it
+    body = model.num_parameters() - shape["vocab_size"] * shape["hidden_size"]  # tied: the head is the embedding
 
-    # SFT: 8 documents of 2k tokens packed in one row
+    def mfu(tokens, loss_tokens, seconds):
+        """6 x the parameters each token passes through: the body at every token, the LM head at loss positions
+        only (the embedding lookup costs no FLOPs); attention's own FLOPs left out."""
+        head = shape["vocab_size"] * shape["hidden_size"]
+        return 6 * (body * tokens + head * loss_tokens) / seconds / peak_flops
+
+    sft = sft_steps(model, shape, device, smoke, mfu)
+    grpo = grpo_step(model, shape, device, smoke, mfu)
+    return dict(sft=sft, grpo=grpo, longest_grpo_sequence=longest_sequence(model, shape, device, smoke))
+
+
+def peak_gib(device):
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def reset_peak(device):
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def autocast_on(device):
+    from common import autocast_for
+
+    return autocast_for(torch.device(device))
+
+
+def sft_steps(model, shape, device, smoke, mfu):
+    """8 documents of 2k tokens packed in one row, one optimizer step each: activation checkpointing on and off,
+    foreach and fused AdamW; then the kernels of the fastest variant by GPU time."""
+    from common import make_optimizer
+    from model import sequence_logprobs
+
     docs, doc_len = (2, 32) if smoke else (8, 2048)
     ids = torch.randint(0, shape["vocab_size"], (1, docs * doc_len), device=device)
     cu = torch.arange(0, docs + 1, device=device, dtype=torch.int32) * doc_len
     positions = torch.arange(doc_len, device=device).repeat(docs)[None]
+    rows = {}
+    for checkpointing, fused in [(True, False), (False, False), (False, True)]:
+        model.gradient_checkpointing = checkpointing
+        optimizer = make_optimizer(model, 1e-5, 0.0, fused=fused)
 
-    def sft_step():
-        with autocast:
-            loss = -sequence_logprobs(model, ids, positions, cu).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        def sft_step():
+            with autocast_on(device):
+                loss = -sequence_logprobs(model, ids, positions, cu).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
+        reset_peak(device)
+        seconds = timed(sft_step, repeat=2)
+        name = f"checkpointing={checkpointing} fused_adamw={fused}"
+        rows[name] = dict(tokens=ids.numel(), seconds=seconds, tokens_per_s=ids.numel() / seconds,
+                          mfu=mfu(ids.numel(), ids.numel() - docs, seconds), peak_memory_gib=peak_gib(device))
     if not smoke:
-        torch.cuda.reset_peak_memory_stats()
-    seconds = timed(sft_step, repeat=2)
-    tokens = ids.numel()
-    result["sft"] = dict(tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
-                         mfu=6 * params * tokens / seconds / peak_flops,
-                         peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if not smoke else None)
+        rows["kernels_of_last_variant"] = top_kernels(sft_step)
+    model.gradient_checkpointing = False
+    return rows
 
-    # GRPO: 8 prompts x G=8, 1k-token completions (EOS ignored), random 0/1 rewards (no tokenizer here)
-    prompts_n, group, prompt_len, new_tokens = (2, 2, 8, 8) if smoke else (8, 8, 256, 1024)
-    if not smoke:
-        torch.cuda.reset_peak_memory_stats()
-    times = {}
+
+def top_kernels(fn, limit=14):
+    """The GPU kernels of one call of fn, by total time: [(name, total ms, calls)] and the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        fn()
+        sync()
+    rows = sorted(trace.key_averages(), key=lambda e: -e.device_time_total)
+    total = sum(e.self_device_time_total for e in rows) / 1e3
+    return dict(total_ms=total, kernels=[(e.key[:80], round(e.self_device_time_total / 1e3, 2), e.count)
+                                         for e in sorted(rows, key=lambda e: -e.self_device_time_total)[:limit]])
+
+
+def grpo_step(model, shape, device, smoke, mfu):
+    """8 prompts x G=8 of 256 tokens, completions of up to 1k tokens (EOS ignored, then cut to lengths drawn
+    uniformly from 64..1024, as real rollouts end at different lengths), random 0/1 rewards. Rollout with the fp32
+    masters under autocast vs the bf16 sampling copy (common.sampling_copy); the reference-style no-grad pass and
+    the update on padded and on packed rows; each phase's seconds, the update's MFU and peak memory."""
+    import train_grpo
+    from common import make_optimizer, sampling_copy
+    from sampler import generate
+
+    prompts_n, group, prompt_len, new_tokens, probe = (2, 2, 8, 8, 4) if smoke else (8, 8, 256, 1024, 64)
+    generator = torch.Generator().manual_seed(3)
+    prompts = torch.randint(0, shape["vocab_size"], (prompts_n, prompt_len), generator=generator).tolist()
+    result = {}
+
+    def rollout(policy, tokens):
+        with autocast_on(device):
+            return generate(policy, prompts, tokens, temperature=1.0, n=group, seed=0, cuda_graph=not smoke)
+
+    model.eval()
+    for name, policy in [("fp32_masters_autocast", lambda: model), ("bf16_sampling_copy", lambda: sampling_copy(model))]:
+        start = time.perf_counter()
+        copy = policy()
+        sync()
+        copy_s = time.perf_counter() - start
+        outputs = []
+        seconds = timed(lambda: outputs.append(rollout(copy, probe)))
+        result[f"rollout_{probe}_tokens_{name}"] = dict(seconds=seconds, copy_s=copy_s,
+                                                        tokens_per_s=prompts_n * group * probe / seconds,
+                                                        sampler_vs_trainer=mismatch(model, prompts, outputs[-1], device))
+    reset_peak(device)
     start = time.perf_counter()
-    prompts = torch.randint(0, shape["vocab_size"], (prompts_n, prompt_len)).tolist()
-    with autocast:
-        completions = generate(model, prompts, new_tokens, temperature=1.0, n=group, seed=0, cuda_graph=not smoke)
+    copy = sampling_copy(model)
+    completions = rollout(copy, new_tokens)
     sync()
-    times["rollout"] = time.perf_counter() - start
-    start = time.perf_counter()
+    result["rollout_s"] = time.perf_counter() - start
+    result["rollout_tokens_per_s"] = sum(len(c.tokens) for c in completions) / result["rollout_s"]
+    model.train()
+    lengths = torch.randint(min(64, new_tokens), new_tokens + 1, (len(completions),), generator=generator).tolist()
+    samples = [train_grpo.Sample(prompts[c.prompt_index], c.tokens[:n], c.logprobs[:n], False, False, 0.0, "")
+               for c, n in zip(completions, lengths)]
+    advantages = train_grpo.group_advantages(torch.randint(0, 2, (len(samples),)).float(), group)[0].to(device)
+    optimizer = make_optimizer(model, 1e-5, 0.0)
+    micro = 8 if not smoke else 2
+    completion_tokens = sum(lengths)
+    all_tokens = completion_tokens + len(samples) * prompt_len
+    for pack, checkpointing in [(False, False), (True, False), (True, True)]:
+        model.gradient_checkpointing = checkpointing
+        batch = train_grpo.collate(samples, 0, torch.device(device), pack=pack)
+        reset_peak(device)
+
+        def no_grad_pass():  # what the reference (or pi_old) pass costs
+            with torch.no_grad(), autocast_on(device):
+                for k in range(0, len(samples), micro):
+                    train_grpo.packed_logprobs(model, batch, slice(k, k + micro), 1.0)
+
+        no_grad_s = timed(no_grad_pass)
+
+        def update():
+            for k in range(0, len(samples), micro):
+                rows = slice(k, k + micro)
+                with autocast_on(device):
+                    logprobs = train_grpo.packed_logprobs(model, batch, rows, 1.0)
+                loss, _ = train_grpo.policy_loss(logprobs, logprobs.detach(), advantages[rows],
+                                                 batch.completion_mask[rows], len(samples), completion_tokens,
+                                                 eps_low=0.2, eps_high=0.28, loss_agg="token-mean",
+                                                 max_new_tokens=new_tokens)
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        seconds = timed(update)
+        result[f"pack={pack} checkpointing={checkpointing}"] = dict(
+            padded_tokens=batch.input_ids.numel(), real_tokens=all_tokens, completion_tokens=completion_tokens,
+            no_grad_pass_s=no_grad_s, update_s=seconds, update_mfu=mfu(all_tokens, completion_tokens, seconds),
+            peak_memory_gib=peak_gib(device))
+    model.gradient_checkpointing = False
+    return result
+
+
+def mismatch(model, prompts, completions, device):
+    """Mean and max |sampler log-prob - trainer log-prob| over the completion tokens (the trainer: fp32 masters under
+    autocast, as the update sees them)."""
+    import train_grpo
+
     samples = [train_grpo.Sample(prompts[c.prompt_index], c.tokens, c.logprobs, False, False, 0.0, "")
                for c in completions]
     batch = train_grpo.collate(samples, 0, torch.device(device))
-    input_ids, mask = batch.input_ids, batch.completion_mask
-    rewards = torch.randint(0, 2, (len(samples),)).float()
-    advantages = train_grpo.group_advantages(rewards, group)[0].to(device)
-    times["score"] = time.perf_counter() - start
-    start = time.perf_counter()
-    micro = 8 if not smoke else 2
-    for k in range(0, len(samples), micro):
-        with autocast:
-            logprobs = sequence_logprobs(model, input_ids[k: k + micro])
-        loss, _ = train_grpo.policy_loss(logprobs, logprobs.detach(), advantages[k: k + micro], mask[k: k + micro],
-                                         len(samples), float(mask.sum()), eps_low=0.2, eps_high=0.28,
-                                         loss_agg="token-mean", max_new_tokens=new_tokens)
-        loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    sync()
-    times["update"] = time.perf_counter() - start
-    generated = sum(len(c.tokens) for c in completions)
-    result["grpo"] = dict(sequences=len(samples), generated_tokens=generated, **{f"{k}_s": v for k, v in times.items()},
-                          rollout_tokens_per_s=generated / times["rollout"],
-                          update_mfu=6 * params * input_ids.numel() / times["update"] / peak_flops,
-                          peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if not smoke else None)
+    with torch.no_grad(), autocast_on(device):
+        trainer = train_grpo.packed_logprobs(model, batch, slice(None), 1.0)
+    gap = (trainer - batch.sampler_logprobs).abs()[batch.completion_mask.bool()]
+    return dict(mean=gap.mean().item(), max=gap.max().item())
 
-    # the longest single sequence a GRPO update (forward + backward, checkpointed blocks) fits on this card
+
+def longest_sequence(model, shape, device, smoke):
+    """The longest single sequence a GRPO update (forward + backward, checkpointed blocks) fits on this card."""
+    from model import sequence_logprobs
+
+    model.gradient_checkpointing = True
     longest = None
-    for length in ([64] if smoke else [8192, 16384, 32768, 65536, 131072]):
+    for length in ([64] if smoke else [16384, 32768, 65536, 131072]):
         try:
             sequence = torch.randint(0, shape["vocab_size"], (1, length), device=device)
-            with autocast:
+            with autocast_on(device):
                 logprobs = sequence_logprobs(model, sequence)
             logprobs.sum().backward()
-            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             longest = length
         except torch.OutOfMemoryError:
             break
         finally:
-            if not smoke:
-                torch.cuda.empty_cache()
-    result["longest_grpo_sequence"] = longest
-    return result
+            reset_peak(device)
+    return longest
 
 
 STEPS = {1: ("card", step_card), 2: ("kernel correctness", step_correctness), 3: ("kernel benchmarks",

@@ -83,8 +83,9 @@ def roofline_tokens_per_s(model, batch, prompt_len, new_tokens, bandwidth):
     return batch * bandwidth / (weight_bytes + kv_bytes)
 
 
-def profile_decode(model, batch, prompt_len, new_tokens):
-    """The CUDA kernels of eight eager decode steps at this batch, by total time."""
+def profile_decode(model, batch, prompt_len, new_tokens, steps=8):
+    """The profiler's trace of `steps` eager decode steps at this batch (after two untimed ones). Eager and graphed
+    decoding launch the same kernels: the graph only removes the CPU's launch cost."""
     from torch.profiler import ProfilerActivity, profile
 
     cache = allocate_cache(model, batch, prompt_len + new_tokens)
@@ -96,9 +97,16 @@ def profile_decode(model, batch, prompt_len, new_tokens):
         _decode_eager(model, cache, rows, tokens, positions, 2, sample)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as trace:
-            _decode_eager(model, cache, rows, tokens, positions, 8, sample)
+            _decode_eager(model, cache, rows, tokens, positions, steps, sample)
             torch.cuda.synchronize()
-    print(trace.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+    return trace
+
+
+def kernels_per_step(trace, steps=8):
+    """GPU launches (kernels, copies, fills) per decode step in a profile_decode trace."""
+    from torch.autograd import DeviceType
+
+    return sum(event.device_type == DeviceType.CUDA for event in trace.events()) / steps
 
 
 def main(argv=None):
@@ -170,8 +178,18 @@ def main(argv=None):
                 line += f" {roofline:>15,.0f} {ours_rate / roofline:>6.0%}"
             print(line, flush=True)
             rows.append(row)
-    if args.profile and on_gpu:
-        profile_decode(ours, max(batches), prompt_len, new_tokens)
+    if on_gpu:
+        for backend in backends:
+            os.environ["DECODE_ATTENTION_BACKEND"] = os.environ["ROPE_CACHE_BACKEND"] = backend
+            trace = profile_decode(ours, max(batches), prompt_len, new_tokens)
+            per_step = kernels_per_step(trace)
+            layers = ours.config.num_hidden_layers
+            print(f"decode attention {backend}: {per_step:.0f} GPU launches per decode step, "
+                  f"{per_step / layers:.1f} per layer ({layers} layers; the LM head and sampling counted in)")
+            rows.append(dict(decode_attention=backend, launches_per_step=per_step,
+                             launches_per_layer=per_step / layers))
+            if args.profile:
+                print(trace.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
     return rows
 
 
