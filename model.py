@@ -31,10 +31,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kernels import choose_backend
+from kernels.add_rms_norm import add_rms_norm, rms_norm
 from kernels.attention import attention
 from kernels.decode_attention import decode_attention
 from kernels.logprob import IGNORE_INDEX, token_logprobs
 from kernels.rope_cache import rope_and_cache
+from kernels.silu_mul import silu_mul
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -221,12 +223,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in float32 as the reference implementations do, then cast back before the weight. One fused op
-        # where the dtypes agree: decoding a token at a time pays a launch per op. (Under autocast q and k are
-        # bf16 while q_norm's weight is fp32; the product then promotes to fp32, as in transformers.)
-        if x.dtype == self.weight.dtype:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)  # kernels/add_rms_norm.py: in fp32, as transformers does
 
 
 def rope_inv_freq(config: ModelConfig, device=None) -> torch.Tensor:
@@ -449,11 +446,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        if torch.is_grad_enabled():
-            return self.down_proj(F.silu(gate) * up)
-        # no graph to keep (sampling, evaluation): SiLU and the product in place in the GEMM's output, no new tensor
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))  # silu(gate) * up: one kernel on GPUs
 
 
 class Block(nn.Module):
@@ -465,8 +458,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, signed_sin, cu_seqlens=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, signed_sin, cu_seqlens, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(self.input_layernorm(x), cos, signed_sin, cu_seqlens, cache)
+        norm = self.post_attention_layernorm  # the residual add and this norm: one kernel on GPUs
+        x, normed = add_rms_norm(x, attended, norm.weight, norm.eps)
+        return x + self.mlp(normed)
 
 
 # -----------------------------------------------------------------------------

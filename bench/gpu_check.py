@@ -159,8 +159,36 @@ def step_correctness(smoke):
         (logp.sum() + entropy.sum()).backward()
         results[f"logprob_no_rows_{name}"] = dict(ok=logp.shape == (0,) and entropy.shape == (0,)
                                                   and not weight.grad.any().item())
+        results[f"silu_mul_{name}"], results[f"add_rms_norm_{name}"] = layer_kernels_error(device, dtype)
     results["all_ok"] = all(r["ok"] for r in results.values())
     return results
+
+
+def layer_kernels_error(device, dtype):
+    """silu_mul and add_rms_norm (forward and backward, at 1.5B's widths) against their references in fp32: the
+    largest error relative to the reference's largest value."""
+    from kernels.add_rms_norm import add_rms_norm
+    from kernels.silu_mul import silu_mul
+
+    def relative(ours, reference):
+        return max(((a.float() - b).abs().max() / b.abs().max().clamp(min=1e-6)).item() for a, b in zip(ours, reference))
+
+    def run(fn, inputs, backend):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        outputs = fn(*leaves, backend)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        grads = torch.autograd.grad(outputs, leaves, [torch.ones_like(o) * 0.01 + o.detach() for o in outputs])
+        return [o.float() for o in outputs] + [g.float() for g in grads]
+
+    rows, intermediate, hidden = (8, 64, 32) if device == "cpu" else (300, 8960, 1536)
+    gate_up = torch.randn(rows, 2 * intermediate, device=device, dtype=dtype)
+    silu = relative(run(lambda g, b: silu_mul(g, backend=b), [gate_up], "triton"),
+                    run(lambda g, b: silu_mul(g, backend=b), [gate_up.float()], "torch"))
+    x, delta = torch.randn(rows, hidden, device=device), torch.randn(rows, hidden, device=device, dtype=dtype)
+    weight = torch.rand(hidden, device=device) + 0.5
+    norm = relative(run(lambda *t: add_rms_norm(*t[:3], 1e-6, backend=t[3]), [x, delta, weight], "triton"),
+                    run(lambda *t: add_rms_norm(*t[:3], 1e-6, backend=t[3]), [x, delta.float(), weight], "torch"))
+    return dict(relative_error=silu, ok=silu < 2e-2), dict(relative_error=norm, ok=norm < 2e-2)
 
 
 # -----------------------------------------------------------------------------
@@ -284,8 +312,11 @@ def sft_steps(model, shape, device, smoke, mfu):
     cu = torch.arange(0, docs + 1, device=device, dtype=torch.int32) * doc_len
     positions = torch.arange(doc_len, device=device).repeat(docs)[None]
     rows = {}
-    for checkpointing, fused in [(True, False), (False, False), (False, True)]:
+    for checkpointing, fused, layer_kernels in [(True, False, "torch"), (False, False, "torch"), (False, True, "torch"),
+                                                (False, True, "triton")]:
         model.gradient_checkpointing = checkpointing
+        for variable in LAYER_KERNEL_SWITCHES:
+            os.environ[variable] = layer_kernels
         optimizer = make_optimizer(model, 1e-5, 0.0, fused=fused)
 
         def sft_step():
@@ -297,13 +328,18 @@ def sft_steps(model, shape, device, smoke, mfu):
 
         reset_peak(device)
         seconds = timed(sft_step, repeat=2)
-        name = f"checkpointing={checkpointing} fused_adamw={fused}"
+        name = f"checkpointing={checkpointing} fused_adamw={fused} silu_mul,add_rms_norm={layer_kernels}"
         rows[name] = dict(tokens=ids.numel(), seconds=seconds, tokens_per_s=ids.numel() / seconds,
                           mfu=mfu(ids.numel(), ids.numel() - docs, seconds), peak_memory_gib=peak_gib(device))
     if not smoke:
         rows["kernels_of_last_variant"] = top_kernels(sft_step)
+    for variable in LAYER_KERNEL_SWITCHES:  # back to auto: Triton on GPUs
+        del os.environ[variable]
     model.gradient_checkpointing = False
     return rows
+
+
+LAYER_KERNEL_SWITCHES = ("SILU_MUL_BACKEND", "ADD_RMS_NORM_BACKEND")
 
 
 def top_kernels(fn, limit=14):

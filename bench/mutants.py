@@ -114,8 +114,8 @@ MUTANTS = [
            ["tests/test_logprob.py::test_triton_matches_naive"]),
     # the FSDP path of issue 16
     mutant("fsdp_rollout_copy_gathered_on_rank_0_only", "common.py",
-           "copy.load_state_dict(full_state_dict(model, device=next(model.parameters()).device), assign=True)",
-           "copy.load_state_dict(full_state_dict(model, rank0_only=True), assign=True)",
+           "weights = full_state_dict(model, next(model.parameters()).device, dtype=torch.bfloat16 if on_gpu else None)",
+           "weights = full_state_dict(model, rank0_only=True)",
            [SFT_FSDP]),
     mutant("fsdp_optimizer_state_not_broadcast", "common.py",
            "options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))",
@@ -257,6 +257,26 @@ MUTANTS = [
            "clip_low=totals[\"clip_low\"] / max(num_tokens * config.mu, 1),",
            "clip_low=totals[\"clip_low\"] / max(num_tokens, 1),",
            [GRPO + "test_mu_two_keeps_pi_old_fixed_and_counts_clips_per_token_and_epoch"]),
+    # the fused layer kernels (issue 21): forward and backward against float64 formulas
+    mutant("silu_backward_drops_the_sigmoid_derivative", "kernels/silu_mul.py",
+           "d_gate = d_out * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))",
+           "d_gate = d_out * up * sigmoid",
+           ["tests/test_silu_mul.py::test_triton_forward_and_backward_match_float64"]),
+    mutant("add_rms_norm_drops_eps", "kernels/add_rms_norm.py",
+           "rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n_cols + eps)",
+           "rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n_cols)",
+           ["tests/test_add_rms_norm.py::test_triton_forward_and_backward_match_float64"]),
+    mutant("add_rms_norm_backward_drops_the_residual_gradient", "kernels/add_rms_norm.py",
+           "                if HAS_D_H_OUT:\n", "                if False:\n",
+           ["tests/test_add_rms_norm.py::test_triton_forward_and_backward_match_float64"]),
+    mutant("add_rms_norm_backward_forgets_the_mean_term", "kernels/add_rms_norm.py",
+           "d_h = rstd * (weighted - h_hat * (tl.sum(h_hat * weighted, axis=0) / n_cols))",
+           "d_h = rstd * weighted",
+           ["tests/test_add_rms_norm.py::test_triton_forward_and_backward_match_float64"]),
+    mutant("block_skips_the_attention_residual", "model.py",
+           "x, normed = add_rms_norm(x, attended, norm.weight, norm.eps)",
+           "_, normed = add_rms_norm(x, attended, norm.weight, norm.eps)",
+           [MODEL + "test_logits_match_transformers"]),
 ]
 
 

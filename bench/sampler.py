@@ -6,8 +6,9 @@ memory-bandwidth roofline (bytes of weights + KV cache read per decode step / me
     python bench/sampler.py                 # CPU: 4 layers, hidden 256; batch 1 and 32; 128 new tokens
     python bench/sampler.py --device cuda   # Qwen2.5-1.5B shapes in bf16; batch 1, 64, 256; 256 + 512 tokens
 
-On CUDA ours decodes through the CUDA graph; --decode_backend sets DECODE_ATTENTION_BACKEND and ROPE_CACHE_BACKEND
-(the Triton kernels, torch's ops, or both, one row each). transformers' eager generate is timed on --hf_tokens new tokens
+On CUDA ours decodes through the CUDA graph; --decode_backend sets DECODE_ATTENTION_BACKEND, ROPE_CACHE_BACKEND,
+SILU_MUL_BACKEND and ADD_RMS_NORM_BACKEND (the Triton kernels, torch's ops, or both, one row each), and the GPU
+launches per decode step and layer are printed for each. transformers' eager generate is timed on --hf_tokens new tokens
 (default 64 on CUDA: at batch 1 it decodes ~13 tokens/s on the H100 machine, and its per-step cost does not grow
 over these lengths) and compared as tokens per second. --profile prints the CUDA kernels of a few eager decode
 steps at the largest batch: where the step time goes.
@@ -83,6 +84,15 @@ def roofline_tokens_per_s(model, batch, prompt_len, new_tokens, bandwidth):
     return batch * bandwidth / (weight_bytes + kv_bytes)
 
 
+DECODE_SWITCHES = ("DECODE_ATTENTION_BACKEND", "ROPE_CACHE_BACKEND", "SILU_MUL_BACKEND", "ADD_RMS_NORM_BACKEND")
+
+
+def set_decode_backend(backend):
+    """The whole decode step through the Triton kernels or through torch's ops (kernels.choose_backend's switches)."""
+    for variable in DECODE_SWITCHES:
+        os.environ[variable] = backend
+
+
 def profile_decode(model, batch, prompt_len, new_tokens, steps=8):
     """The profiler's trace of `steps` eager decode steps at this batch (after two untimed ones). Eager and graphed
     decoding launch the same kernels: the graph only removes the CPU's launch cost."""
@@ -150,8 +160,7 @@ def main(argv=None):
 
         def ours_run(backend):
             if on_gpu:
-                os.environ["DECODE_ATTENTION_BACKEND"] = backend  # the whole decode step: kernels or torch's ops
-                os.environ["ROPE_CACHE_BACKEND"] = backend
+                set_decode_backend(backend)
             generate(ours, prompts.tolist(), max_new_tokens=new_tokens, seed=0, cuda_graph=on_gpu)
 
         runs = ([("hf", hf_run)] if hf_run else []) + [(b, lambda b=b: ours_run(b)) for b in backends]
@@ -180,7 +189,7 @@ def main(argv=None):
             rows.append(row)
     if on_gpu:
         for backend in backends:
-            os.environ["DECODE_ATTENTION_BACKEND"] = os.environ["ROPE_CACHE_BACKEND"] = backend
+            set_decode_backend(backend)
             trace = profile_decode(ours, max(batches), prompt_len, new_tokens)
             per_step = kernels_per_step(trace)
             layers = ours.config.num_hidden_layers

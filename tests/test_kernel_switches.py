@@ -1,19 +1,22 @@
 # python -m pytest tests/test_kernel_switches.py -q
-"""One switch per kernel (kernels.choose_backend): ATTENTION_BACKEND, LOGPROB_BACKEND, DECODE_ATTENTION_BACKEND and
-ROPE_CACHE_BACKEND, each auto | triton | torch. Each public entry and the model's decode step honour their variable,
+"""One switch per kernel (kernels.choose_backend): ATTENTION_BACKEND, LOGPROB_BACKEND, DECODE_ATTENTION_BACKEND,
+ROPE_CACHE_BACKEND, SILU_MUL_BACKEND and ADD_RMS_NORM_BACKEND, each auto | triton | torch. Each public entry and the model's decode step honour their variable,
 the explicit backend= argument wins over it, and a bad value is refused naming the variable and the allowed values.
 The Triton functions are replaced by recorders that run the references, so this runs on any CPU."""
 import pytest
 import torch
 
 import kernels
+import kernels.add_rms_norm as norm_module
 import kernels.attention as attention_module
 import kernels.decode_attention as decode_module
 import kernels.logprob as logprob_module
 import kernels.rope_cache as rope_module
+import kernels.silu_mul as silu_module
 from conftest import write_hf_checkpoint
 
-VARIABLES = ["ATTENTION_BACKEND", "LOGPROB_BACKEND", "DECODE_ATTENTION_BACKEND", "ROPE_CACHE_BACKEND"]
+VARIABLES = ["ATTENTION_BACKEND", "LOGPROB_BACKEND", "DECODE_ATTENTION_BACKEND", "ROPE_CACHE_BACKEND", "SILU_MUL_BACKEND",
+             "ADD_RMS_NORM_BACKEND"]
 
 
 @pytest.fixture
@@ -83,7 +86,21 @@ def entries(monkeypatch, calls):
         calls.append("ROPE_CACHE_BACKEND")
         return rope_module.rope_and_cache_ref(*args)
 
+    class FakeSiLUMul:
+        @staticmethod
+        def apply(gate_up):
+            calls.append("SILU_MUL_BACKEND")
+            return silu_module.silu_mul_ref(gate_up)
+
+    class FakeAddRMSNorm:
+        @staticmethod
+        def apply(x, delta, weight, eps):
+            calls.append("ADD_RMS_NORM_BACKEND")
+            return norm_module.add_rms_norm_ref(x, delta, weight, eps)
+
     monkeypatch.setattr(attention_module, "FlashAttention", FakeFlash)
+    monkeypatch.setattr(silu_module, "SiLUMul", FakeSiLUMul)
+    monkeypatch.setattr(norm_module, "AddRMSNorm", FakeAddRMSNorm)
     monkeypatch.setattr(logprob_module, "FusedLogprob", FakeFused)
     monkeypatch.setattr(decode_module, "decode_attention_triton", fake_decode)
     monkeypatch.setattr(rope_module, "rope_and_cache_triton", fake_rope)
@@ -100,10 +117,12 @@ def entries(monkeypatch, calls):
          lambda **kw: decode_module.decode_attention(dq, k_cache, v_cache, slots, lengths, **kw)),
         ("ROPE_CACHE_BACKEND", lambda **kw: rope_module.rope_and_cache(dq, kv, kv, cos, sin, k_cache.clone(),
                                                                        v_cache.clone(), slots, lengths - 1, **kw)),
+        ("SILU_MUL_BACKEND", lambda **kw: silu_module.silu_mul(hidden, **kw)),  # hidden's 8 columns: gate | up
+        ("ADD_RMS_NORM_BACKEND", lambda **kw: norm_module.add_rms_norm(hidden, hidden, hidden[0], 1e-6, **kw)[1]),
     ]
 
 
-@pytest.mark.parametrize("index", range(4), ids=VARIABLES)
+@pytest.mark.parametrize("index", range(len(VARIABLES)), ids=VARIABLES)
 def test_each_entry_honours_its_variable_and_its_argument(clean_env, index):
     calls = []
     variable, call = entries(clean_env, calls)[index]

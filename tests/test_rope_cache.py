@@ -68,9 +68,10 @@ def test_triton_matches_reference_in_float64(dtype, tolerance, n_head, n_kv_head
 @pytest.mark.skipif(not INTERPRETED, reason="the CPU run of the kernel decode path needs Triton's interpreter")
 @pytest.mark.parametrize("family, autocast_dtype, tolerance", [("qwen2", None, 1e-5), ("qwen3", torch.float16, 2e-3)])
 def test_model_decodes_the_same_through_the_kernels(tmp_path, monkeypatch, family, autocast_dtype, tolerance):
-    """The model's kernel decode path (rope + cache write kernel, split-KV decode kernel) gives the greedy tokens
-    of its torch path, run here through the interpreter: an fp32 model, and a Qwen3 model (q/k norms) under fp16
-    autocast with fp32 weights, the mixed-precision set-up train_grpo.py samples in on a GPU (there in bf16)."""
+    """The model's kernel decode path (rope + cache write kernel, split-KV decode kernel, SiLU-multiply, residual add +
+    RMSNorm) gives the greedy tokens of its torch path, run here through the interpreter: an fp32 model, and a Qwen3
+    model (q/k norms) under fp16 autocast with fp32 weights, a mixed-precision set-up (train_grpo.py now samples from
+    a bf16 copy on a GPU)."""
     from model import Transformer
     from sampler import generate
 
@@ -82,6 +83,8 @@ def test_model_decodes_the_same_through_the_kernels(tmp_path, monkeypatch, famil
         through_torch = generate(model, prompts, max_new_tokens=12, temperature=0, logprobs_mode="raw")
         monkeypatch.setenv("ROPE_CACHE_BACKEND", "triton")
         monkeypatch.setenv("DECODE_ATTENTION_BACKEND", "triton")
+        monkeypatch.setenv("SILU_MUL_BACKEND", "triton")
+        monkeypatch.setenv("ADD_RMS_NORM_BACKEND", "triton")
         through_kernels = generate(model, prompts, max_new_tokens=12, temperature=0, logprobs_mode="raw")
     assert [c.tokens for c in through_kernels] == [c.tokens for c in through_torch]
     for a, b in zip(through_kernels, through_torch):
