@@ -4,6 +4,7 @@ runs), forward and forward+backward, causal, bf16, on Qwen2.5-1.5B shapes (12 qu
 and Qwen2.5-0.5B shapes (14/2, head dim 64); plus a ragged packed batch vs SDPA on the same data right-padded.
 
     python bench/attention.py [--seqlens 1024,2048,4096,8192] [--tokens 16384]
+    python bench/attention.py --sweep     # each pass's kernel under each tile configuration of SWEEP
 
 TFLOP/s count the causal half of the matmuls: 4 * B * H * T^2 * D / 2 forward, 2.5x that forward+backward.
 """
@@ -112,16 +113,84 @@ def packed_rows(tokens):
     return row
 
 
+# tile configurations that compile for sm_90 in bf16 at head dim 128 without spills (the current ones first)
+SWEEP = {"forward": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (64, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 4)],
+         "dkdv": [(32, 64, 8, 3), (32, 64, 8, 2), (32, 64, 8, 4), (64, 64, 8, 2), (64, 64, 8, 3), (32, 32, 4, 3),
+                  (16, 64, 8, 3)],
+         "dq": [(64, 32, 8, 3), (64, 32, 8, 2), (64, 32, 8, 4), (64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3)]}
+
+
+def sweep(docs=8, doc_len=2048):
+    """Each pass's kernel alone (the forward; the backward's dK/dV and dQ kernels, through attention_backward) for
+    each tile configuration in SWEEP, on 8 packed documents of 2k tokens with Qwen2.5-1.5B's heads, the other passes
+    at their defaults; results checked against the default configuration's."""
+    import kernels.attention as A
+
+    heads, kv_heads, head_dim = SHAPES["qwen2.5-1.5b"]
+    tokens = docs * doc_len
+    cu = torch.arange(0, docs + 1, device="cuda", dtype=torch.int32) * doc_len
+    q = torch.randn(1, tokens, heads, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(1, tokens, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+            for _ in range(2))
+    default_config = A.kernel_config
+    out, lse = A.attention_forward(q, k, v, True, cu)
+    do = torch.randn_like(out)
+    expected = A.attention_backward(do, q, k, v, out, lse, True, cu)
+    flops = docs * 4 * heads * doc_len * doc_len * head_dim / 2
+    rows = []
+    for pass_name, candidates in SWEEP.items():
+        for block_m, block_n, warps, stages in candidates:
+            def config(head_dim_, dtype, name, arch=90):
+                chosen = default_config(head_dim_, dtype, name, arch)
+                if name == pass_name:
+                    chosen.update(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                return chosen
+
+            A.kernel_config = config
+            try:
+                if pass_name == "forward":
+                    ms = time_ms(lambda: A.attention_forward(q, k, v, True, cu))
+                    error = (A.attention_forward(q, k, v, True, cu)[0].float() - out.float()).abs().max().item()
+                    tflops = flops / ms / 1e9
+                else:
+                    ms = time_ms(lambda: A.attention_backward(do, q, k, v, out, lse, True, cu))
+                    grads = A.attention_backward(do, q, k, v, out, lse, True, cu)
+                    error = max((g.float() - e.float()).abs().max().item() for g, e in zip(grads, expected))
+                    tflops = 2.5 * flops / ms / 1e9
+                row = dict(pass_=pass_name, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+                           ms=ms, tflops=tflops, max_error_vs_default=error)
+            except Exception as failure:  # a configuration this card cannot run
+                row = dict(pass_=pass_name, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+                           error=str(failure)[:200])
+            finally:
+                A.kernel_config = default_config
+            rows.append(row)
+            print(row, flush=True)
+    from torch.nn.attention import SDPBackend
+
+    flash = sdpa(SDPBackend.FLASH_ATTENTION)
+    padded = [t.detach()[0].reshape(t.shape[1], docs, doc_len, head_dim).transpose(0, 1).contiguous().requires_grad_()
+              for t in (q, k, v)]  # (docs, heads, doc_len, head_dim): the same documents as a batch
+    forward_ms = measure(flash, *padded, False)
+    both_ms = measure(flash, *padded, True)
+    rows.append(dict(pass_="sdpa-flash", forward_ms=forward_ms, backward_ms=both_ms - forward_ms))
+    print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--seqlens", default="1024,2048,4096,8192")
     parser.add_argument("--tokens", type=int, default=16384, help="tokens per batch (B = tokens // T)")
+    parser.add_argument("--sweep", action="store_true", help="time each pass's tile configurations (SWEEP) instead")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/attention.py needs a CUDA GPU; on this machine the kernel runs only in Triton's interpreter "
               "(see tests/test_attention.py)")
         return None
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
+    if args.sweep:
+        return sweep()
     return dict(dense=dense_rows([int(t) for t in args.seqlens.split(",")], args.tokens),
                 packed=packed_rows(args.tokens))
 

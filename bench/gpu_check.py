@@ -342,7 +342,7 @@ def sft_steps(model, shape, device, smoke, mfu):
 LAYER_KERNEL_SWITCHES = ("SILU_MUL_BACKEND", "ADD_RMS_NORM_BACKEND")
 
 
-def top_kernels(fn, limit=14):
+def top_kernels(fn, limit=25):
     """The GPU kernels of one call of fn, by total time: [(name, total ms, calls)] and the total."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -1,6 +1,6 @@
 # python -m pytest tests/test_experiments.py -q
-"""experiments/: each question's script runs end to end on its --quick budget (one seed, a couple of steps) so it
-cannot rot; plot.py draws metrics.jsonl files; MetricsLog logs to Weights & Biases when asked (a fake wandb
+"""experiments/: each question's script (and headline.py, the README's main command over seeds) runs end to end on
+its --quick budget (one seed, a couple of steps) so it cannot rot; plot.py draws metrics.jsonl files; MetricsLog logs to Weights & Biases when asked (a fake wandb
 module); the demo's difficulty knob leaves the default distribution as it was."""
 
 import json
@@ -167,6 +167,24 @@ def test_question_runs_quick(question, quick_root):
     markdown = (out / "results.md").read_text()
     assert "QUICK RUN" in markdown and "| setting |" in markdown
     assert any(name.endswith(".svg") for name in os.listdir(out))
+
+
+@pytest.mark.slow
+def test_headline_runs_quick(tmp_path):
+    """experiments/headline.py: the README's two commands and eval.py per seed, on a tiny budget; a second call reads
+    the finished seed back instead of training again."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import headline
+
+    stats = headline.main(["--quick", "--seeds=3", f"--out={tmp_path}"])
+    run = json.loads((tmp_path / "runs" / "seed_3" / "result.json").read_text())
+    assert run["seed"] == 3 and run["eval_problems"] == 16 and run["gain"] == run["grpo_accuracy"] - run["sft_accuracy"]
+    assert stats["gain"][0] == run["gain"]
+    assert "QUICK RUN" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "runs" / "seed_3" / "grpo" / "final" / "config.json").exists()
+    os.remove(tmp_path / "runs" / "seed_3" / "sft.log")
+    headline.main(["--quick", "--seeds=3", f"--out={tmp_path}"])
+    assert not (tmp_path / "runs" / "seed_3" / "sft.log").exists()  # not trained again
 
 
 def test_eval_logs_to_wandb(tmp_path, monkeypatch):
