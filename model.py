@@ -457,11 +457,21 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, signed_sin, cu_seqlens=None, cache=None):
-        attended = self.self_attn(self.input_layernorm(x), cos, signed_sin, cu_seqlens, cache)
-        norm = self.post_attention_layernorm  # the residual add and this norm: one kernel on GPUs
-        x, normed = add_rms_norm(x, attended, norm.weight, norm.eps)
-        return x + self.mlp(normed)
+    def forward(self, x, delta, cos, signed_sin, cu_seqlens=None, cache=None):
+        """x is the residual stream before the previous block's MLP output `delta` is added (None for the first
+        block): each residual add happens in the kernel of the norm that follows it (add_rms_norm, one launch on
+        GPUs). Returns (the residual stream, this block's MLP output, not yet added)."""
+        x, normed = add_then_norm(x, delta, self.input_layernorm)
+        attended = self.self_attn(normed, cos, signed_sin, cu_seqlens, cache)
+        x, normed = add_then_norm(x, attended, self.post_attention_layernorm)
+        return x, self.mlp(normed)
+
+
+def add_then_norm(x, delta, norm):
+    """(x + delta, norm(x + delta)), with nothing to add when delta is None."""
+    if delta is None:
+        return x, norm(x)
+    return add_rms_norm(x, delta, norm.weight, norm.eps)
 
 
 # -----------------------------------------------------------------------------
@@ -521,13 +531,14 @@ class Transformer(nn.Module):
                 cos, signed_sin = cos_table[position_ids][:, None], sin_table[position_ids][:, None]
         else:
             cos, signed_sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)
+        delta = None  # the last block's MLP output, added to x in the next norm's kernel (Block.forward)
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, signed_sin, cu_seqlens, cache,
-                                                      use_reentrant=False)
+                x, delta = torch.utils.checkpoint.checkpoint(block, x, delta, cos, signed_sin, cu_seqlens, cache,
+                                                             use_reentrant=False)
             else:
-                x = block(x, cos, signed_sin, cu_seqlens, cache)
-        x = self.model.norm(x)
+                x, delta = block(x, delta, cos, signed_sin, cu_seqlens, cache)
+        _, x = add_then_norm(x, delta, self.model.norm)
         if return_hidden:
             return x
         if targets is not None:

@@ -274,8 +274,12 @@ MUTANTS = [
            "d_h = rstd * weighted",
            ["tests/test_add_rms_norm.py::test_triton_forward_and_backward_match_float64"]),
     mutant("block_skips_the_attention_residual", "model.py",
-           "x, normed = add_rms_norm(x, attended, norm.weight, norm.eps)",
-           "_, normed = add_rms_norm(x, attended, norm.weight, norm.eps)",
+           "x, normed = add_then_norm(x, attended, self.post_attention_layernorm)",
+           "_, normed = add_then_norm(x, attended, self.post_attention_layernorm)",
+           [MODEL + "test_logits_match_transformers"]),
+    mutant("final_norm_drops_the_last_mlp_output", "model.py",
+           "_, x = add_then_norm(x, delta, self.model.norm)",
+           "x = self.model.norm(x)",
            [MODEL + "test_logits_match_transformers"]),
 ]
 

@@ -7,7 +7,7 @@ and nowhere else, with the same three values:
     DECODE_ATTENTION_BACKEND   kernels/decode_attention.py  the attention of a decode step
     ROPE_CACHE_BACKEND         kernels/rope_cache.py        the rope and KV-cache write of a decode step
     SILU_MUL_BACKEND           kernels/silu_mul.py          the MLP's silu(gate) * up
-    ADD_RMS_NORM_BACKEND       kernels/add_rms_norm.py      a block's residual add and the RMSNorm after it
+    ADD_RMS_NORM_BACKEND       kernels/add_rms_norm.py      a residual add and the RMSNorm after it
 
     auto (default)  Triton when the triton package imports and the tensors are on a GPU, PyTorch otherwise
     triton          the Triton kernel (on CPU tensors only under TRITON_INTERPRET=1)

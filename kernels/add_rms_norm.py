@@ -1,5 +1,6 @@
 """
-A residual add fused with the RMSNorm that follows it, forward and backward: the block's post-attention step.
+A residual add fused with the RMSNorm that follows it, forward and backward: the model's two residual adds per block
+(model.Block: after attention, before the MLP's norm; after the MLP, in the next block's first norm or the final one).
 
     h = x + delta
     y = rms_norm(h) * weight,   rms_norm(h) = h / sqrt(mean(h^2) + eps)  (over the last dimension, in fp32)
@@ -17,7 +18,7 @@ programs.
 
 Why a kernel: in torch the add is one kernel and the norm another (two when the dtypes differ), each reading and
 writing the (tokens x D) stream; here one launch reads x and delta once and writes h and y. A decode step pays one
-launch instead of two or three per layer.
+launch per add instead of two or three.
 
 `add_rms_norm` dispatches (kernels.choose_backend): ADD_RMS_NORM_BACKEND=auto (default) takes Triton for CUDA
 tensors, the reference otherwise; =triton / =torch, or backend="triton" / "torch", forces one.
