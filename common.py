@@ -165,37 +165,46 @@ def is_sharded(model) -> bool:
 
 
 def full_state_dict(model, device="cpu", rank0_only=False, dtype=None) -> dict:
-    """Whole (unsharded) weights on `device` (cast to `dtype` if given), on every rank; every rank must call it.
-    Under FSDP2 the shards are all-gathered one tensor at a time. rank0_only: the other ranks get {} (a checkpoint is written by rank 0
-    alone, and a full copy in host memory per rank would not fit a large model)."""
+    """Whole (unsharded) weights on `device` (floating-point tensors cast to `dtype` if given), on every rank; every
+    rank must call it. Under FSDP2 the shards are all-gathered one tensor at a time. rank0_only: the other ranks get
+    {} (a checkpoint is written by rank 0 alone, and a full copy in host memory per rank would not fit a large
+    model)."""
+    def cast(tensor):
+        tensor = tensor.detach().to(device)
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
     if not is_sharded(model):
-        return {k: v.detach().to(device, dtype) for k, v in model.state_dict().items()}
+        return {k: cast(v) for k, v in model.state_dict().items()}
     if rank0_only:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: cast(v) for k, v in state.items()}
     from torch.distributed.tensor import DTensor
 
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().to(device, dtype)
-            for k, v in model.state_dict().items()}
+    return {k: cast(v.full_tensor() if isinstance(v, DTensor) else v) for k, v in model.state_dict().items()}
 
 
-def sampling_copy(model):
-    """The weights the sampler decodes with (rollouts, held-out evals).
+def sampling_copy(model, dtype="auto"):
+    """The weights the sampler decodes with (rollouts, held-out evals); dtype "auto" is bf16 on GPUs, the model's own
+    on CPUs (None: the model's own).
     CPU, unsharded: the model itself.
     FSDP2: a plain copy with the full weights on every rank. The sampler decodes a different number of steps on each
     rank, which a sharded model (one all-gather per block and step, in lockstep) cannot do.
     GPU: a bf16 copy. Under autocast each decode step re-casts every fp32 master weight (autocast caches no casts
-    inside a CUDA graph): on an H200 at 1.5B, 64 sequences decode 1.57x faster from the copy (9,979 -> 15,659
-    tokens/s, bench/results/2026-11-30_h200_gpu_check.md). The copy costs 2 bytes per parameter for the rollout's
-    duration, and its norms and residual stream run in bf16 where the trainer's run in fp32: the mean |sampler -
-    trainer| log-prob gap there went from 0.016 to 0.023 (the logged mismatch shows it in every run)."""
-    on_gpu = next(model.parameters()).device.type == "cuda"
-    if not is_sharded(model) and not on_gpu:
+    inside a CUDA graph): on an H200 at 1.5B, 64 sequences decode 64 tokens 1.57x faster from the copy (9,979 ->
+    15,659 tokens/s, graph capture included, the copy's own 0.024 s not; bench/results/2026-11-30_h200_gpu_check.md).
+    The copy costs 2 bytes per parameter for the rollout's duration (nothing for a model already in bf16, whose
+    "copy" shares its storage), and its norms and residual stream run in bf16 where the trainer's run in fp32: the
+    mean |sampler - trainer| log-prob gap there went from 0.016 to 0.023 (the logged mismatch shows it in every
+    run)."""
+    if dtype == "auto":
+        dtype = torch.bfloat16 if next(model.parameters()).device.type == "cuda" else None
+    if not is_sharded(model) and dtype in (None, next(model.parameters()).dtype):
         return model
     from model import Transformer
 
-    weights = full_state_dict(model, next(model.parameters()).device, dtype=torch.bfloat16 if on_gpu else None)
+    weights = full_state_dict(model, next(model.parameters()).device, dtype=dtype)
     with torch.device("meta"):
         copy = Transformer(model.config)
     copy.load_state_dict(weights, assign=True)

@@ -446,7 +446,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(silu_mul(self.gate_up_proj(x)))  # silu(gate) * up: one kernel on GPUs
+        # silu(gate) * up; without a graph to keep (sampling, evaluation) in the GEMM's output itself
+        return self.down_proj(silu_mul(self.gate_up_proj(x), inplace=not torch.is_grad_enabled()))
 
 
 class Block(nn.Module):

@@ -8,12 +8,12 @@ Steps, each in its own subprocess with a time limit, so that a failure or a slow
 each prints one table row when it ends:
   1. card, torch/triton versions, measured copy bandwidth and bf16 matmul TFLOP/s (the ceilings)
   2. kernel correctness on the card in bf16 and fp16 against the references (attention fwd/bwd with GQA and packed
-     documents, log-prob and entropy fwd/bwd)
+     documents, log-prob and entropy fwd/bwd, a log-prob call with no rows, SiLU-multiply and add + RMSNorm fwd/bwd)
   3. essentials of bench/attention.py and bench/logprob.py (ours vs SDPA, vs naive log-prob), with ratios
   4. the sampler on a random-weight Qwen2.5-1.5B-shaped model (bench/sampler.py): tokens/s at batch 1, 64, 256
      with the Triton and the torch decode attention, vs transformers and the bandwidth roofline; graph vs eager
-  5. SFT steps (8 packed 2k-token documents) with activation checkpointing on and off, foreach and fused AdamW, and
-     the kernels of one step by GPU time; a GRPO step (8 prompts x G=8, completions cut to lengths from 64 to 1k):
+  5. SFT steps (8 packed 2k-token documents) with activation checkpointing on and off, foreach and fused AdamW,
+     torch's or the Triton SiLU-multiply and add + RMSNorm, and the kernels of one step by GPU time; a GRPO step (8 prompts x G=8, completions cut to lengths from 64 to 1k):
      rollout from the fp32 masters under autocast vs the bf16 sampling copy (speed and sampler-vs-trainer log-prob
      gap), the no-grad pass and the update on padded vs packed rows; MFU and peak memory of each; and the longest
      sequence that fits a GRPO update on one card
@@ -174,10 +174,13 @@ def layer_kernels_error(device, dtype):
         return max(((a.float() - b).abs().max() / b.abs().max().clamp(min=1e-6)).item() for a, b in zip(ours, reference))
 
     def run(fn, inputs, backend):
+        """Outputs and input gradients, under upstream gradients drawn from a fixed seed (the same for both)."""
         leaves = [t.detach().requires_grad_() for t in inputs]
         outputs = fn(*leaves, backend)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        grads = torch.autograd.grad(outputs, leaves, [torch.ones_like(o) * 0.01 + o.detach() for o in outputs])
+        generator = torch.Generator().manual_seed(0)
+        upstream = [torch.randn(o.shape, generator=generator).to(o.device, o.dtype) for o in outputs]
+        grads = torch.autograd.grad(outputs, leaves, upstream)
         return [o.float() for o in outputs] + [g.float() for g in grads]
 
     rows, intermediate, hidden = (8, 64, 32) if device == "cpu" else (300, 8960, 1536)
@@ -303,40 +306,53 @@ def autocast_on(device):
 
 def sft_steps(model, shape, device, smoke, mfu):
     """8 documents of 2k tokens packed in one row, one optimizer step each: activation checkpointing on and off,
-    foreach and fused AdamW; then the kernels of the fastest variant by GPU time."""
-    from common import make_optimizer
-    from model import sequence_logprobs
-
+    foreach and fused AdamW, torch's or the Triton SiLU-multiply and add + RMSNorm; then the kernels of the last
+    variant by GPU time. The kernel switches are restored afterwards."""
     docs, doc_len = (2, 32) if smoke else (8, 2048)
     ids = torch.randint(0, shape["vocab_size"], (1, docs * doc_len), device=device)
     cu = torch.arange(0, docs + 1, device=device, dtype=torch.int32) * doc_len
     positions = torch.arange(doc_len, device=device).repeat(docs)[None]
     rows = {}
-    for checkpointing, fused, layer_kernels in [(True, False, "torch"), (False, False, "torch"), (False, True, "torch"),
-                                                (False, True, "triton")]:
-        model.gradient_checkpointing = checkpointing
-        for variable in LAYER_KERNEL_SWITCHES:
-            os.environ[variable] = layer_kernels
-        optimizer = make_optimizer(model, 1e-5, 0.0, fused=fused)
-
-        def sft_step():
-            with autocast_on(device):
-                loss = -sequence_logprobs(model, ids, positions, cu).mean()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        reset_peak(device)
-        seconds = timed(sft_step, repeat=2)
-        name = f"checkpointing={checkpointing} fused_adamw={fused} silu_mul,add_rms_norm={layer_kernels}"
-        rows[name] = dict(tokens=ids.numel(), seconds=seconds, tokens_per_s=ids.numel() / seconds,
-                          mfu=mfu(ids.numel(), ids.numel() - docs, seconds), peak_memory_gib=peak_gib(device))
-    if not smoke:
-        rows["kernels_of_last_variant"] = top_kernels(sft_step)
-    for variable in LAYER_KERNEL_SWITCHES:  # back to auto: Triton on GPUs
-        del os.environ[variable]
-    model.gradient_checkpointing = False
+    saved = {variable: os.environ.get(variable) for variable in LAYER_KERNEL_SWITCHES}
+    try:
+        for checkpointing, fused, layer_kernels in [(True, False, "torch"), (False, False, "torch"),
+                                                    (False, True, "torch"), (False, True, "triton")]:
+            for variable in LAYER_KERNEL_SWITCHES:
+                os.environ[variable] = layer_kernels
+            model.gradient_checkpointing = checkpointing
+            step = sft_step(model, ids, positions, cu, device, fused)
+            reset_peak(device)
+            seconds = timed(step, repeat=2)
+            name = f"checkpointing={checkpointing} fused_adamw={fused} silu_mul,add_rms_norm={layer_kernels}"
+            rows[name] = dict(tokens=ids.numel(), seconds=seconds, tokens_per_s=ids.numel() / seconds,
+                              mfu=mfu(ids.numel(), ids.numel() - docs, seconds), peak_memory_gib=peak_gib(device))
+        if not smoke:
+            rows["kernels_of_last_variant"] = top_kernels(step)
+    finally:
+        model.gradient_checkpointing = False
+        for variable, value in saved.items():
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
     return rows
+
+
+def sft_step(model, ids, positions, cu, device, fused):
+    """A function running one SFT optimizer step on the packed row (a fresh AdamW, foreach or fused)."""
+    from common import make_optimizer
+    from model import sequence_logprobs
+
+    optimizer = make_optimizer(model, 1e-5, 0.0, fused=fused)
+
+    def step():
+        with autocast_on(device):
+            loss = -sequence_logprobs(model, ids, positions, cu).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 LAYER_KERNEL_SWITCHES = ("SILU_MUL_BACKEND", "ADD_RMS_NORM_BACKEND")

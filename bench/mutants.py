@@ -114,7 +114,7 @@ MUTANTS = [
            ["tests/test_logprob.py::test_triton_matches_naive"]),
     # the FSDP path of issue 16
     mutant("fsdp_rollout_copy_gathered_on_rank_0_only", "common.py",
-           "weights = full_state_dict(model, next(model.parameters()).device, dtype=torch.bfloat16 if on_gpu else None)",
+           "weights = full_state_dict(model, next(model.parameters()).device, dtype=dtype)",
            "weights = full_state_dict(model, rank0_only=True)",
            [SFT_FSDP]),
     mutant("fsdp_optimizer_state_not_broadcast", "common.py",
@@ -267,7 +267,8 @@ MUTANTS = [
            "rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n_cols)",
            ["tests/test_add_rms_norm.py::test_triton_forward_and_backward_match_float64"]),
     mutant("add_rms_norm_backward_drops_the_residual_gradient", "kernels/add_rms_norm.py",
-           "                if HAS_D_H_OUT:\n", "                if False:\n",
+           "d_h += tl.load(D_H_OUT + row * stride_dh_out + cols, mask=ok, other=0.0).to(tl.float32)",
+           "d_h += 0.0",
            ["tests/test_add_rms_norm.py::test_triton_forward_and_backward_match_float64"]),
     mutant("add_rms_norm_backward_forgets_the_mean_term", "kernels/add_rms_norm.py",
            "d_h = rstd * (weighted - h_hat * (tl.sum(h_hat * weighted, axis=0) / n_cols))",

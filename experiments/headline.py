@@ -7,8 +7,8 @@ as mean ± sample std, and the wall times.
 
     python experiments/headline.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun]
 
-Each seed's runs go to DIR/runs/seed_S/{sft,grpo,eval_sft,eval_grpo}; a finished step is not run again (--rerun
-starts over). --quick runs 2 SFT steps and 1 GRPO step on 16 eval problems: a smoke test, not a result.
+Each seed's runs go to DIR/runs/seed_S/{sft,grpo,eval_sft,eval_grpo}; a seed whose result.json exists is not run
+again (--rerun starts over), while an unfinished one starts from its SFT. --quick runs 2 SFT steps and 1 GRPO step on 16 eval problems: a smoke test, not a result.
 """
 
 import argparse
@@ -105,7 +105,10 @@ def main(argv=None):
                                    "experiments/results/headline")
     seeds = [int(s) for s in args.seeds.split(",")]
     results = [seed_runs(seed, os.path.join(out, "runs"), args.quick, args.rerun) for seed in seeds]
-    machine = f"{os.cpu_count()}-core CPU ({platform.machine()}), torch threads per process as the trainers set them"
+    import torch
+
+    machine = (torch.cuda.get_device_name() if torch.cuda.is_available() else
+               f"{os.cpu_count()}-core CPU ({platform.machine()}), torch threads per process as the trainers set them")
     markdown, stats = table(results, machine, args.quick)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(markdown)

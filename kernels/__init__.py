@@ -26,6 +26,13 @@ except ImportError:
 BACKENDS = ("auto", "triton", "torch")
 
 
+def as_rows(t):
+    """(..., C) -> (rows, C) with a unit last stride, without a copy where the layout allows."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, t.shape[-1])
+
+
 def choose_backend(variable: str, tensor, backend: str | None = None, triton_fits: bool = True) -> str:
     """"triton" or "torch": backend if given, else the environment variable `variable` (unset or empty: auto).
     auto picks Triton when the triton package imports, `tensor` is on a GPU and triton_fits (the caller's word

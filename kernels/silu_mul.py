@@ -12,8 +12,8 @@ Why a kernel: in torch, SiLU and the product are two kernels that each read and 
 (I = 8,960 at 1.5B), and autograd keeps silu(gate) beside gate and up for the backward; here one launch reads
 gate_up once and writes out once, and only gate_up is kept. A decode step pays one launch instead of two per layer.
 
-`silu_mul` dispatches (kernels.choose_backend): SILU_MUL_BACKEND=auto (default) takes Triton for CUDA tensors, the
-reference otherwise; =triton / =torch, or backend="triton" / "torch", forces one.
+`silu_mul` dispatches (kernels.choose_backend): SILU_MUL_BACKEND=auto (default) takes Triton for CUDA tensors once
+AUTO_TRITON is set (below), the reference otherwise; =triton / =torch, or backend="triton" / "torch", forces one.
 """
 
 import torch
@@ -25,17 +25,19 @@ try:
 except ImportError:
     triton = None
 
-from kernels import choose_backend
+from kernels import as_rows, choose_backend
 
 BLOCK = 1024  # columns per program: rows are thousands of columns long, and a program per block keeps many in flight
+# auto takes the kernel on GPUs only once bench/gpu_check.py has run it on one (its step 2 checks it against the
+# reference, step 5 times training with and without it): not yet (2026-11-30), so auto keeps torch's ops for now
+AUTO_TRITON = False
 
 
-def silu_mul_ref(gate_up):
+def silu_mul_ref(gate_up, inplace=False):
     gate, up = gate_up.chunk(2, dim=-1)
-    if torch.is_grad_enabled() and gate_up.requires_grad:
-        return F.silu(gate) * up
-    # no graph to keep (sampling, evaluation): SiLU and the product in place in gate_up, no new tensor
-    return F.silu(gate, inplace=True).mul_(up)
+    if inplace:  # SiLU and the product in gate_up's own memory, no new tensor (the result is a view of it)
+        return F.silu(gate, inplace=True).mul_(up)
+    return F.silu(gate) * up
 
 
 if triton is not None:
@@ -66,17 +68,10 @@ if triton is not None:
         tl.store(D_GATE_UP + row * stride_dgu + n_cols + cols, d_up.to(D_GATE_UP.dtype.element_ty), mask=ok)
 
 
-def _rows(t):
-    """(..., C) with a unit last stride -> (rows, C) without a copy where the layout allows."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t.reshape(-1, t.shape[-1])
-
-
 class SiLUMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up):
-        rows = _rows(gate_up)
+        rows = as_rows(gate_up)
         n_cols = rows.shape[1] // 2
         out = torch.empty((rows.shape[0], n_cols), dtype=gate_up.dtype, device=gate_up.device)
         if rows.shape[0]:
@@ -88,7 +83,7 @@ class SiLUMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         (gate_up,) = ctx.saved_tensors
-        rows, d_rows = _rows(gate_up), _rows(d_out)
+        rows, d_rows = as_rows(gate_up), as_rows(d_out)
         n_cols = rows.shape[1] // 2
         d_gate_up = torch.empty_like(rows)
         if rows.shape[0]:
@@ -98,11 +93,13 @@ class SiLUMul(torch.autograd.Function):
         return d_gate_up.view(gate_up.shape)
 
 
-def silu_mul(gate_up, backend=None):
-    """Public entry: silu(gate) * up of gate_up = [gate | up] (..., 2 * I) -> (..., I). backend: "auto", "triton" or
-    "torch"; the default is SILU_MUL_BACKEND, else auto (Triton for CUDA tensors, the reference for CPU ones)."""
+def silu_mul(gate_up, inplace=False, backend=None):
+    """Public entry: silu(gate) * up of gate_up = [gate | up] (..., 2 * I) -> (..., I). inplace lets the torch path
+    overwrite gate_up (a GEMM output nothing else reads, outside autograd); the kernel writes a new tensor either way.
+    backend: "auto", "triton" or "torch"; the default is SILU_MUL_BACKEND, else auto (Triton for CUDA tensors once
+    AUTO_TRITON is set, the reference otherwise)."""
     if gate_up.shape[-1] % 2:
         raise ValueError(f"silu_mul wants an even last dimension ([gate | up]), got {tuple(gate_up.shape)}")
-    if choose_backend("SILU_MUL_BACKEND", gate_up, backend) == "triton":
+    if choose_backend("SILU_MUL_BACKEND", gate_up, backend, triton_fits=AUTO_TRITON) == "triton":
         return SiLUMul.apply(gate_up)
-    return silu_mul_ref(gate_up)
+    return silu_mul_ref(gate_up, inplace)

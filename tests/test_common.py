@@ -9,6 +9,7 @@ import torch
 
 import common
 from common import (checkpoint_is_complete, latest_checkpoint, load_run_state, lr_at, make_optimizer, parse_config,
+                    sampling_copy,
                     save_checkpoint)
 
 
@@ -134,3 +135,22 @@ def test_a_checkpoint_without_its_run_file_is_not_complete(tmp_path):
     path = save_checkpoint(str(tmp_path), model, FakeTokenizer(), optimizer, 1, Demo(), {}, 0, 1)
     (tmp_path / "step_000001" / "run.json").unlink()
     assert not checkpoint_is_complete(path)
+
+
+def test_sampling_copy_casts_to_a_separate_model_and_leaves_the_policy_alone(tmp_path):
+    """On a CPU the sampler decodes from the model itself; with a dtype (bf16 is the GPU default) from a separate
+    copy holding the same weights in that dtype, so that sampling never touches the fp32 masters."""
+    from conftest import write_hf_checkpoint
+    from model import Transformer
+
+    write_hf_checkpoint(tmp_path, seed=1)
+    model = Transformer.from_pretrained(tmp_path)
+    assert sampling_copy(model) is model and sampling_copy(model, dtype=torch.float32) is model
+    copy = sampling_copy(model, dtype=torch.bfloat16)
+    assert copy is not model and not copy.training
+    for (name, ours), (copy_name, theirs) in zip(model.state_dict().items(), copy.state_dict().items()):
+        assert name == copy_name and ours.dtype == torch.float32 and theirs.dtype == torch.bfloat16
+        assert torch.equal(theirs, ours.to(torch.bfloat16)) and theirs.data_ptr() != ours.data_ptr(), name
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert (copy(ids).float() - model(ids)).abs().max() < 0.1  # the same model, rounded to bf16
