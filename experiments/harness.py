@@ -154,23 +154,16 @@ class Experiment:
             yield
 
     def train(self, trainer, setting, seed, flags) -> dict:
-        """trainer.main(flags + out_dir, seed, overwrite) unless cached; returns {"final", "metrics", "wall_s"}."""
-        run_dir = self.run_dir(setting, seed)
-        with self._claim(run_dir):
-            cached = self._cached(run_dir)
-            if cached is not None:
-                self.run_walls[run_dir] = cached["wall_s"]
-                return cached
+        """trainer.main(flags + out_dir, seed, overwrite) unless cached; returns {"final", "metrics", "flags",
+        "wall_s"}."""
+        def run(run_dir):
             argv = [f"--out_dir={run_dir}", f"--seed={seed}", "--overwrite=true", "--save_every=100000"] + list(flags)
             print(f"[{self.question}] {setting} seed {seed}: {trainer.__name__} {' '.join(flags)}", flush=True)
-            start = time.time()
             trainer.main(argv)
-            result = dict(final=os.path.join(run_dir, "final"), metrics=os.path.join(run_dir, "metrics.jsonl"),
-                          wall_s=time.time() - start, flags=list(flags))
-            with open(os.path.join(run_dir, "done.json"), "w") as f:
-                json.dump(result, f)
-            self.run_walls[run_dir] = result["wall_s"]
-            return result
+            return dict(final=os.path.join(run_dir, "final"), metrics=os.path.join(run_dir, "metrics.jsonl"),
+                        flags=list(flags))
+
+        return self.cached_step(setting, seed, run)
 
     def cached_step(self, setting, seed, compute) -> dict:
         """compute(run_dir) -> a JSON dict, cached in the run folder like a training run (measurements, traces)."""
