@@ -194,10 +194,9 @@ def sampling_copy(model, dtype="auto"):
     GPU: a bf16 copy. Under autocast each decode step re-casts every fp32 master weight (autocast caches no casts
     inside a CUDA graph): on an H200 at 1.5B, 64 sequences decode 64 tokens 1.57x faster from the copy (9,979 ->
     15,659 tokens/s, graph capture included, the copy's own 0.024 s not; bench/results/2026-11-30_h200_gpu_check.md).
-    The copy costs 2 bytes per parameter for the rollout's duration (nothing for a model already in bf16, whose
-    "copy" shares its storage), and its norms and residual stream run in bf16 where the trainer's run in fp32: the
-    mean |sampler - trainer| log-prob gap there went from 0.016 to 0.023 (the logged mismatch shows it in every
-    run)."""
+    The copy costs 2 bytes per parameter for the rollout's duration (a model already in bf16 is used as it is), and
+    its norms and residual stream run in bf16 where the trainer's run in fp32: the mean |sampler - trainer| log-prob
+    gap there went from 0.016 to 0.023 (the logged mismatch shows it in every run)."""
     if dtype == "auto":
         dtype = torch.bfloat16 if next(model.parameters()).device.type == "cuda" else None
     if not is_sharded(model) and dtype in (None, next(model.parameters()).dtype):

@@ -460,8 +460,8 @@ class Block(nn.Module):
 
     def forward(self, x, delta, cos, signed_sin, cu_seqlens=None, cache=None):
         """x is the residual stream before the previous block's MLP output `delta` is added (None for the first
-        block): each residual add happens in the kernel of the norm that follows it (add_rms_norm, one launch on
-        GPUs). Returns (the residual stream, this block's MLP output, not yet added)."""
+        block): each residual add happens in the norm that follows it (add_rms_norm: one launch with its Triton
+        kernel). Returns (the residual stream, this block's MLP output, not yet added)."""
         x, normed = add_then_norm(x, delta, self.input_layernorm)
         attended = self.self_attn(normed, cos, signed_sin, cu_seqlens, cache)
         x, normed = add_then_norm(x, attended, self.post_attention_layernorm)

@@ -13,10 +13,10 @@ each prints one table row when it ends:
   4. the sampler on a random-weight Qwen2.5-1.5B-shaped model (bench/sampler.py): tokens/s at batch 1, 64, 256
      with the Triton and the torch decode attention, vs transformers and the bandwidth roofline; graph vs eager
   5. SFT steps (8 packed 2k-token documents) with activation checkpointing on and off, foreach and fused AdamW,
-     torch's or the Triton SiLU-multiply and add + RMSNorm, and the kernels of one step by GPU time; a GRPO step (8 prompts x G=8, completions cut to lengths from 64 to 1k):
-     rollout from the fp32 masters under autocast vs the bf16 sampling copy (speed and sampler-vs-trainer log-prob
-     gap), the no-grad pass and the update on padded vs packed rows; MFU and peak memory of each; and the longest
-     sequence that fits a GRPO update on one card
+     torch's or the Triton SiLU-multiply and add + RMSNorm, and the kernels of one step by GPU time; a GRPO step
+     (8 prompts x G=8, completions cut to lengths from 64 to 1k): rollout from the fp32 masters under autocast vs
+     the bf16 sampling copy (speed and sampler-vs-trainer log-prob gap), the no-grad pass and the update on padded
+     vs packed rows; MFU and peak memory of each; and the longest sequence that fits a GRPO update on one card
   6. results.json and results.md in --out
 """
 
@@ -171,7 +171,8 @@ def layer_kernels_error(device, dtype):
     from kernels.silu_mul import silu_mul
 
     def relative(ours, reference):
-        return max(((a.float() - b).abs().max() / b.abs().max().clamp(min=1e-6)).item() for a, b in zip(ours, reference))
+        return max(((a.float() - b).abs().max() / b.abs().max().clamp(min=1e-6)).item()
+                   for a, b in zip(ours, reference))
 
     def run(fn, inputs, backend):
         """Outputs and input gradients, under upstream gradients drawn from a fixed seed (the same for both)."""
@@ -390,16 +391,17 @@ def grpo_step(model, shape, device, smoke, mfu):
             return generate(policy, prompts, tokens, temperature=1.0, n=group, seed=0, cuda_graph=not smoke)
 
     model.eval()
-    for name, policy in [("fp32_masters_autocast", lambda: model), ("bf16_sampling_copy", lambda: sampling_copy(model))]:
+    policies = [("fp32_masters_autocast", lambda: model), ("bf16_sampling_copy", lambda: sampling_copy(model))]
+    for name, policy in policies:
         start = time.perf_counter()
         copy = policy()
         sync()
         copy_s = time.perf_counter() - start
         outputs = []
         seconds = timed(lambda: outputs.append(rollout(copy, probe)))
-        result[f"rollout_{probe}_tokens_{name}"] = dict(seconds=seconds, copy_s=copy_s,
-                                                        tokens_per_s=prompts_n * group * probe / seconds,
-                                                        sampler_vs_trainer=mismatch(model, prompts, outputs[-1], device))
+        result[f"rollout_{probe}_tokens_{name}"] = dict(
+            seconds=seconds, copy_s=copy_s, tokens_per_s=prompts_n * group * probe / seconds,
+            sampler_vs_trainer=mismatch(model, prompts, outputs[-1], device))
     reset_peak(device)
     start = time.perf_counter()
     copy = sampling_copy(model)

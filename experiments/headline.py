@@ -8,7 +8,8 @@ as mean ± sample std, and the wall times.
     python experiments/headline.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun]
 
 Each seed's runs go to DIR/runs/seed_S/{sft,grpo,eval_sft,eval_grpo}; a seed whose result.json exists is not run
-again (--rerun starts over), while an unfinished one starts from its SFT. --quick runs 2 SFT steps and 1 GRPO step on 16 eval problems: a smoke test, not a result.
+again (--rerun starts over), while an unfinished one starts from its SFT. --quick runs 2 SFT steps and 1 GRPO step
+on 16 eval problems: a smoke test, not a result.
 """
 
 import argparse
@@ -81,7 +82,8 @@ def table(results, machine, quick):
         lines += ["QUICK RUN: a smoke test of the script, not a result.", ""]
     lines += [f"{time.strftime('%Y-%m-%d')}, {machine}; each row one seed (SFT, then GRPO on 2 processes), held-out "
               f"accuracy by eval.py on {results[0]['eval_problems']} demo problems at temperature 1.", "",
-              "| seed | SFT | SFT then GRPO | gain (points) | SFT wall | GRPO wall |", "| --- | --- | --- | --- | --- | --- |"]
+              "| seed | SFT | SFT then GRPO | gain (points) | SFT wall | GRPO wall |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for r in results:
         lines.append(f"| {r['seed']} | {r['sft_accuracy']:.1f}% | {r['grpo_accuracy']:.1f}% | {r['gain']:+.1f} | "
                      f"{r['sft_s'] / 60:.1f} min | {r['grpo_s'] / 60:.1f} min |")
