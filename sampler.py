@@ -235,12 +235,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
             prompt_index = pending.popleft()
             admitted.append((prompt_index, [free.pop() for _ in range(n)]))
         if admitted:
-            logits = _prefill(model, cache, [prompts[p] for p, _ in admitted], [s[0] for _, s in admitted],
-                              packed_prefill)
+            logits = _prefill_groups(model, cache, [(prompts[p], group) for p, group in admitted], packed_prefill)
             slot_list = []
             for prompt_index, group in admitted:
-                if n > 1:
-                    cache.copy_slot(group[0], torch.tensor(group[1:], device=device), len(prompts[prompt_index]))
                 for k, slot in enumerate(group):
                     active[slot] = [prompt_index * n + k, len(prompts[prompt_index])]
                 slot_list += group
@@ -255,13 +252,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         rows = list(range(slots)) if graphed is not None else sorted(active)
         row_tokens = [results[active[s][0]].tokens[-1] if s in active else 0 for s in rows]
         row_positions = [active[s][1] if s in active else 0 for s in rows]
-        if graphed is not None:
-            token_history, logprob_history = graphed(torch.tensor(row_tokens, device=device),
-                                                     torch.tensor(row_positions, device=device), steps, generator)
-        else:
-            token_history, logprob_history = _decode_eager(model, cache, rows, row_tokens, row_positions, steps,
-                                                           sample)
-        token_history, logprob_history = token_history.tolist(), logprob_history.tolist()  # the one sync
+        token_history, logprob_history = _decode_run(model, cache, graphed, rows, row_tokens, row_positions, steps,
+                                                     sample, generator)
         for row, slot in enumerate(rows):
             if slot not in active:
                 continue
@@ -271,6 +263,18 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
             else:
                 active[slot][1] += steps
     return results
+
+
+def _decode_run(model, cache, graphed, rows, tokens, positions, steps, sample, generator):
+    """`steps` decode steps of the given cache rows, through the CUDA graph when there is one; returns the sampled
+    tokens and their log-probs as (steps, rows) lists: the run's one host sync."""
+    if graphed is not None:
+        device = model.lm_head_weight.device
+        token_history, logprob_history = graphed(torch.tensor(tokens, device=device),
+                                                 torch.tensor(positions, device=device), steps, generator)
+    else:
+        token_history, logprob_history = _decode_eager(model, cache, rows, tokens, positions, steps, sample)
+    return token_history.tolist(), logprob_history.tolist()
 
 
 def _decode_eager(model, cache, rows, tokens, positions, steps, sample):
@@ -288,6 +292,16 @@ def _decode_eager(model, cache, rows, tokens, positions, steps, sample):
         token_history.append(tokens)
         logprob_history.append(logprobs)
     return torch.stack(token_history), torch.stack(logprob_history)
+
+
+def _prefill_groups(model, cache, groups, packed):
+    """groups: [(prompt, slots)]. Each prompt is prefilled once into its first slot and its cache rows copied to the
+    others (its n samples share the prefill); returns the logits after each prompt's last token, one row each."""
+    logits = _prefill(model, cache, [prompt for prompt, _ in groups], [slots[0] for _, slots in groups], packed)
+    for prompt, slots in groups:
+        if len(slots) > 1:
+            cache.copy_slot(slots[0], torch.tensor(slots[1:], device=logits.device), len(prompt))
+    return logits
 
 
 def _prefill(model, cache, prompts, slots, packed):

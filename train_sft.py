@@ -206,10 +206,7 @@ def main(argv=None):
 
     start_time, tokens_seen = time.time(), 0
     for step in range(start_step, config.max_steps):
-        # this rank's examples of the global batch, split into micro-batches
-        indices = step_examples(step, config.batch_size, len(examples), config.seed)[rank::world_size]
-        micro_batches = [[examples[i] for i in indices[k: k + config.micro_batch_size]]
-                         for k in range(0, len(indices), config.micro_batch_size)]
+        micro_batches = rank_micro_batches(examples, step, config, rank, world_size)
         # the loss is normalised by the completion tokens of the whole global batch, so the update does not
         # depend on how the batch is split over ranks and micro-steps (DDP averages over ranks: x world_size)
         global_tokens = all_reduce_sum(sum(sum(e[1]) for micro_batch in micro_batches for e in micro_batch), device)
@@ -255,6 +252,13 @@ def main(argv=None):
     if out_dir_lock:
         out_dir_lock.close()
     return metrics
+
+
+def rank_micro_batches(examples, step, config, rank, world_size):
+    """This rank's examples of the step's global batch, split into micro-batches."""
+    indices = step_examples(step, config.batch_size, len(examples), config.seed)[rank::world_size]
+    return [[examples[i] for i in indices[k: k + config.micro_batch_size]]
+            for k in range(0, len(indices), config.micro_batch_size)]
 
 
 def check_config(config):
