@@ -56,7 +56,7 @@ class EvalConfig:
     temperature: float | None = None
     top_p: float | None = None
     max_new_tokens: int | None = None
-    max_slots: int = 0  # sequences decoded at once (0: as many as half the free memory holds, up to 256)
+    max_slots: int = 0  # sequences decoded at once (0: generate's default, 256)
     cuda_graph: bool = True  # on GPUs, decode through a captured CUDA graph
     seed: int = 0
     # grading only

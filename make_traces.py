@@ -75,7 +75,7 @@ class Config:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64  # a completion cut here is rejected (truncated)
-    max_slots: int = 0  # sequences decoded at once (0: as many as half the free memory holds, up to 256)
+    max_slots: int = 0  # sequences decoded at once (0: chunk x samples, up to 256)
     cuda_graph: bool = True  # on GPUs, decode through a captured CUDA graph
     # hint
     hint: Literal["never", "fallback", "always"] = "fallback"  # fallback: problems without a sampled trace;
@@ -308,7 +308,7 @@ def check_config(config):
                  non_negative=("max_slots", "limit", "demo_problems"))
     if not 0 <= config.temperature or not 0 < config.top_p <= 1:
         raise SystemExit(f"--temperature={config.temperature} --top_p={config.top_p}: out of range")
-    if config.max_slots == 0:  # slots from free memory would make the sampled streams depend on the card
+    if config.max_slots == 0:  # batches of one size on every card: the same float rounding, so the same streams
         config.max_slots = min(256, config.chunk * max(config.samples, config.hint_samples))
     if "{answer}" not in config.hint_template:
         raise SystemExit("--hint_template must contain {answer}, where the gold answer goes")

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from kernels import choose_backend
 from kernels.add_rms_norm import add_rms_norm, rms_norm
 from kernels.attention import attention
-from kernels.decode_attention import decode_attention
+from kernels.decode_attention import decode_attention, gather_blocks
 from kernels.logprob import IGNORE_INDEX, token_logprobs
 from kernels.rope_cache import rope_and_cache
 from kernels.silu_mul import silu_mul
@@ -257,13 +257,17 @@ def apply_rope(x, cos, signed_sin):
 
 
 class KVCache:
-    """Preallocated keys and values for the sampler: per layer (slots, kv_heads, max_len, head_dim)."""
+    """The sampler's keys and values, paged: per layer (num_blocks, kv_heads, block_size, head_dim). Position p of a
+    sequence lives in block block_table[p // block_size] of its table, at offset p % block_size, so a sequence holds
+    only the blocks its tokens fill, and the n samples of a prompt share the prompt's full blocks (sampler.BlockPool
+    hands blocks out and takes them back). Block 0 is never handed out: a table's entries past a sequence's blocks,
+    and the rows of idle slots, point at it, so the writes nobody reads land there."""
 
-    def __init__(self, config: ModelConfig, slots: int, max_len: int, device, dtype):
-        shape = (slots, config.num_key_value_heads, max_len, config.head_dim)
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, max_len: int, device, dtype):
+        shape = (num_blocks, config.num_key_value_heads, block_size, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.max_len = max_len
+        self.num_blocks, self.block_size, self.max_len = num_blocks, block_size, max_len
         self.rope = None  # (cos, signed_sin), each (max_len, head_dim): rope_table's, made on first use
 
     def rope_table(self, inv_freq, dtype):
@@ -275,15 +279,15 @@ class KVCache:
         return self.rope
 
     @staticmethod
-    def bytes_needed(config: ModelConfig, slots: int, max_len: int, dtype) -> int:
+    def bytes_per_token(config: ModelConfig, dtype) -> int:
         element = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.num_hidden_layers * slots * config.num_key_value_heads * max_len * config.head_dim * element
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
 
-    def copy_slot(self, source: int, targets: torch.Tensor, length: int):
-        """The n samples of one prompt share its prefill: copy its first `length` cached positions."""
+    def copy_blocks(self, sources: torch.Tensor, targets: torch.Tensor):
+        """Copies whole blocks, every layer: a prompt's last, partly filled block for each of its other samples."""
         for k, v in zip(self.k, self.v):
-            k[targets, :, :length] = k[source, :, :length].clone()
-            v[targets, :, :length] = v[source, :, :length].clone()
+            k[targets] = k[sources]
+            v[targets] = v[sources]
 
 
 @dataclass
@@ -291,17 +295,20 @@ class CacheView:
     """What one forward reads and writes in the sampler's KVCache. The caller sets the first fields;
     Transformer.forward derives the others afresh at every call, so one view may serve many steps (the CUDA graph
     reuses its own) and needs no copy.
-      decode (T == 1):   kv, slots, positions, key_len, first_slot
-      padded prefill:    kv, slots, positions, key_len
-      packed prefill:    kv, positions (1, total), token_slots (with cu_seqlens)"""
+      decode (T == 1), padded prefill:  kv, block_table (B, max_blocks), positions (B, T), key_len, first_block
+      packed prefill:                   kv, block_table (prompts, max_blocks), positions (1, total), token_rows
+                                        (with cu_seqlens)"""
 
     kv: KVCache
-    positions: torch.Tensor  # (B, T) the position of each input token in its cache row
-    slots: torch.Tensor | None = None  # (B,) the cache row of each batch row
-    key_len: int = 0  # the keys each row attends over: cache positions [0, key_len)
-    first_slot: int | None = None  # set when slots are first_slot, first_slot + 1, ...: cache views, no gather
-    token_slots: torch.Tensor | None = None  # (total,) packed prefill: the cache row of each token
+    positions: torch.Tensor  # (B, T) the position of each input token in its sequence
+    block_table: torch.Tensor  # (rows, max_blocks) int64: each sequence's blocks in position order
+    key_len: int = 0  # the keys each row attends over: positions [0, key_len)
+    first_block: int | None = None  # set when every row is one block, first_block, first_block + 1, ...: views of
+    # the cache, no gather (the sampler's layout when a block holds a whole sequence)
+    token_rows: torch.Tensor | None = None  # (total,) packed prefill: each token's row of block_table
     # derived by Transformer.forward
+    blocks: torch.Tensor | None = field(default=None, init=False)  # (B, T) the block of each input token's position
+    offsets: torch.Tensor | None = field(default=None, init=False)  # (B, T) its offset in that block
     lengths: torch.Tensor | None = field(default=None, init=False)  # (B,) decode: the keys each row sees
     key_bias: torch.Tensor | None = field(default=None, init=False)  # (B * kv_heads, 1, key_len) decode: -inf past
     # a row's length, else 0 (added to the scores)
@@ -311,33 +318,47 @@ class CacheView:
     attention_backend: str = field(default="torch", init=False)  # decode: DECODE_ATTENTION_BACKEND's choice
 
     def layer(self, index):
-        """This layer's key and value caches, (slots, kv_heads, max_len, head_dim) each."""
+        """This layer's key and value caches, (num_blocks, kv_heads, block_size, head_dim) each."""
         return self.kv.k[index], self.kv.v[index]
 
+    def locate(self):
+        """The block and offset of every input token's position (once per forward, for every layer)."""
+        block_size = self.kv.block_size
+        if self.token_rows is not None:  # packed: one row of tokens from several sequences
+            self.blocks = self.block_table[self.token_rows, self.positions[0] // block_size][None]
+        else:
+            self.blocks = self.block_table.gather(1, self.positions // block_size)
+        self.offsets = self.positions % block_size
+
     def rows(self):
-        """The batch's cache rows: a slice when the slots are consecutive (views of the cache), else the slots."""
-        return self.slots if self.first_slot is None else slice(self.first_slot, self.first_slot + len(self.slots))
+        """The batch rows' blocks when each row is one block: a slice of the cache."""
+        return slice(self.first_block, self.first_block + self.block_table.shape[0])
 
     def prefix(self, k_cache, v_cache):
-        """The batch rows' keys and values up to key_len, (B, kv_heads, key_len, head_dim)."""
-        rows = self.rows()
-        return k_cache[rows, :, : self.key_len], v_cache[rows, :, : self.key_len]
+        """The batch rows' keys and values up to key_len, (B, kv_heads, key_len, head_dim): views of the cache when
+        each row is one block, else gathered from the rows' blocks."""
+        if self.first_block is not None:
+            return k_cache[self.rows(), :, : self.key_len], v_cache[self.rows(), :, : self.key_len]
+        if self.key_len <= self.kv.block_size:  # one block each: gather its first key_len positions, not all of it
+            blocks = self.block_table[:, 0]
+            return k_cache[blocks, :, : self.key_len], v_cache[blocks, :, : self.key_len]
+        used = self.block_table[:, : -(-self.key_len // self.kv.block_size)]
+        return (gather_blocks(k_cache, used)[:, :, : self.key_len], gather_blocks(v_cache, used)[:, :, : self.key_len])
 
     def write(self, k_cache, v_cache, k, v):
-        """Writes k, v (B, kv_heads, T, head_dim) at each row's positions in its slot."""
-        if self.first_slot is not None:  # consecutive slots: scatter into views of the cache, no index_put
-            rows = self.rows()
+        """Writes k, v (B, kv_heads, T, head_dim) at each input token's block and offset."""
+        if self.first_block is not None:  # one block per row: scatter into views of the cache, no index_put
             index = self.positions[:, None, :, None].expand(k.shape)
-            k_cache[rows].scatter_(2, index, k)
-            v_cache[rows].scatter_(2, index, v)
+            k_cache[self.rows()].scatter_(2, index, k)
+            v_cache[self.rows()].scatter_(2, index, v)
         else:
-            k_cache[self.slots[:, None], :, self.positions] = k.transpose(1, 2)  # (B, T, kv_heads, head_dim)
-            v_cache[self.slots[:, None], :, self.positions] = v.transpose(1, 2)
+            k_cache[self.blocks, :, self.offsets] = k.transpose(1, 2)  # (B, T, kv_heads, head_dim)
+            v_cache[self.blocks, :, self.offsets] = v.transpose(1, 2)
 
     def write_and_prefix(self, k_cache, v_cache, k, v):
-        """write, then prefix. With consecutive slots the prefix is a view of the cache and the scatter goes
+        """write, then prefix. With one block per row the prefix is a view of the cache and the scatter goes
         straight into it (every position written is below key_len), at the index forward made once for all layers."""
-        if self.first_slot is None or self.write_index is None:
+        if self.first_block is None or self.write_index is None:
             self.write(k_cache, v_cache, k, v)
             return self.prefix(k_cache, v_cache)
         keys, values = self.prefix(k_cache, v_cache)
@@ -346,10 +367,10 @@ class CacheView:
 
 def cached_decode_attention(q, keys, values, key_bias):
     """The torch decode attention: q (B, n_head, head_dim) against keys and values (B, n_kv_head, L, head_dim)
-    (views of the cache), key_bias (B * n_kv_head, 1, L) -inf at the keys a row must not see, else 0. A group's
-    query heads meet their shared KV head through a reshape, not a copy of the cache; one baddbmm takes q k^T, the
-    scale and the bias, and the softmax is float32: kernels.decode_attention.grouped_decode_attention's values in
-    three ops instead of seven (a decode step on a CPU pays for each)."""
+    (views of the cache, or the rows' blocks gathered), key_bias (B * n_kv_head, 1, L) -inf at the keys a row must
+    not see, else 0. A group's query heads meet their shared KV head through a reshape, not a copy of the keys; one
+    baddbmm takes q k^T, the scale and the bias, and the softmax is float32: kernels.decode_attention's reference
+    values in three ops (a decode step on a CPU pays for each)."""
     B, n_head, head_dim = q.shape
     n_kv_head, key_len = keys.shape[1], keys.shape[2]
     grouped_q = q.reshape(B * n_kv_head, n_head // n_kv_head, head_dim)
@@ -392,13 +413,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, signed_sin), apply_rope(k, cos, signed_sin)
         if cache is None:
             y = attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
-        elif cu_seqlens is not None:  # packed prefill: fill the prompts' slots, then varlen attention
-            k_cache, v_cache = cache.layer(self.layer_index)
-            token_slots, token_positions = cache.token_slots, cache.positions[0]  # (T,) each
-            k_cache[token_slots, :, token_positions] = k[0].transpose(0, 1)  # (T, kv_heads, head_dim)
-            v_cache[token_slots, :, token_positions] = v[0].transpose(0, 1)
+        elif cu_seqlens is not None:  # packed prefill: write the prompts' blocks, then varlen attention
+            cache.write(*cache.layer(self.layer_index), k, v)
             y = attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
-        else:  # right-padded prefill: write each row's keys to its slot, then attend to the slot's prefix
+        else:  # right-padded prefill: write each row's keys to its blocks, then attend to the row's prefix
             k_cache, v_cache = cache.layer(self.layer_index)
             cache.write(k_cache, v_cache, k, v)
             keys, values = cache.prefix(k_cache, v_cache)  # (B, kv_heads, key_len, head_dim)
@@ -409,9 +427,9 @@ class Attention(nn.Module):
     def decode(self, qkv, cos, signed_sin, cache):
         """One new token per row: qkv (B, q + k + v) the fused projection's output; cos, signed_sin (B, 1, head_dim)
         (the same for every head). Rope and the cache write (ROPE_CACHE_BACKEND: one Triton kernel, or apply_rope
-        over q's and k's heads at once and a scatter into views of the cache), then attention to each row's prefix
-        (DECODE_ATTENTION_BACKEND: the split-KV kernel reading the cache in place, or cached_decode_attention over
-        cache views). Positions past a row's own length may hold stale values; neither path lets the query see
+        over q's and k's heads at once and a write at each row's block and offset), then attention to each row's
+        prefix (DECODE_ATTENTION_BACKEND: the split-KV kernel reading the blocks in place, or cached_decode_attention
+        over views of the cache when each row is one block, else over its blocks gathered). Positions past a row's own length may hold stale values; neither path lets the query see
         them, and a later step overwrites them before they become visible. Returns (B, n_head, head_dim)."""
         B, H = qkv.shape[0], self.n_head
         qk, v = qkv.split((self.qkv_sizes[0] + self.qkv_sizes[1], self.qkv_sizes[2]), dim=-1)
@@ -420,8 +438,8 @@ class Attention(nn.Module):
             qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1).to(v.dtype)
         k_cache, v_cache = cache.layer(self.layer_index)
         if cache.rope_backend == "triton":
-            q = rope_and_cache(qk[:, :H], qk[:, H:], v, cos[:, 0], signed_sin[:, 0], k_cache, v_cache, cache.slots,
-                               cache.positions[:, 0], backend="triton")
+            q = rope_and_cache(qk[:, :H], qk[:, H:], v, cos[:, 0], signed_sin[:, 0], k_cache, v_cache,
+                               cache.block_table, cache.positions[:, 0], backend="triton")
             if cache.attention_backend == "torch":
                 keys, values = cache.prefix(k_cache, v_cache)
         else:
@@ -434,7 +452,7 @@ class Attention(nn.Module):
             else:
                 cache.write(k_cache, v_cache, k, v[:, :, None])
         if cache.attention_backend == "triton":
-            return decode_attention(q, k_cache, v_cache, cache.slots, cache.lengths, backend="triton")
+            return decode_attention(q, k_cache, v_cache, cache.block_table, cache.lengths, backend="triton")
         return cached_decode_attention(q, keys, values, cache.key_bias)
 
 
@@ -499,7 +517,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache=None, return_hidden=False,
                 targets=None, temperature=1.0, return_entropy=False):
         """input_ids (B, T). position_ids (B, T) default 0..T-1. cu_seqlens (n_docs + 1,) int32 prefix sums of
-        document lengths for a packed row (B must be 1). cache: the sampler's CacheView (which cache rows and
+        document lengths for a packed row (B must be 1). cache: the sampler's CacheView (which cache blocks and
         positions this call reads and writes; position_ids default to its positions).
         Returns float32 logits (B, T, vocab); or the final normed hidden states (B, T, dim) with return_hidden;
         or, given targets (B, T) (IGNORE_INDEX where none), the float32 log-prob of each target (B, T) (and the
@@ -508,6 +526,8 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T) if cache is None else cache.positions
+        if cache is not None:
+            cache.locate()
         if cache is not None and cu_seqlens is None and T == 1:  # decoding: each row sees its first `lengths` keys
             cache.rope_backend = choose_backend("ROPE_CACHE_BACKEND", input_ids)
             cache.attention_backend = choose_backend("DECODE_ATTENTION_BACKEND", input_ids)
@@ -518,7 +538,7 @@ class Transformer(nn.Module):
                 bias = torch.zeros((B, n_kv, 1, key_len), dtype=cache.kv.k[0].dtype, device=input_ids.device)
                 cache.key_bias = bias.masked_fill_(masked[:, None, None], float("-inf")).view(B * n_kv, 1, key_len)
                 cache.write_index = cache.positions[:, None, :, None].expand(B, n_kv, 1, self.config.head_dim)
-        elif cache is not None and cu_seqlens is None:  # (B, 1, T, key_len): each row sees its slot's prefix
+        elif cache is not None and cu_seqlens is None:  # (B, 1, T, key_len): each row sees its own prefix
             key_positions = torch.arange(cache.key_len, device=input_ids.device)
             cache.visible = (key_positions <= cache.positions[:, :, None])[:, None]
         x = self.model.embed_tokens(input_ids)  # (B, T, dim)

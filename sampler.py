@@ -9,16 +9,25 @@ We sample with the training model itself: the weights are always current (no sec
 log-probs come from the same forward code the trainer uses.
 
 How it works
-  - One preallocated cache (layers x slots x kv_heads x max_len x head_dim), sized from the model before it is
-    allocated; a request that cannot fit is refused with the number of bytes it needs.
-  - A prompt is admitted when n slots are free: its prompt is prefilled once (prompts admitted together are
-    packed back to back on a GPU, right-padded on CPU) and the cache rows are copied to its n slots.
-  - Every step decodes one token for every active slot, each at its own position; `sync_every` steps run on the
-    device before the host reads their tokens. A finished sequence frees its slot at the end of that run and the
-    next pending prompt takes it (continuous batching): no batch waits for its longest row.
+  - A paged cache (model.KVCache): fixed-size blocks of positions, sized from the model before they are allocated
+    (a call that cannot fit is refused with the number of bytes it needs). A sequence holds the blocks its tokens
+    fill, listed in its block table, and takes another as it grows; blocks return to the pool (BlockPool) when it
+    finishes, so the sequences decoded at once are bounded by the tokens in the cache, not by max_new_tokens.
+  - A prompt is admitted when n slots and its blocks are free: it is prefilled once (prompts admitted together are
+    packed back to back on a GPU, right-padded on CPU); its n samples share its full blocks and each gets a copy of
+    its last, partly filled one.
+  - Every step decodes one token for every running sequence, each at its own position; `sync_every` steps run on
+    the device before the host reads their tokens. A finished sequence frees its slot and blocks at the end of
+    that run and the next pending prompt takes them (continuous batching): no batch waits for its longest row.
+  - When the pool runs dry, the newest running sequence is preempted: its blocks are freed and it waits at the head
+    of the queue, to be resumed by a prefill of its prompt and tokens so far. Never a crash, never a shortened
+    completion, and the same stream: each token's randomness is a function of (seed, completion, position)
+    (counter_uniform), not of the batch it was drawn in, so the tokens are those of an uninterrupted run unless the
+    recomputed prefix's float rounding (a prefill's, not decoding's) moves a cumulative probability across the draw:
+    never in the fp32 tests, possible in rare cases in bf16.
   - On a GPU, decoding goes through the Triton kernels of kernels/rope_cache.py and kernels/decode_attention.py,
-    and with cuda_graph=True (train_grpo.py's and eval.py's default) a step (forward, sampling, bookkeeping) is
-    one captured CUDA graph.
+    which read the block tables, and with cuda_graph=True (train_grpo.py's and eval.py's default) a step (forward,
+    sampling, bookkeeping) is one captured CUDA graph.
 
 Log-probs: by default each returned log-prob is that of the distribution actually sampled from (after temperature,
 top-k and top-p). logprobs_mode="raw" returns the untruncated temperature-1 log-probs instead. train_grpo.py
@@ -43,11 +52,43 @@ class Completion:
     finish_reason: str = ""  # "stop" | "length"
 
 
+# ---- per-sequence random draws ---------------------------------------------------------------------------------
+# A sampled token's randomness is a fixed function of (seed, the completion's index, the token's position): one
+# uniform per token, hashed from those three, picks the token by inverse CDF. So a completion's stream does not depend
+# on which sequences share its batch, on its slot, or on being preempted and resumed.
+
+MASK32 = 0xFFFFFFFF
+
+
+def mix32(x):
+    """A bijection of 32-bit integers that scatters nearby inputs (a two-round multiply-xorshift hash from C.
+    Wellons' hash prospector). Python ints and int64 tensors alike: both constants are below 2^31, so no product
+    of a 32-bit value overflows int64."""
+    x = ((x ^ (x >> 16)) * 0x21F0AAAD) & MASK32
+    x = ((x ^ (x >> 15)) * 0x735A2D97) & MASK32
+    return x ^ (x >> 15)
+
+
+def sequence_keys(seed: int, index: int) -> tuple[int, int]:
+    """Two independent 32-bit keys of completion `index` of a generate call seeded with `seed`: two completions
+    draw the same tokens only if both keys collide (2^-64)."""
+    base = mix32(mix32(seed & MASK32) ^ ((seed >> 32) & MASK32))
+    return mix32((base + index) & MASK32), mix32((mix32(base ^ 0x9E3779B9) + mix32(index & MASK32)) & MASK32)
+
+
+def counter_uniform(keys, counters):
+    """keys (B, 2) int64 (sequence_keys), counters (B,) int64 (the position of the token fed in) -> (B,) float64
+    uniforms in (0, 1), 32 random bits each, each a function of its row's keys and counter only."""
+    bits = mix32(mix32(keys[:, 0] ^ (counters & MASK32)) ^ keys[:, 1])
+    return bits.double().add_(0.5).mul_(2.0 ** -32)
+
+
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, logprobs_mode="sampled",
                 uniform=None):
     """logits (B, V) float -> (tokens (B,), logprobs (B,)). temperature 0 is greedy (its log-prob is the
     temperature-1 one). Top-k keeps the k largest logits; top-p the smallest set whose probability reaches p.
-    uniform: (B, V) uniform draws to use instead of drawing them here (a CUDA graph reads them from a buffer)."""
+    uniform: (B,) float64 draws in (0, 1), one per row (generate passes counter_uniform's); drawn from `generator`
+    when None."""
     logits = logits.float()
     if temperature == 0:
         tokens = logits.max(dim=-1).indices  # argmax's (the first maximum), faster on a CPU
@@ -64,16 +105,43 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, log
         sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
         scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
     logprobs = torch.log_softmax(scaled, dim=-1)
-    # argmax of p / Exp(1) noise draws a token with probability p (the exponential race): several times faster
-    # than torch.multinomial for a large vocabulary. -log(uniform) is the Exp(1) draw (faster than exponential_)
-    if uniform is None:  # drawn here: turned into the Exp(1) draws in place
-        noise = torch.rand(logprobs.shape, generator=generator, device=logprobs.device).log_().neg_()
-    else:
-        noise = -uniform.log()
-    tokens = logprobs.exp().div_(noise).max(dim=-1).indices  # argmax's (the first maximum), faster on a CPU
+    if uniform is None:  # in (0, 1]: a draw of exactly 0 would pick token 0 even where it is masked
+        uniform = 1 - torch.rand(logits.shape[0], generator=generator, device=logits.device, dtype=torch.float64)
+    # inverse CDF in float64: the first token whose cumulative probability reaches u * total. u > 0, so a token of
+    # probability 0 is never the first to reach it; float64 keeps tokens of tiny probability their share
+    cdf = logprobs.double().exp_().cumsum_(dim=-1)
+    tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None])[:, 0]
     untruncated = temperature == 1.0 and not truncated  # then the sampled distribution is the raw one
     chosen = logprobs if logprobs_mode == "sampled" or untruncated else torch.log_softmax(logits, dim=-1)
     return tokens, chosen.gather(-1, tokens[:, None])[:, 0]
+
+
+# ---- the paged cache's blocks ------------------------------------------------------------------------------------
+
+class BlockPool:
+    """Hands out the KV cache's blocks and takes them back. A block shared by the n samples of a prompt (its full
+    prompt blocks) has one reference per sample and returns to the pool with the last. Block 0 is never handed out
+    (model.KVCache: unused table entries point at it)."""
+
+    def __init__(self, num_blocks: int):
+        self.free = list(range(num_blocks - 1, 0, -1))
+        self.references = [0] * num_blocks
+
+    def take(self, count: int) -> list[int]:
+        blocks = [self.free.pop() for _ in range(count)]
+        for block in blocks:
+            self.references[block] = 1
+        return blocks
+
+    def share(self, blocks):
+        for block in blocks:
+            self.references[block] += 1
+
+    def give_back(self, blocks):
+        for block in blocks:
+            self.references[block] -= 1
+            if self.references[block] == 0:
+                self.free.append(block)
 
 
 def _available_bytes(device) -> int | None:
@@ -94,51 +162,57 @@ def _cache_dtype(weight):
     return weight.dtype
 
 
-def _slots_that_fit(model, max_len, limit=256):
-    """The default number of slots: as many as half the free memory holds, at most `limit`."""
-    weight = model.lm_head_weight
-    available = _available_bytes(weight.device)
-    per_slot = KVCache.bytes_needed(model.config, 1, max_len, _cache_dtype(weight))
-    return limit if available is None else max(1, min(limit, int(0.5 * available) // per_slot))
-
-
-def allocate_cache(model: Transformer, slots: int, max_len: int) -> KVCache:
-    """Computes the cache size before allocating it, and refuses one that cannot fit."""
+def allocate_cache(model: Transformer, max_len: int, block_size: int, slots: int, cache_tokens=None,
+                   least_tokens=None) -> KVCache:
+    """A paged cache of `cache_tokens` tokens (default: what half the free memory holds, at most `slots`
+    full-length sequences), rounded up to whole blocks, plus block 0. Refuses one smaller than `least_tokens` (what
+    the call needs to make progress), or one that cannot fit, saying how many bytes it needs."""
     weight = model.lm_head_weight
     dtype = _cache_dtype(weight)
-    needed = KVCache.bytes_needed(model.config, slots, max_len, dtype)
+    per_token = KVCache.bytes_per_token(model.config, dtype)
     available = _available_bytes(weight.device)
+    least_tokens = least_tokens or max_len
+    if cache_tokens is None:
+        fits = slots * max_len if available is None else int(0.5 * available) // per_token
+        cache_tokens = max(least_tokens, min(slots * max_len, fits))
+    if cache_tokens < least_tokens:
+        raise ValueError(f"cache_tokens={cache_tokens} holds less than one sequence of this call ({least_tokens} "
+                         f"tokens: its longest prompt with its samples, or one prompt plus max_new_tokens)")
+    num_blocks = -(-cache_tokens // block_size) + 1
+    needed = num_blocks * block_size * per_token
     if available is not None and needed > 0.9 * available:
         raise MemoryError(
-            f"the KV cache needs {needed / 2**30:.2f} GiB ({model.config.num_hidden_layers} layers x {slots} slots x "
-            f"{model.config.num_key_value_heads} kv heads x {max_len} tokens x {model.config.head_dim} x 2 (k, v) x "
-            f"{torch.empty((), dtype=dtype).element_size()} bytes) but {available / 2**30:.2f} GiB is free: lower "
-            f"max_slots or max_new_tokens")
-    return KVCache(model.config, slots, max_len, weight.device, dtype)
+            f"the KV cache needs {needed / 2**30:.2f} GiB ({num_blocks} blocks x {block_size} tokens x "
+            f"{model.config.num_hidden_layers} layers x {model.config.num_key_value_heads} kv heads x "
+            f"{model.config.head_dim} x 2 (k, v) x {torch.empty((), dtype=dtype).element_size()} bytes) but "
+            f"{available / 2**30:.2f} GiB is free: lower max_new_tokens or cache_tokens")
+    return KVCache(model.config, num_blocks, block_size, max_len, weight.device, dtype)
 
 
 class GraphedDecode:
     """One decode step of every slot, sampling included, captured once in a CUDA graph: one launch per step
     instead of several hundred, whose launch cost dominates decoding at small batch. Shapes are static: all slots
-    run every step (a free slot decodes dummy tokens from position 0, which its next prefill overwrites) and
-    attention spans the whole cache, each row seeing its own prefix. The step feeds itself: the graph writes the
+    run every step (a free slot decodes a dummy token at position 0 into block 0, which nobody reads) and each row's
+    attention spans its whole block table, masked at its own length. The step feeds itself: the graph writes the
     sampled tokens back as the next inputs, advances the positions and appends to a history, so a run of steps
     needs no copy from the host. Built before any prefill, since capture writes to the cache."""
 
-    def __init__(self, model, cache, slots, sample, max_steps, needs_noise):
+    def __init__(self, model, cache, slots, sample, max_steps):
         device = model.lm_head_weight.device
         self.tokens = torch.zeros((slots, 1), dtype=torch.long, device=device)
         self.positions = torch.zeros((slots, 1), dtype=torch.long, device=device)
-        self.uniform = torch.rand((slots, model.config.vocab_size), device=device) if needs_noise else None
+        self.keys = torch.zeros((slots, 2), dtype=torch.long, device=device)
+        self.block_table = torch.zeros((slots, -(-cache.max_len // cache.block_size)), dtype=torch.long,
+                                       device=device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)
         self.token_history = torch.zeros((max_steps, slots), dtype=torch.long, device=device)
         self.logprob_history = torch.zeros((max_steps, slots), dtype=torch.float32, device=device)
-        self.slots = torch.arange(slots, device=device)  # the graph reads it at every replay: it must outlive __init__
-        view = CacheView(kv=cache, slots=self.slots, positions=self.positions, key_len=cache.max_len, first_slot=0)
+        # the graph reads the view's tensors at every replay: they must outlive __init__
+        view = CacheView(kv=cache, positions=self.positions, block_table=self.block_table, key_len=cache.max_len)
 
         def one_step():
             logits = model(self.tokens, cache=view)[:, -1]  # (slots, vocab)
-            tokens, logprobs = sample(logits, uniform=self.uniform)
+            tokens, logprobs = sample(logits, counter_uniform(self.keys, self.positions[:, 0]))
             self.token_history.index_copy_(0, self.step, tokens[None])
             self.logprob_history.index_copy_(0, self.step, logprobs[None])
             self.tokens.copy_(tokens[:, None])
@@ -166,94 +240,177 @@ class GraphedDecode:
             if gc_was_enabled:
                 gc.enable()
 
-    def __call__(self, tokens, positions, steps, generator):
-        """Decodes `steps` tokens for every slot from tokens (slots,) at positions (slots,); returns the sampled
-        tokens and their log-probs, each (steps, slots)."""
+    def __call__(self, tokens, positions, keys, block_table, steps):
+        """Decodes `steps` tokens for every slot from tokens (slots,) at positions (slots,), with each slot's
+        sequence keys (slots, 2) and block table (slots, max_blocks); returns the sampled tokens and their
+        log-probs, each (steps, slots)."""
         self.tokens.copy_(tokens[:, None])
         self.positions.copy_(positions[:, None])
+        self.keys.copy_(keys)
+        self.block_table.copy_(block_table)
         self.step.zero_()
         for _ in range(steps):
-            if self.uniform is not None:
-                self.uniform.uniform_(generator=generator)
             self.graph.replay()
         return self.token_history[:steps], self.logprob_history[:steps]
+
+
+@dataclass
+class _Sequence:
+    """A completion while it holds cache blocks."""
+    index: int  # into the results
+    blocks: list  # its cache blocks in position order
+    length: int  # tokens in its cache
+    order: int  # when it was admitted: the newest running sequence is the first preempted
 
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_token_ids=(),
              seed=None, max_slots=None, logprobs_mode="sampled", progress=None, cuda_graph=False,
-             packed_prefill=None, sync_every=None):
+             packed_prefill=None, sync_every=None, block_size=None, cache_tokens=None, stats=None):
     """prompts: list of token-id lists (any lengths). Returns len(prompts) * n completions, grouped by prompt
-    (the n samples of prompt 0, then of prompt 1, ...). max_slots bounds the sequences decoded at once (default:
-    as many as half the free memory holds, up to 256); it is rounded up to a multiple of n since a prompt's samples
-    share its prefill.
+    (the n samples of prompt 0, then of prompt 1, ...).
+    max_slots bounds the sequences decoded at once (default 256), rounded up to a multiple of n since a prompt's
+    samples are admitted together. block_size: tokens per cache block (default 16 on a GPU; on a CPU one block
+    holds a whole sequence, the layout whose decode reads views of the cache). cache_tokens: the cache's capacity
+    in tokens (default: what half the free memory holds, at most max_slots full-length sequences); when it runs
+    out, the newest running sequence is preempted and later resumed (its prefix recomputed), with the same stream.
     cuda_graph=True decodes through a captured CUDA graph (GraphedDecode) on a GPU. packed_prefill (default: on a
     GPU) prefills the admitted prompts back to back through the varlen attention kernel instead of padding them.
     sync_every: decode steps run back to back on the device before the host reads their tokens (default 16 on a
     GPU, 1 on CPU). A sequence that stops inside such a run is only retired at its end (its extra tokens are
-    dropped), so larger values trade a little wasted decoding for fewer host round trips."""
+    dropped), so larger values trade a little wasted decoding for fewer host round trips.
+    stats: a dict to fill with the cache's figures: blocks (and peak_blocks in use, free_blocks_at_end), block_size,
+    preemptions, decode_steps, and the running sequences per decode step (max_running, mean_running, and
+    mean_running_queued over the steps when work was waiting: what the cache holds at once)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = model.lm_head_weight.device
     packed_prefill = device.type == "cuda" if packed_prefill is None else packed_prefill
     sync_every = sync_every or (16 if device.type == "cuda" else 1)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    seed = int(torch.randint(2**62, ())) if seed is None else seed  # unseeded calls follow torch's global seed
     stop_ids = set(int(t) for t in stop_token_ids)
     max_len = max(len(p) for p in prompts) + max_new_tokens
-    slots = min(max_slots or _slots_that_fit(model, max_len), len(prompts) * n)
+    block_size = block_size or (16 if device.type == "cuda" else max_len)
+    slots = min(max_slots or 256, len(prompts) * n)
     slots = max(n, (slots + n - 1) // n * n)
-    cache = allocate_cache(model, slots, max_len)
-    sample = lambda logits, uniform=None: sample_next(logits, temperature, top_k, top_p, generator, logprobs_mode,
-                                                      uniform)
+    blocks_of = lambda tokens: -(-tokens // block_size)
+    prefill_blocks = lambda length: length // block_size + n * (length % block_size > 0)  # shared + own last
+    least_tokens = block_size * max(blocks_of(max_len), max(prefill_blocks(len(p)) for p in prompts))
+    cache = allocate_cache(model, max_len, block_size, slots, cache_tokens, least_tokens)
+    pool = BlockPool(cache.num_blocks)
+    sample = lambda logits, uniform: sample_next(logits, temperature, top_k, top_p, None, logprobs_mode, uniform)
     graphed = None
     if cuda_graph and device.type == "cuda":
-        graphed = GraphedDecode(model, cache, slots, sample, min(sync_every, max_new_tokens), temperature != 0)
+        graphed = GraphedDecode(model, cache, slots, sample, min(sync_every, max_new_tokens))
 
     results = [Completion(prompt_index=i // n) for i in range(len(prompts) * n)]
-    pending = deque(range(len(prompts)))
+    keys = [sequence_keys(seed, i) for i in range(len(results))]
+    # ("prompt", prompt index, None) or ("resume", completion index, its admission order, kept so that a resumed
+    # sequence is not the first preempted again)
+    pending = deque(("prompt", p, None) for p in range(len(prompts)))
     free = list(range(slots))[::-1]
-    active = {}  # slot -> [result index, number of tokens in its cache]
+    active = {}  # slot -> _Sequence
+    tables = torch.zeros((slots, blocks_of(max_len)), dtype=torch.long)  # each slot's block table, 0 past its blocks
+    admitted = 0
+    figures = dict(block_size=block_size, blocks=cache.num_blocks - 1, peak_blocks=0, preemptions=0, decode_steps=0,
+                   running_steps=0, max_running=0, queued_steps=0, running_steps_queued=0)
+
+    def update_table(slot):
+        blocks = active[slot].blocks if slot in active else []
+        tables[slot].zero_()[: len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+
+    def lookahead(sequence_tokens):
+        """The steps of the next decode run for a sequence with this many completion tokens."""
+        return min(sync_every, max_new_tokens - sequence_tokens)
+
+    def retire(slot):
+        pool.give_back(active.pop(slot).blocks)
+        update_table(slot)  # an idle slot of the CUDA graph writes to block 0, not to a block handed out again
+        free.append(slot)
 
     def record(slot, token, logprob):
         """Appends a sampled token to its slot's completion; returns False once the completion is finished."""
-        completion = results[active[slot][0]]
+        completion = results[active[slot].index]
         completion.tokens.append(token)
         completion.logprobs.append(logprob)
         if token in stop_ids or len(completion.tokens) >= max_new_tokens:
             completion.finish_reason = "stop" if token in stop_ids else "length"
-            del active[slot]
-            free.append(slot)
+            retire(slot)
             if progress:
                 progress(completion)
             return False
         return True
 
+    def preempt(slot):
+        """Frees a running sequence's blocks; it waits at the head of the queue to be recomputed and resumed."""
+        pending.appendleft(("resume", active[slot].index, active[slot].order))
+        retire(slot)
+        figures["preemptions"] += 1
+
     while pending or active:
-        # admit waiting prompts into free slots: one prefill per prompt, shared by its n samples
-        admitted = []
-        while pending and len(free) >= n:
-            prompt_index = pending.popleft()
-            admitted.append((prompt_index, [free.pop() for _ in range(n)]))
-        if admitted:
-            logits = _prefill_groups(model, cache, [(prompts[p], group) for p, group in admitted], packed_prefill)
-            slot_list = []
-            for prompt_index, group in admitted:
-                for k, slot in enumerate(group):
-                    active[slot] = [prompt_index * n + k, len(prompts[prompt_index])]
-                slot_list += group
-            tokens, logprobs = sample(logits.repeat_interleave(n, dim=0))
-            for slot, token, logprob in zip(slot_list, tokens.tolist(), logprobs.tolist()):
-                record(slot, token, logprob)
+        # admit waiting work into free slots while the pool holds it and the next run's growth: a preempted sequence
+        # first (its prompt and tokens so far, recomputed), then whole prompts, each prefilled once into blocks its
+        # n samples share
+        groups = []  # (tokens to prefill, their slots, resumed): a prompt and its n samples, or a resumed sequence
+        while pending:
+            kind, index, order = pending[0]
+            resumed = kind == "resume"
+            tokens = prompts[results[index].prompt_index] + results[index].tokens[:-1] if resumed else prompts[index]
+            size = 1 if resumed else n
+            full, partial = divmod(len(tokens), block_size)
+            needed = full + size * (partial > 0)
+            # the blocks the running sequences and this group will take in their next run of steps stay free
+            ahead = lookahead(len(results[index].tokens) if resumed else 0)
+            growth = size * (blocks_of(len(tokens) + ahead) - blocks_of(len(tokens))) + sum(
+                max(0, blocks_of(q.length + lookahead(len(results[q.index].tokens))) - len(q.blocks))
+                for q in active.values())
+            if len(free) < size or needed + (growth if active else 0) > len(pool.free):
+                break
+            pending.popleft()
+            shared, members = pool.take(full), []
+            for k in range(size):
+                if k:
+                    pool.share(shared)
+                slot = free.pop()
+                active[slot] = _Sequence(index if resumed else index * n + k, shared + pool.take(partial > 0),
+                                         len(tokens), order if resumed else admitted)
+                admitted += 1
+                update_table(slot)
+                members.append(slot)
+            groups.append((tokens, members, resumed))
+        figures["peak_blocks"] = max(figures["peak_blocks"], figures["blocks"] - len(pool.free))
+        if groups:
+            _admit(model, cache, groups, active, results, keys, sample, record, packed_prefill)
         if not active:
             continue
-        # a run of decode steps for the active slots, each at its own position; no slot reaches its length limit
-        # inside the run, so every position stays within the cache
-        steps = min(sync_every, min(max_new_tokens - len(results[i].tokens) for i, _ in active.values()))
+        # a run of decode steps for the running sequences, each at its own position; no sequence reaches its length
+        # limit inside the run, so every position stays within max_len. Each first gets the blocks the run's
+        # positions need, oldest first; when the pool runs dry the newest running sequence is preempted
+        steps = min(sync_every, min(max_new_tokens - len(results[q.index].tokens) for q in active.values()))
+        for slot in sorted(active, key=lambda s: active[s].order):
+            needed = max(0, blocks_of(active[slot].length + steps) - len(active[slot].blocks)) \
+                if slot in active else 0
+            while slot in active and needed > len(pool.free):
+                preempt(max(active, key=lambda s: active[s].order))
+            if slot in active and needed:
+                active[slot].blocks += pool.take(needed)
+                update_table(slot)
+        figures["peak_blocks"] = max(figures["peak_blocks"], figures["blocks"] - len(pool.free))
+        if not active:
+            continue
         rows = list(range(slots)) if graphed is not None else sorted(active)
-        row_tokens = [results[active[s][0]].tokens[-1] if s in active else 0 for s in rows]
-        row_positions = [active[s][1] if s in active else 0 for s in rows]
-        token_history, logprob_history = _decode_run(model, cache, graphed, rows, row_tokens, row_positions, steps,
-                                                     sample, generator)
+        running = [active.get(slot) for slot in rows]
+        table = tables if graphed is not None else tables[rows, : max(len(q.blocks) for q in active.values())]
+        token_history, logprob_history = _decode_run(
+            model, cache, graphed, [results[q.index].tokens[-1] if q else 0 for q in running],
+            [q.length if q else 0 for q in running], [keys[q.index] if q else (0, 0) for q in running], table,
+            steps, sample)
+        figures["decode_steps"] += steps
+        figures["running_steps"] += steps * len(active)
+        figures["max_running"] = max(figures["max_running"], len(active))
+        if pending:  # work waits: the running sequences are what the cache holds
+            figures["queued_steps"] += steps
+            figures["running_steps_queued"] += steps * len(active)
         for row, slot in enumerate(rows):
             if slot not in active:
                 continue
@@ -261,70 +418,95 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
                 if not record(slot, token_history[step][row], logprob_history[step][row]):
                     break
             else:
-                active[slot][1] += steps
+                active[slot].length += steps
+    if stats is not None:
+        stats.update(figures, free_blocks_at_end=len(pool.free),
+                     mean_running=figures["running_steps"] / max(1, figures["decode_steps"]),
+                     mean_running_queued=figures["running_steps_queued"] / max(1, figures["queued_steps"]))
     return results
 
 
-def _decode_run(model, cache, graphed, rows, tokens, positions, steps, sample, generator):
-    """`steps` decode steps of the given cache rows, through the CUDA graph when there is one; returns the sampled
-    tokens and their log-probs as (steps, rows) lists: the run's one host sync."""
+def _admit(model, cache, groups, active, results, keys, sample, record, packed):
+    """Prefills the admitted groups in one batch: each prompt once, into its first sample's blocks. Its other
+    samples share its full blocks and get a copy of its last, partly filled one; each sample then draws its first
+    token. A resumed sequence's prefill only rebuilds its cache: its last sampled token is the next step's input."""
+    device = model.lm_head_weight.device
+    logits = _prefill(model, cache, [tokens for tokens, _, _ in groups],
+                      [active[members[0]].blocks for _, members, _ in groups], packed)
+    first_tokens = []  # (slot, row of logits)
+    for row, (tokens, members, resumed) in enumerate(groups):
+        if resumed:
+            continue
+        if len(members) > 1 and active[members[0]].blocks[-1] != active[members[1]].blocks[-1]:
+            source = active[members[0]].blocks[-1]
+            cache.copy_blocks(torch.tensor([source] * (len(members) - 1), device=device),
+                              torch.tensor([active[slot].blocks[-1] for slot in members[1:]], device=device))
+        first_tokens += [(slot, row) for slot in members]
+    if not first_tokens:
+        return
+    uniform = counter_uniform(torch.tensor([keys[active[slot].index] for slot, _ in first_tokens], device=device),
+                              torch.tensor([active[slot].length - 1 for slot, _ in first_tokens], device=device))
+    tokens, logprobs = sample(logits[torch.tensor([row for _, row in first_tokens], device=device)], uniform)
+    for (slot, _), token, logprob in zip(first_tokens, tokens.tolist(), logprobs.tolist()):
+        record(slot, token, logprob)
+
+
+def _decode_run(model, cache, graphed, tokens, positions, keys, block_table, steps, sample):
+    """`steps` decode steps of the given rows (token, position and sequence keys each, lists; block table, a host
+    tensor), through the CUDA graph when there is one; returns the sampled tokens and their log-probs as
+    (steps, rows) lists: the run's one host sync."""
+    device = model.lm_head_weight.device
+    tokens, positions, keys = (torch.tensor(x, device=device) for x in (tokens, positions, keys))
+    block_table = block_table.to(device)
     if graphed is not None:
-        device = model.lm_head_weight.device
-        token_history, logprob_history = graphed(torch.tensor(tokens, device=device),
-                                                 torch.tensor(positions, device=device), steps, generator)
+        token_history, logprob_history = graphed(tokens, positions, keys, block_table, steps)
     else:
-        token_history, logprob_history = _decode_eager(model, cache, rows, tokens, positions, steps, sample)
+        token_history, logprob_history = _decode_eager(model, cache, tokens, positions, keys, block_table, steps,
+                                                       sample)
     return token_history.tolist(), logprob_history.tolist()
 
 
-def _decode_eager(model, cache, rows, tokens, positions, steps, sample):
-    """`steps` decode steps of the given cache rows without a CUDA graph; returns (steps, rows) tokens, log-probs."""
-    device = model.lm_head_weight.device
-    consecutive = rows[-1] - rows[0] == len(rows) - 1
-    slots = torch.tensor(rows, device=device)
-    tokens = torch.tensor(tokens, device=device)
-    start = torch.tensor(positions, device=device)[:, None]
+def _decode_eager(model, cache, tokens, positions, keys, block_table, steps, sample):
+    """`steps` decode steps without a CUDA graph; returns (steps, rows) tokens, log-probs. When every row is one
+    block and the blocks are consecutive (a CPU's default layout), attention reads views of the cache."""
+    first = int(block_table[0, 0])
+    one_block_each = block_table.shape[1] == 1 and bool((block_table[:, 0] == first + torch.arange(
+        len(block_table), device=block_table.device)).all())
+    key_len = int(positions.max()) + 1
     token_history, logprob_history = [], []
     for step in range(steps):
-        view = CacheView(kv=cache, slots=slots, positions=start + step, key_len=max(positions) + step + 1,
-                         first_slot=rows[0] if consecutive else None)
-        tokens, logprobs = sample(model(tokens[:, None], cache=view)[:, -1])
+        view = CacheView(kv=cache, positions=positions[:, None] + step, block_table=block_table,
+                         key_len=key_len + step, first_block=first if one_block_each else None)
+        tokens, logprobs = sample(model(tokens[:, None], cache=view)[:, -1], counter_uniform(keys, positions + step))
         token_history.append(tokens)
         logprob_history.append(logprobs)
     return torch.stack(token_history), torch.stack(logprob_history)
 
 
-def _prefill_groups(model, cache, groups, packed):
-    """groups: [(prompt, slots)]. Each prompt is prefilled once into its first slot and its cache rows copied to the
-    others (its n samples share the prefill); returns the logits after each prompt's last token, one row each."""
-    logits = _prefill(model, cache, [prompt for prompt, _ in groups], [slots[0] for _, slots in groups], packed)
-    for prompt, slots in groups:
-        if len(slots) > 1:
-            cache.copy_slot(slots[0], torch.tensor(slots[1:], device=logits.device), len(prompt))
-    return logits
-
-
-def _prefill(model, cache, prompts, slots, packed):
-    """Writes the prompts' keys and values to their slots and returns the logits after each prompt's last token.
-    packed: the prompts back to back in one row through the varlen attention path (no padding; the GPU default);
-    otherwise a right-padded batch, whose writes past a prompt's end are never visible (Attention.cached_attention)."""
+def _prefill(model, cache, sequences, tables, packed):
+    """Writes the sequences' keys and values to their blocks (tables: each sequence's block list) and returns the
+    logits after each sequence's last token. packed: the sequences back to back in one row through the varlen
+    attention path (no padding; the GPU default); otherwise a right-padded batch, whose writes past a sequence's end
+    land in its own last block or in block 0, where the attention mask hides them until decoding overwrites them."""
     device = model.lm_head_weight.device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    lengths = torch.tensor([len(p) for p in sequences], device=device)
+    width = max(len(blocks) for blocks in tables)
+    block_table = torch.tensor([blocks + [0] * (width - len(blocks)) for blocks in tables], device=device)
     if packed:
-        ids = torch.tensor([t for p in prompts for t in p], device=device)[None]  # (1, total)
-        positions = torch.cat([torch.arange(len(p), device=device) for p in prompts])[None]
+        ids = torch.tensor([t for p in sequences for t in p], device=device)[None]  # (1, total)
+        positions = torch.cat([torch.arange(len(p), device=device) for p in sequences])[None]
         cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
-        view = CacheView(kv=cache, positions=positions,
-                         token_slots=torch.repeat_interleave(torch.tensor(slots, device=device), lengths))
+        view = CacheView(kv=cache, positions=positions, block_table=block_table,
+                         token_rows=torch.repeat_interleave(torch.arange(len(sequences), device=device), lengths))
         hidden = model(ids, position_ids=positions, cu_seqlens=cu_seqlens, cache=view, return_hidden=True)[0]
-        hidden = hidden[cu_seqlens[1:].long() - 1]  # (A, dim): each prompt's last token
+        hidden = hidden[cu_seqlens[1:].long() - 1]  # (A, dim): each sequence's last token
     else:
         longest = int(lengths.max())
-        ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = torch.tensor(prompt, device=device)
-        positions = torch.arange(longest, device=device).expand(len(prompts), longest)
-        view = CacheView(kv=cache, slots=torch.tensor(slots, device=device), positions=positions, key_len=longest)
+        ids = torch.zeros(len(sequences), longest, dtype=torch.long, device=device)
+        for row, sequence in enumerate(sequences):
+            ids[row, : len(sequence)] = torch.tensor(sequence, device=device)
+        positions = torch.arange(longest, device=device).expand(len(sequences), longest)
+        view = CacheView(kv=cache, positions=positions, block_table=block_table, key_len=longest)
         hidden = model(ids, cache=view, return_hidden=True)  # (A, longest, dim): no (A, longest, vocab) logits
-        hidden = hidden[torch.arange(len(prompts), device=device), lengths - 1]  # (A, dim)
+        hidden = hidden[torch.arange(len(sequences), device=device), lengths - 1]  # (A, dim)
     return torch.nn.functional.linear(hidden, model.lm_head_weight).float()

@@ -8,10 +8,12 @@ Steps, each in its own subprocess with a time limit, so that a failure or a slow
 each prints one table row when it ends:
   1. card, torch/triton versions, measured copy bandwidth and bf16 matmul TFLOP/s (the ceilings)
   2. kernel correctness on the card in bf16 and fp16 against the references (attention fwd/bwd with GQA and packed
-     documents, log-prob and entropy fwd/bwd, a log-prob call with no rows, SiLU-multiply and add + RMSNorm fwd/bwd)
+     documents, decode attention and rope + cache write on a paged cache, log-prob and entropy fwd/bwd, a log-prob
+     call with no rows, SiLU-multiply and add + RMSNorm fwd/bwd)
   3. essentials of bench/attention.py and bench/logprob.py (ours vs SDPA, vs naive log-prob), with ratios
   4. the sampler on a random-weight Qwen2.5-1.5B-shaped model (bench/sampler.py): tokens/s at batch 1, 64, 256
-     with the Triton and the torch decode attention, vs transformers and the bandwidth roofline; graph vs eager
+     with the Triton and the torch decode attention, vs transformers and the bandwidth roofline; graph vs eager;
+     the paged KV cache against the per-slot layout in the same memory (bench/kv_cache.py, 8,192 new tokens)
   5. SFT steps (8 packed 2k-token documents) with activation checkpointing on and off, foreach and fused AdamW,
      torch's or the Triton SiLU-multiply and add + RMSNorm, and the kernels of one step by GPU time; a GRPO step
      (8 prompts x G=8, completions cut to lengths from 64 to 1k): rollout from the fp32 masters under autocast vs
@@ -38,7 +40,7 @@ QWEN25_15B = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_siz
 TINY = dict(architecture="Qwen2ForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
             qkv_bias=True, max_position_embeddings=4096)
-STEP_LIMITS = {1: 60, 2: 150, 3: 240, 4: 360, 5: 240}
+STEP_LIMITS = {1: 60, 2: 150, 3: 240, 4: 420, 5: 240}
 
 
 def sync():
@@ -134,6 +136,7 @@ def step_correctness(smoke):
         error = (decode_attention(q, k_cache, v_cache, slots, lengths, backend="triton").float()
                  - decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), slots, lengths)).abs().max().item()
         results[f"decode_attention_{name}"] = dict(out=error, ok=error < 2e-2)
+        results[f"paged_decode_{name}"] = paged_decode_error(q, lengths)
         worst = dict(logp=0.0, entropy=0.0, grad=0.0, max_logp=float("-inf"))
         for N, D, V in logprob_cases:
             hidden = torch.randn(N, D, device=device, dtype=dtype).requires_grad_()
@@ -162,6 +165,33 @@ def step_correctness(smoke):
         results[f"silu_mul_{name}"], results[f"add_rms_norm_{name}"] = layer_kernels_error(device, dtype)
     results["all_ok"] = all(r["ok"] for r in results.values())
     return results
+
+
+def paged_decode_error(q, lengths, block_size=16):
+    """The decode attention and the rope + cache-write kernels on a paged cache (blocks of 16 in a shuffled order)
+    against their references in fp32; `ok` when both are within 2e-2."""
+    from kernels.decode_attention import decode_attention, decode_attention_ref
+    from kernels.rope_cache import rope_and_cache
+
+    device, dtype = q.device, q.dtype
+    batch, per_sequence = q.shape[0], -(-int(lengths.max()) // block_size)
+    table = (1 + torch.randperm(batch * per_sequence)).view(batch, per_sequence).to(device)
+    k_cache = torch.randn(1 + batch * per_sequence, 2, block_size, q.shape[2], device=device, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    attention = (decode_attention(q, k_cache, v_cache, table, lengths, backend="triton").float()
+                 - decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), table, lengths)).abs().max()
+    k, v = torch.randn(batch, 2, q.shape[2], device=device, dtype=dtype), torch.randn(batch, 2, q.shape[2],
+                                                                                       device=device, dtype=dtype)
+    cos, sin = torch.rand(batch, q.shape[2], device=device, dtype=dtype), torch.rand(batch, q.shape[2],
+                                                                                      device=device, dtype=dtype)
+    positions = lengths - 1
+    caches = [(k_cache.clone(), v_cache.clone()), (k_cache.float(), v_cache.float())]
+    rotated = [rope_and_cache(q, k, v, cos, sin, *caches[0], table, positions, backend="triton").float(),
+               rope_and_cache(q.float(), k.float(), v.float(), cos.float(), sin.float(), *caches[1], table, positions,
+                              backend="torch")]
+    rope = max((rotated[0] - rotated[1]).abs().max().item(),
+               *((a.float() - b).abs().max().item() for a, b in zip(caches[0], caches[1])))
+    return dict(attention=attention.item(), rope_cache=rope, ok=attention.item() < 2e-2 and rope < 2e-2)
 
 
 def layer_kernels_error(device, dtype):
@@ -216,8 +246,9 @@ def step_kernel_bench(smoke):
 
 
 def step_sampler(smoke, skip_hf=False, new_tokens=512):
-    """bench/sampler.py's rows (CUDA graph, Triton and torch decode attention), plus how far greedy decoding
-    through the graph agrees with eager decoding on the same random model."""
+    """bench/sampler.py's rows (CUDA graph, Triton and torch decode attention), how far greedy decoding through
+    the graph agrees with eager decoding on the same random model, and bench/kv_cache.py's comparison."""
+    from bench import kv_cache as kv_cache_bench
     from bench import sampler as sampler_bench
 
     argv = ["--device", "cpu", "--batches", "1,4", "--new_tokens", "16"] if smoke else \
@@ -225,12 +256,15 @@ def step_sampler(smoke, skip_hf=False, new_tokens=512):
     rows = sampler_bench.main(argv + (["--skip_hf"] if skip_hf or smoke else []))
     if smoke:
         return dict(rows=rows, graph_vs_eager_greedy=greedy_divergence(random_model(TINY, "cpu", torch.float32), 4, 8,
-                                                                       cuda_graph=False))
+                                                                       cuda_graph=False),
+                    kv_cache=kv_cache_bench.main(["--sequences", "8", "--max_new_tokens", "256", "--vocab", "64",
+                                                  "--slots", "2"]))
     model = random_model(QWEN25_15B, "cuda", torch.bfloat16).eval()
     divergence = dict(bf16=greedy_divergence(model, 32, 128))
     del model
     divergence["fp32"] = greedy_divergence(random_model(QWEN25_15B, "cuda", torch.float32).eval(), 32, 128)
-    return dict(rows=rows, graph_vs_eager_greedy=divergence)
+    kv_cache_rows = kv_cache_bench.main(["--device", "cuda", "--sequences", "256", "--slots", "8"])
+    return dict(rows=rows, graph_vs_eager_greedy=divergence, kv_cache=kv_cache_rows)
 
 
 def greedy_divergence(model, batch, new_tokens, cuda_graph=True):

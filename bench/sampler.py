@@ -80,7 +80,7 @@ def roofline_tokens_per_s(model, batch, prompt_len, new_tokens, bandwidth):
     """Tokens/s if every decode step only read the weights and the batch's mean KV prefix at copy bandwidth."""
     config = model.config
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_bytes = KVCache.bytes_needed(config, batch, prompt_len + new_tokens // 2, torch.bfloat16)
+    kv_bytes = KVCache.bytes_per_token(config, torch.bfloat16) * batch * (prompt_len + new_tokens // 2)
     return batch * bandwidth / (weight_bytes + kv_bytes)
 
 
@@ -93,21 +93,29 @@ def set_decode_backend(backend):
         os.environ[variable] = backend
 
 
-def profile_decode(model, batch, prompt_len, new_tokens, steps=8):
-    """The profiler's trace of `steps` eager decode steps at this batch (after two untimed ones). Eager and graphed
-    decoding launch the same kernels: the graph only removes the CPU's launch cost."""
+def profile_decode(model, batch, prompt_len, new_tokens, steps=8, block_size=16):
+    """The profiler's trace of `steps` eager decode steps at this batch (after two untimed ones), each sequence in
+    its own blocks of the paged cache. Eager and graphed decoding launch the same kernels: the graph only removes
+    the CPU's launch cost."""
     from torch.profiler import ProfilerActivity, profile
 
-    cache = allocate_cache(model, batch, prompt_len + new_tokens)
+    max_len = prompt_len + new_tokens
+    per_sequence = -(-max_len // block_size)
+    cache = allocate_cache(model, max_len, block_size, batch, cache_tokens=batch * per_sequence * block_size)
+    tables = [list(range(1 + row * per_sequence, 1 + (row + 1) * per_sequence)) for row in range(batch)]
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len)).tolist()
-    sample = lambda logits, uniform=None: sample_next(logits, 1.0, 0, 1.0, None, "sampled", uniform)
+    sample = lambda logits, uniform: sample_next(logits, 1.0, 0, 1.0, None, "sampled", uniform)
+    device = model.lm_head_weight.device
+    tokens = torch.zeros(batch, dtype=torch.long, device=device)
+    positions = torch.full((batch,), prompt_len, device=device)
+    keys = torch.zeros((batch, 2), dtype=torch.long, device=device)
+    table = torch.tensor(tables, device=device)
     with torch.inference_mode():
-        _prefill(model, cache, prompts, list(range(batch)), True)
-        rows, tokens, positions = list(range(batch)), [0] * batch, [prompt_len] * batch
-        _decode_eager(model, cache, rows, tokens, positions, 2, sample)
+        _prefill(model, cache, prompts, tables, True)
+        _decode_eager(model, cache, tokens, positions, keys, table, 2, sample)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as trace:
-            _decode_eager(model, cache, rows, tokens, positions, steps, sample)
+            _decode_eager(model, cache, tokens, positions, keys, table, steps, sample)
             torch.cuda.synchronize()
     return trace
 
@@ -130,6 +138,8 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--repeat", type=int, default=None, help="timed rounds (default 3 on CPU, 1 on CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads, for both")
+    parser.add_argument("--block_size", type=int, default=None,
+                        help="ours: tokens per KV-cache block (default generate's: 16 on a GPU, one sequence on CPU)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
@@ -146,7 +156,7 @@ def main(argv=None):
     bandwidth = copy_bandwidth(device) if on_gpu else None
     print(f"device {torch.cuda.get_device_name() if on_gpu else 'cpu'} | {ours.num_parameters() / 1e6:.1f}M params | "
           f"{dtype} | prompt {prompt_len} | new {new_tokens} (transformers {hf_tokens}) | threads "
-          f"{torch.get_num_threads()} | best of {repeat} interleaved rounds"
+          f"{torch.get_num_threads()} | block size {args.block_size or 'default'} | best of {repeat} interleaved rounds"
           + (f" | copy bandwidth {bandwidth / 1e9:.0f} GB/s" if bandwidth else ""))
     print(f"{'batch':>6} {'decode attn':>11} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'rounds min/med/max':>19}"
           + (f" {'roofline tok/s':>15} {'share':>6}" if on_gpu else ""))
@@ -161,7 +171,8 @@ def main(argv=None):
         def ours_run(backend):
             if on_gpu:
                 set_decode_backend(backend)
-            generate(ours, prompts.tolist(), max_new_tokens=new_tokens, seed=0, cuda_graph=on_gpu)
+            generate(ours, prompts.tolist(), max_new_tokens=new_tokens, seed=0, cuda_graph=on_gpu,
+                     block_size=args.block_size)
 
         runs = ([("hf", hf_run)] if hf_run else []) + [(b, lambda b=b: ours_run(b)) for b in backends]
         for _, run in runs:  # warm-up, untimed
@@ -190,7 +201,7 @@ def main(argv=None):
     if on_gpu:
         for backend in backends:
             set_decode_backend(backend)
-            trace = profile_decode(ours, max(batches), prompt_len, new_tokens)
+            trace = profile_decode(ours, max(batches), prompt_len, new_tokens, block_size=args.block_size or 16)
             per_step = kernels_per_step(trace)
             layers = ours.config.num_hidden_layers
             print(f"decode attention {backend}: {per_step:.0f} GPU launches per decode step, "

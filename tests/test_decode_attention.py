@@ -6,7 +6,7 @@ import torch
 
 from aot import assert_fits, run_compile_script
 from conftest import ROOT
-from kernels.decode_attention import decode_attention, decode_attention_ref
+from kernels.decode_attention import decode_attention, decode_attention_ref, gather_blocks
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
@@ -24,6 +24,36 @@ def test_reference_matches_the_models_masked_attention():
     assert torch.allclose(decode_attention_ref(q, k, v, slots, lengths), expected, atol=1e-12)
 
 
+def paged(cache, block_size, seed):
+    """The same keys (slots, kv_heads, max_len, head_dim) cut into blocks of block_size, shuffled (by seed) into a
+    paged cache with a spare block 0 of noise: returns the paged cache and each slot's block table."""
+    generator = torch.Generator().manual_seed(seed)
+    slots, kv_heads, max_len, head_dim = cache.shape
+    per_slot = -(-max_len // block_size)
+    padded = torch.nn.functional.pad(cache, (0, 0, 0, per_slot * block_size - max_len))
+    blocks = padded.view(slots, kv_heads, per_slot, block_size, head_dim).transpose(1, 2).reshape(
+        slots * per_slot, kv_heads, block_size, head_dim)
+    order = torch.randperm(slots * per_slot, generator=generator)
+    pool = torch.randn((1 + slots * per_slot, kv_heads, block_size, head_dim), generator=generator).to(cache)
+    pool[1 + order] = blocks
+    return pool, (1 + order).view(slots, per_slot)
+
+
+def test_paged_reference_equals_the_contiguous_one():
+    """Keys scattered over shuffled blocks (any block size, a partial last block) give the attention of the same keys
+    in one row per sequence; gather_blocks puts them back in position order."""
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 4, 16, dtype=torch.float64, generator=generator)
+    k, v = (torch.randn(5, 2, 30, 16, dtype=torch.float64, generator=generator) for _ in range(2))
+    slots, lengths = torch.tensor([4, 0, 2]), torch.tensor([30, 1, 17])
+    expected = decode_attention_ref(q, k, v, slots, lengths)
+    for block_size in (1, 4, 7, 30):
+        (k_pool, table), (v_pool, _) = paged(k, block_size, block_size), paged(v, block_size, block_size)
+        assert torch.equal(gather_blocks(k_pool, table[slots])[:, :, :30], k[slots])
+        out = decode_attention_ref(q, k_pool, v_pool, table[slots], lengths)
+        assert torch.allclose(out, expected, atol=1e-12), block_size
+
+
 @pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs a GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
 @pytest.mark.parametrize("heads, kv_heads, head_dim, max_len", [(4, 2, 64, 1100), (12, 2, 128, 70), (2, 2, 80, 600)])
@@ -38,6 +68,12 @@ def test_triton_matches_reference_in_float64(dtype, tolerance, heads, kv_heads, 
     out = decode_attention(q, k, v, slots, lengths, backend="triton")
     expected = decode_attention_ref(q.double().cpu(), k.double().cpu(), v.double().cpu(), slots.cpu(), lengths.cpu())
     assert out.dtype == dtype and (out.double().cpu() - expected).abs().max() < tolerance
+    # the same keys in shuffled blocks smaller than, equal to and not dividing the kernel's tiles
+    for block_size in (16, 7, 64):
+        (k_pool, table), (v_pool, _) = paged(k.cpu(), block_size, block_size), paged(v.cpu(), block_size, block_size)
+        out = decode_attention(q, k_pool.to(DEVICE), v_pool.to(DEVICE), table[slots.cpu()].to(DEVICE), lengths,
+                               backend="triton")
+        assert (out.double().cpu() - expected).abs().max() < tolerance, block_size
 
 
 COMPILE_SCRIPT = r"""
@@ -63,7 +99,7 @@ for arch in (80, 90):
                     signature[arg] = "constexpr"
                 elif arg in ("Q", "K", "V"):
                     signature[arg] = "*" + dtype
-                elif arg in ("SLOTS", "LENGTHS"):
+                elif arg in ("BLOCK_TABLE", "LENGTHS"):
                     signature[arg] = "*i64"
                 elif arg.startswith("PART"):
                     signature[arg] = "*fp32"

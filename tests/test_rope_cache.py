@@ -40,6 +40,24 @@ def case(dtype, n_head, n_kv_head, head_dim, device, seed=0):
     return [to(t) for t in (q, k, v, cos, signed_sin, k_cache, v_cache, slot_ids, positions)]
 
 
+def test_paged_writes_land_in_each_positions_block():
+    """With block tables, position p of row b is written to block table[b, p // block_size] at p % block_size, and
+    nothing else changes."""
+    q, k, v, cos, sin, _, _, _, positions = case(torch.float64, 4, 2, 16, "cpu")
+    block_size = 8  # positions 0, 17, 39: blocks 0, 2 and 4 of their rows, at offsets 0, 1 and 7
+    table = torch.tensor([[3, 9, 1, 7, 2], [5, 4, 8, 6, 10], [11, 12, 13, 14, 15]])
+    k_cache, v_cache = torch.randn(16, 2, block_size, 16, dtype=torch.float64), torch.randn(16, 2, block_size, 16,
+                                                                                            dtype=torch.float64)
+    old_k, old_v = k_cache.clone(), v_cache.clone()
+    rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, table, positions, backend="torch")
+    blocks, offsets = torch.tensor([3, 8, 15]), torch.tensor([0, 1, 7])
+    assert torch.allclose(k_cache[blocks, :, offsets], textbook_rope(k, positions), atol=1e-12)
+    assert torch.equal(v_cache[blocks, :, offsets], v)
+    written = torch.zeros_like(k_cache, dtype=torch.bool)
+    written[blocks, :, offsets] = True
+    assert torch.equal(k_cache[~written], old_k[~written]) and torch.equal(v_cache[~written], old_v[~written])
+
+
 def test_reference_is_textbook_rope_and_writes_only_its_positions():
     q, k, v, cos, sin, k_cache, v_cache, slots, positions = case(torch.float64, 4, 2, 16, "cpu")
     old_k, old_v = k_cache.clone(), v_cache.clone()
@@ -62,6 +80,14 @@ def test_triton_matches_reference_in_float64(dtype, tolerance, n_head, n_kv_head
     q_out = rope_and_cache(*inputs, backend="triton")
     assert q_out.dtype == dtype and (q_out.double().cpu() - expected_q).abs().max() < tolerance
     for ours, reference in ((inputs[5], expected[5]), (inputs[6], expected[6])):  # the whole caches
+        assert (ours.double().cpu() - reference).abs().max() < tolerance
+    # a paged cache: (5 slots x 40 positions) as 25 blocks of 8 in a scattered order
+    table = torch.randperm(25, generator=torch.Generator().manual_seed(0)).view(5, 5)[inputs[7].cpu()]
+    paged = [torch.zeros(25, n_kv_head, 8, head_dim, dtype=dtype, device=DEVICE) for _ in range(2)]
+    expected_paged = [t.double().cpu() for t in paged]
+    rope_and_cache(*expected[:5], *expected_paged, table, expected[8], backend="torch")
+    rope_and_cache(*inputs[:5], *paged, table.to(DEVICE), inputs[8], backend="triton")
+    for ours, reference in zip(paged, expected_paged):
         assert (ours.double().cpu() - reference).abs().max() < tolerance
 
 
@@ -86,9 +112,11 @@ def test_model_decodes_the_same_through_the_kernels(tmp_path, monkeypatch, famil
         monkeypatch.setenv("SILU_MUL_BACKEND", "triton")
         monkeypatch.setenv("ADD_RMS_NORM_BACKEND", "triton")
         through_kernels = generate(model, prompts, max_new_tokens=12, temperature=0, logprobs_mode="raw")
-    assert [c.tokens for c in through_kernels] == [c.tokens for c in through_torch]
-    for a, b in zip(through_kernels, through_torch):
-        assert a.logprobs == pytest.approx(b.logprobs, abs=tolerance)
+        paged = generate(model, prompts, max_new_tokens=12, temperature=0, logprobs_mode="raw", block_size=4)
+    assert [c.tokens for c in through_kernels] == [c.tokens for c in paged] == [c.tokens for c in through_torch]
+    for a, b, c in zip(through_kernels, paged, through_torch):
+        assert a.logprobs == pytest.approx(c.logprobs, abs=tolerance)
+        assert b.logprobs == pytest.approx(c.logprobs, abs=tolerance)
 
 
 COMPILE_SCRIPT = r"""
@@ -103,7 +131,7 @@ for arch in (80, 90):
     for dtype in ("fp16", "bf16", "fp32"):
         for head_dim in (64, 128, 256):
             constants = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim)
-            signature = {arg: "constexpr" if arg in constants else "*i64" if arg in ("SLOTS", "POSITIONS") else
+            signature = {arg: "constexpr" if arg in constants else "*i64" if arg in ("BLOCK_TABLE", "POSITIONS") else
                          "*" + dtype if arg.isupper() else "i32" for arg in K._rope_cache_kernel.arg_names}
             shared, usage = compile_for(K._rope_cache_kernel, signature, constants, arch, num_warps=1)
             rows.append(dict(arch=arch, dtype=dtype, head_dim=head_dim, shared=shared, usage=usage))

@@ -35,13 +35,15 @@ def test_greedy_matches_transformers_generate(checkpoint, packed):
         assert completion.finish_reason == "length" and len(completion.tokens) == 70
 
 
-@pytest.mark.parametrize("packed, n", [(False, 1), (True, 1), (False, 3), (True, 3)])
-def test_cached_decode_equals_full_recomputation(checkpoint, packed, n):
-    """n > 1: the siblings of a prompt decode from a copy of its prefilled cache, every position of it."""
+@pytest.mark.parametrize("packed, n, block_size", [(False, 1, None), (True, 1, None), (False, 3, None),
+                                                   (True, 3, None), (False, 3, 3), (True, 3, 4), (True, 1, 1)])
+def test_cached_decode_equals_full_recomputation(checkpoint, packed, n, block_size):
+    """n > 1: the siblings of a prompt decode from its prefilled cache, every position of it: a copy of its one
+    block, or (small blocks) its full blocks shared and its last one copied."""
     _, model = checkpoint
     prompts = random_prompts([4, 9, 2])
     completions = generate(model, prompts, max_new_tokens=20, temperature=1.0, seed=1, logprobs_mode="raw",
-                           packed_prefill=packed, n=n)
+                           packed_prefill=packed, n=n, block_size=block_size)
     for prompt, completion in zip([p for p in prompts for _ in range(n)], completions, strict=True):
         sequence = torch.tensor([prompt + completion.tokens])
         with torch.no_grad():
@@ -163,6 +165,108 @@ def test_cache_that_cannot_fit_is_refused(checkpoint):
     _, model = checkpoint
     with pytest.raises(MemoryError, match="GiB"):
         generate(model, [[1, 2]], max_new_tokens=10**9)
+    with pytest.raises(ValueError, match="cache_tokens=20 holds less than one sequence"):
+        generate(model, [[1, 2]], max_new_tokens=30, cache_tokens=20)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_preempted_sequences_resume_with_the_same_stream(checkpoint, packed):
+    """A cache too small for the batch preempts sequences (blocks freed, prefix recomputed on resume): every completion
+    keeps the tokens and log-probs of a run with room for all, whatever the block size, the slots or the batch."""
+    _, model = checkpoint
+    prompts = random_prompts([3, 11, 6, 1, 9, 4, 7, 8])
+    kwargs = dict(max_new_tokens=24, n=3, seed=5, logprobs_mode="raw", packed_prefill=packed)
+    free_run = [c.tokens for c in generate(model, prompts, **kwargs)]
+    # a stop token some completions reach mid-way and others never produce
+    kwargs["stop_token_ids"] = [next(t for tokens in free_run for t in tokens[3:12]
+                                     if any(t not in other for other in free_run))]
+    roomy = generate(model, prompts, **kwargs)
+    assert {c.finish_reason for c in roomy} == {"stop", "length"}
+    for settings in (dict(block_size=4, cache_tokens=48), dict(block_size=2, cache_tokens=40, sync_every=5),
+                     dict(block_size=8, max_slots=3)):
+        stats = {}
+        squeezed = generate(model, prompts, stats=stats, **kwargs, **settings)
+        assert [c.tokens for c in squeezed] == [c.tokens for c in roomy], settings
+        assert [c.finish_reason for c in squeezed] == [c.finish_reason for c in roomy]
+        for a, b in zip(squeezed, roomy):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+        assert stats["free_blocks_at_end"] == stats["blocks"]  # every block back in the pool
+        if "cache_tokens" in settings:
+            assert stats["preemptions"] > 0 and stats["max_running"] > 1
+
+
+def test_random_cache_settings_give_the_streams_of_a_roomy_cache(checkpoint):
+    """Generated settings: random prompts, samples per prompt, block size, runs between host reads, a cache from
+    the smallest the call accepts up to a few blocks more, and a stop token: the same completions as with room for
+    all, and every block back in the pool."""
+    _, model = checkpoint
+    draw = torch.Generator().manual_seed(3)
+    pick = lambda low, high: int(torch.randint(low, high + 1, (), generator=draw))
+    preemptions = 0
+    for case in range(8):
+        prompts = random_prompts([pick(1, 12) for _ in range(pick(1, 6))], seed=case)
+        n, block_size, max_new_tokens = pick(1, 3), pick(1, 6), pick(1, 20)
+        max_len = max(len(p) for p in prompts) + max_new_tokens
+        smallest = block_size * max(-(-max_len // block_size),
+                                    max(len(p) // block_size + n * (len(p) % block_size > 0) for p in prompts))
+        kwargs = dict(max_new_tokens=max_new_tokens, n=n, seed=case, logprobs_mode="raw", stop_token_ids=[pick(3, 300)])
+        roomy = generate(model, prompts, **kwargs)
+        stats = {}
+        squeezed = generate(model, prompts, block_size=block_size, cache_tokens=smallest + block_size * pick(0, 3),
+                            sync_every=pick(1, 4), packed_prefill=bool(pick(0, 1)), stats=stats, **kwargs)
+        assert [(c.tokens, c.finish_reason) for c in squeezed] == [(c.tokens, c.finish_reason) for c in roomy], case
+        for a, b in zip(squeezed, roomy):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+        assert stats["free_blocks_at_end"] == stats["blocks"]
+        preemptions += stats["preemptions"]
+    assert preemptions > 8
+
+
+def test_a_prompts_samples_share_its_full_blocks(checkpoint):
+    """10 prompt tokens in blocks of 4: 2 full blocks held once by the 4 samples, plus each sample's own copy of the
+    last, partly filled block: 6 blocks, not 12. Two new tokens still fit in that last block."""
+    _, model = checkpoint
+    stats = {}
+    generate(model, random_prompts([10]), max_new_tokens=2, n=4, seed=0, block_size=4, stats=stats)
+    assert stats["peak_blocks"] == 6 and stats["free_blocks_at_end"] == stats["blocks"]
+    # samples that finish at their first token hand the shared blocks back too
+    stats = {}
+    generate(model, random_prompts([8, 10]), max_new_tokens=1, n=4, seed=0, block_size=4, stats=stats)
+    assert stats["peak_blocks"] == 2 + 6 and stats["free_blocks_at_end"] == stats["blocks"]
+
+
+def test_unseeded_calls_follow_torchs_global_seed(checkpoint):
+    _, model = checkpoint
+    prompts = random_prompts([4, 6])
+    torch.manual_seed(11)
+    first = [c.tokens for c in generate(model, prompts, max_new_tokens=12, n=2)]
+    second = [c.tokens for c in generate(model, prompts, max_new_tokens=12, n=2)]
+    torch.manual_seed(11)
+    assert [c.tokens for c in generate(model, prompts, max_new_tokens=12, n=2)] == first != second
+
+
+def test_counter_uniform_is_the_documented_hash_and_uniform():
+    """Against the hash written with Python's unbounded ints and an explicit mod 2^32; then 20,000 draws over keys
+    and counters fall evenly in 20 bins, and a sequence's successive draws are uncorrelated."""
+    from sampler import counter_uniform, sequence_keys
+
+    def mix(x):
+        x = ((x ^ (x >> 16)) * 0x21F0AAAD) % 2**32
+        x = ((x ^ (x >> 15)) * 0x735A2D97) % 2**32
+        return x ^ (x >> 15)
+
+    keys = [sequence_keys(s, i) for s in (0, 2**40 + 3, -7) for i in range(100)]
+    counters = [(17 * j + 3) % 5000 for j in range(len(keys))]
+    expected = [(mix(mix(a ^ c) ^ b) + 0.5) / 2**32 for (a, b), c in zip(keys, counters)]
+    assert counter_uniform(torch.tensor(keys), torch.tensor(counters)).tolist() == expected
+    assert len(set(keys)) == len(keys)
+    draws = counter_uniform(torch.tensor(keys).repeat_interleave(67, 0), torch.arange(67).repeat(len(keys)))
+    counts = torch.histc(draws.float(), bins=20, min=0, max=1)
+    expected_count = len(draws) / 20
+    assert ((counts - expected_count) ** 2 / expected_count).sum() < 43.8  # chi-square, 19 dof, p = 0.001
+    by_sequence = draws.view(len(keys), 67)
+    lag_one = torch.corrcoef(torch.stack((by_sequence[:, :-1].reshape(-1), by_sequence[:, 1:].reshape(-1))))[0, 1]
+    assert abs(lag_one) < 0.03
 
 
 @pytest.mark.parametrize("sync_every", [3, 16])
@@ -195,6 +299,11 @@ def test_cuda_graph_decoding_equals_eager_on_a_gpu(checkpoint, backend, monkeypa
     eager = generate(model, prompts, sync_every=1, **kwargs)
     graphed = generate(model, prompts, cuda_graph=True, sync_every=8, **kwargs)
     assert [c.tokens for c in graphed] == [c.tokens for c in eager]
+    # small blocks, and a cache small enough to preempt inside the graph's runs
+    stats = {}
+    squeezed = generate(model, prompts, cuda_graph=True, sync_every=8, block_size=4, cache_tokens=96, stats=stats,
+                        **kwargs)
+    assert [c.tokens for c in squeezed] == [c.tokens for c in eager] and stats["preemptions"] > 0
     sampled = generate(model, prompts, max_new_tokens=40, n=3, seed=5, cuda_graph=True, logprobs_mode="raw")
     for prompt, completion in zip([p for p in prompts for _ in range(3)], sampled):
         sequence = torch.tensor([prompt + completion.tokens], device="cuda")
