@@ -20,8 +20,8 @@ of a few long sequences still fills the GPU. Tolerance vs the float64 reference:
 `decode_attention` dispatches (kernels.choose_backend): DECODE_ATTENTION_BACKEND=auto (default) takes Triton for CUDA
 tensors, the reference otherwise; =triton / =torch, or backend="triton" / "torch", forces one. The kernel before
 paging (one row per sequence) was validated on an H200, inside the sampler's CUDA graph too; the block-table lookup
-has run in the interpreter and compiled for sm_80/sm_90, not yet on a GPU (bench/gpu_check.py steps 2 and 4). The same
-variable picks the model's decode step: this kernel, or model.cached_decode_attention over the gathered prefix.
+has run in the interpreter and compiled for sm_80/sm_90, not yet on a GPU (bench/gpu_check.py steps 2, 4 and 6).
+The same variable picks the model's decode step: this kernel, or model.cached_decode_attention over the prefix.
 """
 
 import torch
