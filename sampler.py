@@ -263,6 +263,152 @@ class _Sequence:
     order: int  # when it was admitted: the newest running sequence is the first preempted
 
 
+class _Scheduler:
+    """The host-side bookkeeping of one generate call: which sequences wait, which run in which slot, and which cache
+    blocks each holds (its block table). No model work: generate asks it what to prefill and decode next and hands
+    back the sampled tokens."""
+
+    def __init__(self, prompts, n, slots, max_new_tokens, block_size, num_blocks, sync_every, stop_ids, progress):
+        self.prompts, self.n, self.max_new_tokens, self.block_size = prompts, n, max_new_tokens, block_size
+        self.sync_every, self.stop_ids, self.progress = sync_every, stop_ids, progress
+        self.results = [Completion(prompt_index=i // n) for i in range(len(prompts) * n)]
+        self.pool = BlockPool(num_blocks)
+        # ("prompt", prompt index, None) or ("resume", completion index, its admission order, kept so that a
+        # resumed sequence is not the first preempted again)
+        self.pending = deque(("prompt", p, None) for p in range(len(prompts)))
+        self.free = list(range(slots))[::-1]
+        self.active = {}  # slot -> _Sequence
+        max_len = max(len(p) for p in prompts) + max_new_tokens
+        self.tables = torch.zeros((slots, self.blocks_of(max_len)), dtype=torch.long)  # 0 past a slot's blocks
+        self.admitted = 0
+        self.figures = dict(block_size=block_size, blocks=num_blocks - 1, peak_blocks=0, preemptions=0,
+                            decode_steps=0, running_steps=0, max_running=0, queued_steps=0, running_steps_queued=0)
+
+    def blocks_of(self, tokens):
+        return -(-tokens // self.block_size)
+
+    def lookahead(self, sequence_tokens):
+        """The steps of the next decode run for a sequence with this many completion tokens."""
+        return min(self.sync_every, self.max_new_tokens - sequence_tokens)
+
+    def update_table(self, slot):
+        blocks = self.active[slot].blocks if slot in self.active else []
+        self.tables[slot].zero_()[: len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+
+    def note_blocks_in_use(self):
+        self.figures["peak_blocks"] = max(self.figures["peak_blocks"], self.figures["blocks"] - len(self.pool.free))
+
+    def retire(self, slot):
+        self.pool.give_back(self.active.pop(slot).blocks)
+        self.update_table(slot)  # an idle slot of the CUDA graph writes to block 0, not to a block handed out again
+        self.free.append(slot)
+
+    def preempt(self, slot):
+        """Frees a running sequence's blocks; it waits at the head of the queue to be recomputed and resumed."""
+        self.pending.appendleft(("resume", self.active[slot].index, self.active[slot].order))
+        self.retire(slot)
+        self.figures["preemptions"] += 1
+
+    def record(self, slot, token, logprob):
+        """Appends a sampled token to its slot's completion; returns False once the completion is finished."""
+        completion = self.results[self.active[slot].index]
+        completion.tokens.append(token)
+        completion.logprobs.append(logprob)
+        if token in self.stop_ids or len(completion.tokens) >= self.max_new_tokens:
+            completion.finish_reason = "stop" if token in self.stop_ids else "length"
+            self.retire(slot)
+            if self.progress:
+                self.progress(completion)
+            return False
+        return True
+
+    def admit(self):
+        """Takes waiting work into free slots while the pool holds it and the next run's growth: a preempted
+        sequence first (its prompt and tokens so far, to recompute), then whole prompts, each to be prefilled once
+        into blocks its n samples share. Returns [(tokens to prefill, their slots, resumed)]."""
+        groups = []
+        while self.pending:
+            kind, index, order = self.pending[0]
+            resumed = kind == "resume"
+            done = self.results[index].tokens if resumed else []
+            tokens = self.prompts[self.results[index].prompt_index] + done[:-1] if resumed else self.prompts[index]
+            size = 1 if resumed else self.n
+            full, partial = divmod(len(tokens), self.block_size)
+            needed = full + size * (partial > 0)
+            # the blocks the running sequences and this group will take in their next run of steps stay free
+            growth = size * (self.blocks_of(len(tokens) + self.lookahead(len(done))) - self.blocks_of(len(tokens)))
+            growth += sum(max(0, self.blocks_of(q.length + self.lookahead(len(self.results[q.index].tokens)))
+                              - len(q.blocks)) for q in self.active.values())
+            if len(self.free) < size or needed + (growth if self.active else 0) > len(self.pool.free):
+                break
+            self.pending.popleft()
+            shared, members = self.pool.take(full), []
+            for k in range(size):
+                if k:
+                    self.pool.share(shared)
+                slot = self.free.pop()
+                self.active[slot] = _Sequence(index if resumed else index * self.n + k,
+                                              shared + self.pool.take(partial > 0), len(tokens),
+                                              order if resumed else self.admitted)
+                self.admitted += 1
+                self.update_table(slot)
+                members.append(slot)
+            groups.append((tokens, members, resumed))
+        self.note_blocks_in_use()
+        return groups
+
+    def next_run(self):
+        """The next decode run's steps: no sequence reaches its length limit inside the run, so every position
+        stays within max_len. Each running sequence first gets the blocks the run's positions need, oldest first;
+        when the pool runs dry the newest running sequence is preempted."""
+        steps = min(self.lookahead(len(self.results[q.index].tokens)) for q in self.active.values())
+        for slot in sorted(self.active, key=lambda s: self.active[s].order):
+            if slot not in self.active:
+                continue
+            needed = max(0, self.blocks_of(self.active[slot].length + steps) - len(self.active[slot].blocks))
+            while slot in self.active and needed > len(self.pool.free):
+                self.preempt(max(self.active, key=lambda s: self.active[s].order))
+            if slot in self.active and needed:
+                self.active[slot].blocks += self.pool.take(needed)
+                self.update_table(slot)
+        self.note_blocks_in_use()
+        return steps
+
+    def rows(self, all_slots, keys):
+        """A decode run's rows (every slot for the CUDA graph, else the running ones) and each row's input token,
+        position, sequence keys and block table (idle rows: token 0 at position 0 in block 0)."""
+        rows = list(range(len(self.tables))) if all_slots else sorted(self.active)
+        running = [self.active.get(slot) for slot in rows]
+        table = self.tables if all_slots else \
+            self.tables[rows, : max(len(q.blocks) for q in self.active.values())]
+        return (rows, [self.results[q.index].tokens[-1] if q else 0 for q in running],
+                [q.length if q else 0 for q in running], [keys[q.index] if q else (0, 0) for q in running], table)
+
+    def record_run(self, rows, steps, token_history, logprob_history):
+        """Hands a run's sampled tokens ((steps, rows) lists) to their completions; a sequence that stopped inside
+        the run keeps the tokens up to its stop."""
+        self.figures["decode_steps"] += steps
+        self.figures["running_steps"] += steps * len(self.active)
+        self.figures["max_running"] = max(self.figures["max_running"], len(self.active))
+        if self.pending:  # work waits: the running sequences are what the cache holds
+            self.figures["queued_steps"] += steps
+            self.figures["running_steps_queued"] += steps * len(self.active)
+        for row, slot in enumerate(rows):
+            if slot not in self.active:
+                continue
+            for step in range(steps):
+                if not self.record(slot, token_history[step][row], logprob_history[step][row]):
+                    break
+            else:
+                self.active[slot].length += steps
+
+    def stats(self):
+        figures = self.figures
+        return dict(figures, free_blocks_at_end=len(self.pool.free),
+                    mean_running=figures["running_steps"] / max(1, figures["decode_steps"]),
+                    mean_running_queued=figures["running_steps_queued"] / max(1, figures["queued_steps"]))
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_token_ids=(),
              seed=None, max_slots=None, logprobs_mode="sampled", progress=None, cuda_graph=False,
@@ -288,7 +434,6 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     packed_prefill = device.type == "cuda" if packed_prefill is None else packed_prefill
     sync_every = sync_every or (16 if device.type == "cuda" else 1)
     seed = int(torch.randint(2**62, ())) if seed is None else seed  # unseeded calls follow torch's global seed
-    stop_ids = set(int(t) for t in stop_token_ids)
     max_len = max(len(p) for p in prompts) + max_new_tokens
     block_size = block_size or (16 if device.type == "cuda" else max_len)
     slots = min(max_slots or 256, len(prompts) * n)
@@ -297,140 +442,36 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     prefill_blocks = lambda length: length // block_size + n * (length % block_size > 0)  # shared + own last
     least_tokens = block_size * max(blocks_of(max_len), max(prefill_blocks(len(p)) for p in prompts))
     cache = allocate_cache(model, max_len, block_size, slots, cache_tokens, least_tokens)
-    pool = BlockPool(cache.num_blocks)
     sample = lambda logits, uniform: sample_next(logits, temperature, top_k, top_p, None, logprobs_mode, uniform)
     graphed = None
     if cuda_graph and device.type == "cuda":
         graphed = GraphedDecode(model, cache, slots, sample, min(sync_every, max_new_tokens))
+    scheduler = _Scheduler(prompts, n, slots, max_new_tokens, block_size, cache.num_blocks, sync_every,
+                           set(int(t) for t in stop_token_ids), progress)
+    keys = [sequence_keys(seed, i) for i in range(len(scheduler.results))]
 
-    results = [Completion(prompt_index=i // n) for i in range(len(prompts) * n)]
-    keys = [sequence_keys(seed, i) for i in range(len(results))]
-    # ("prompt", prompt index, None) or ("resume", completion index, its admission order, kept so that a resumed
-    # sequence is not the first preempted again)
-    pending = deque(("prompt", p, None) for p in range(len(prompts)))
-    free = list(range(slots))[::-1]
-    active = {}  # slot -> _Sequence
-    tables = torch.zeros((slots, blocks_of(max_len)), dtype=torch.long)  # each slot's block table, 0 past its blocks
-    admitted = 0
-    figures = dict(block_size=block_size, blocks=cache.num_blocks - 1, peak_blocks=0, preemptions=0, decode_steps=0,
-                   running_steps=0, max_running=0, queued_steps=0, running_steps_queued=0)
-
-    def update_table(slot):
-        blocks = active[slot].blocks if slot in active else []
-        tables[slot].zero_()[: len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-
-    def lookahead(sequence_tokens):
-        """The steps of the next decode run for a sequence with this many completion tokens."""
-        return min(sync_every, max_new_tokens - sequence_tokens)
-
-    def retire(slot):
-        pool.give_back(active.pop(slot).blocks)
-        update_table(slot)  # an idle slot of the CUDA graph writes to block 0, not to a block handed out again
-        free.append(slot)
-
-    def record(slot, token, logprob):
-        """Appends a sampled token to its slot's completion; returns False once the completion is finished."""
-        completion = results[active[slot].index]
-        completion.tokens.append(token)
-        completion.logprobs.append(logprob)
-        if token in stop_ids or len(completion.tokens) >= max_new_tokens:
-            completion.finish_reason = "stop" if token in stop_ids else "length"
-            retire(slot)
-            if progress:
-                progress(completion)
-            return False
-        return True
-
-    def preempt(slot):
-        """Frees a running sequence's blocks; it waits at the head of the queue to be recomputed and resumed."""
-        pending.appendleft(("resume", active[slot].index, active[slot].order))
-        retire(slot)
-        figures["preemptions"] += 1
-
-    while pending or active:
-        # admit waiting work into free slots while the pool holds it and the next run's growth: a preempted sequence
-        # first (its prompt and tokens so far, recomputed), then whole prompts, each prefilled once into blocks its
-        # n samples share
-        groups = []  # (tokens to prefill, their slots, resumed): a prompt and its n samples, or a resumed sequence
-        while pending:
-            kind, index, order = pending[0]
-            resumed = kind == "resume"
-            tokens = prompts[results[index].prompt_index] + results[index].tokens[:-1] if resumed else prompts[index]
-            size = 1 if resumed else n
-            full, partial = divmod(len(tokens), block_size)
-            needed = full + size * (partial > 0)
-            # the blocks the running sequences and this group will take in their next run of steps stay free
-            ahead = lookahead(len(results[index].tokens) if resumed else 0)
-            growth = size * (blocks_of(len(tokens) + ahead) - blocks_of(len(tokens))) + sum(
-                max(0, blocks_of(q.length + lookahead(len(results[q.index].tokens))) - len(q.blocks))
-                for q in active.values())
-            if len(free) < size or needed + (growth if active else 0) > len(pool.free):
-                break
-            pending.popleft()
-            shared, members = pool.take(full), []
-            for k in range(size):
-                if k:
-                    pool.share(shared)
-                slot = free.pop()
-                active[slot] = _Sequence(index if resumed else index * n + k, shared + pool.take(partial > 0),
-                                         len(tokens), order if resumed else admitted)
-                admitted += 1
-                update_table(slot)
-                members.append(slot)
-            groups.append((tokens, members, resumed))
-        figures["peak_blocks"] = max(figures["peak_blocks"], figures["blocks"] - len(pool.free))
+    while scheduler.pending or scheduler.active:
+        groups = scheduler.admit()
         if groups:
-            _admit(model, cache, groups, active, results, keys, sample, record, packed_prefill)
-        if not active:
+            _prefill_and_sample_first(model, cache, groups, scheduler, keys, sample, packed_prefill)
+        if not scheduler.active:
             continue
-        # a run of decode steps for the running sequences, each at its own position; no sequence reaches its length
-        # limit inside the run, so every position stays within max_len. Each first gets the blocks the run's
-        # positions need, oldest first; when the pool runs dry the newest running sequence is preempted
-        steps = min(sync_every, min(max_new_tokens - len(results[q.index].tokens) for q in active.values()))
-        for slot in sorted(active, key=lambda s: active[s].order):
-            needed = max(0, blocks_of(active[slot].length + steps) - len(active[slot].blocks)) \
-                if slot in active else 0
-            while slot in active and needed > len(pool.free):
-                preempt(max(active, key=lambda s: active[s].order))
-            if slot in active and needed:
-                active[slot].blocks += pool.take(needed)
-                update_table(slot)
-        figures["peak_blocks"] = max(figures["peak_blocks"], figures["blocks"] - len(pool.free))
-        if not active:
+        steps = scheduler.next_run()
+        if not scheduler.active:
             continue
-        rows = list(range(slots)) if graphed is not None else sorted(active)
-        running = [active.get(slot) for slot in rows]
-        table = tables if graphed is not None else tables[rows, : max(len(q.blocks) for q in active.values())]
-        token_history, logprob_history = _decode_run(
-            model, cache, graphed, [results[q.index].tokens[-1] if q else 0 for q in running],
-            [q.length if q else 0 for q in running], [keys[q.index] if q else (0, 0) for q in running], table,
-            steps, sample)
-        figures["decode_steps"] += steps
-        figures["running_steps"] += steps * len(active)
-        figures["max_running"] = max(figures["max_running"], len(active))
-        if pending:  # work waits: the running sequences are what the cache holds
-            figures["queued_steps"] += steps
-            figures["running_steps_queued"] += steps * len(active)
-        for row, slot in enumerate(rows):
-            if slot not in active:
-                continue
-            for step in range(steps):
-                if not record(slot, token_history[step][row], logprob_history[step][row]):
-                    break
-            else:
-                active[slot].length += steps
+        rows, *inputs = scheduler.rows(graphed is not None, keys)
+        token_history, logprob_history = _decode_run(model, cache, graphed, *inputs, steps, sample)
+        scheduler.record_run(rows, steps, token_history, logprob_history)
     if stats is not None:
-        stats.update(figures, free_blocks_at_end=len(pool.free),
-                     mean_running=figures["running_steps"] / max(1, figures["decode_steps"]),
-                     mean_running_queued=figures["running_steps_queued"] / max(1, figures["queued_steps"]))
-    return results
+        stats.update(scheduler.stats())
+    return scheduler.results
 
 
-def _admit(model, cache, groups, active, results, keys, sample, record, packed):
+def _prefill_and_sample_first(model, cache, groups, scheduler, keys, sample, packed):
     """Prefills the admitted groups in one batch: each prompt once, into its first sample's blocks. Its other
     samples share its full blocks and get a copy of its last, partly filled one; each sample then draws its first
     token. A resumed sequence's prefill only rebuilds its cache: its last sampled token is the next step's input."""
-    device = model.lm_head_weight.device
+    device, active = model.lm_head_weight.device, scheduler.active
     logits = _prefill(model, cache, [tokens for tokens, _, _ in groups],
                       [active[members[0]].blocks for _, members, _ in groups], packed)
     first_tokens = []  # (slot, row of logits)
@@ -448,7 +489,7 @@ def _admit(model, cache, groups, active, results, keys, sample, record, packed):
                               torch.tensor([active[slot].length - 1 for slot, _ in first_tokens], device=device))
     tokens, logprobs = sample(logits[torch.tensor([row for _, row in first_tokens], device=device)], uniform)
     for (slot, _), token, logprob in zip(first_tokens, tokens.tolist(), logprobs.tolist()):
-        record(slot, token, logprob)
+        scheduler.record(slot, token, logprob)
 
 
 def _decode_run(model, cache, graphed, tokens, positions, keys, block_table, steps, sample):
