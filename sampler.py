@@ -254,6 +254,13 @@ class GraphedDecode:
         return self.token_history[:steps], self.logprob_history[:steps]
 
 
+def _prefill_blocks(length, block_size, samples):
+    """Blocks a prompt of `length` tokens takes at admission: its full blocks, shared by its samples, plus each
+    sample's own copy of its last, partly filled block."""
+    full, partial = divmod(length, block_size)
+    return full + samples * (partial > 0)
+
+
 @dataclass
 class _Sequence:
     """A completion while it holds cache blocks."""
@@ -334,7 +341,7 @@ class _Scheduler:
             tokens = self.prompts[self.results[index].prompt_index] + done[:-1] if resumed else self.prompts[index]
             size = 1 if resumed else self.n
             full, partial = divmod(len(tokens), self.block_size)
-            needed = full + size * (partial > 0)
+            needed = _prefill_blocks(len(tokens), self.block_size, size)
             # the blocks the running sequences and this group will take in their next run of steps stay free
             growth = size * (self.blocks_of(len(tokens) + self.lookahead(len(done))) - self.blocks_of(len(tokens)))
             growth += sum(max(0, self.blocks_of(q.length + self.lookahead(len(self.results[q.index].tokens)))
@@ -438,9 +445,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     block_size = block_size or (16 if device.type == "cuda" else max_len)
     slots = min(max_slots or 256, len(prompts) * n)
     slots = max(n, (slots + n - 1) // n * n)
-    blocks_of = lambda tokens: -(-tokens // block_size)
-    prefill_blocks = lambda length: length // block_size + n * (length % block_size > 0)  # shared + own last
-    least_tokens = block_size * max(blocks_of(max_len), max(prefill_blocks(len(p)) for p in prompts))
+    # the least cache that makes progress: one sequence at full length, or the largest prompt with its samples
+    least_tokens = block_size * max(-(-max_len // block_size),
+                                    max(_prefill_blocks(len(p), block_size, n) for p in prompts))
     cache = allocate_cache(model, max_len, block_size, slots, cache_tokens, least_tokens)
     sample = lambda logits, uniform: sample_next(logits, temperature, top_k, top_p, None, logprobs_mode, uniform)
     graphed = None
