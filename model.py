@@ -10,6 +10,7 @@ tensors, save_pretrained and hf_state_dict() split them back.
     logits = model(input_ids)                                   # (B, T, vocab), float32
     hidden = model(input_ids, return_hidden=True)               # (B, T, dim): for the fused log-prob path
     logits = model(packed_ids, position_ids=pos, cu_seqlens=cu) # several documents in one row, no cross-talk
+    logprobs = shared_prompt_logprobs(model, ids, prompt_lengths, lengths)  # rows repeating a prompt: its forward once
     model.save_pretrained("out/")
 
 The family differences are all small switches on one block:
@@ -380,6 +381,54 @@ def cached_decode_attention(q, keys, values, key_bias):
     return torch.bmm(probs, values.reshape(B * n_kv_head, key_len, head_dim)).view(B, n_head, head_dim)
 
 
+class SharedPrompts:
+    """The layout of a training pass over completions that continue shared prompts (GRPO's G samples of each
+    prompt), so that each prompt's forward runs once however many completions continue it. The model sees one row
+    of P * Tp + N * Tc tokens: the P distinct prompts right-padded to Tp, then the N completions right-padded to Tc.
+    The token-wise layers (projections, norms, MLP) treat it as any row; attention splits it: a prompt attends
+    causally to itself, a completion to its prompt's real tokens and to its own past. A prompt's keys and values
+    are indexed once per completion that reads them, so autograd sums their gradients over the group."""
+
+    def __init__(self, prompt_ids, prompt_lengths, completion_ids, prompt_index):
+        """prompt_ids (P, Tp) and completion_ids (N, Tc), right-padded; prompt_lengths (P,); prompt_index (N,) the
+        prompt each completion continues."""
+        (P, Tp), (N, Tc) = prompt_ids.shape, completion_ids.shape
+        device = prompt_ids.device
+        self.prompt_index, self.prompts, self.prompt_len, self.completions, self.completion_len = (
+            prompt_index, P, Tp, N, Tc)
+        self.input_ids = torch.cat([prompt_ids.reshape(-1), completion_ids.reshape(-1)])[None]  # (1, total)
+        starts = prompt_lengths[prompt_index]  # (N,): a completion's first position is its prompt's length
+        steps = torch.arange(Tc, device=device)
+        self.position_ids = torch.cat([torch.arange(Tp, device=device).repeat(P),
+                                       (starts[:, None] + steps).reshape(-1)])[None]
+        prompt_visible = torch.arange(Tp, device=device) < starts[:, None]  # (N, Tp)
+        own_past = steps[None, :] <= steps[:, None]  # (Tc, Tc)
+        self.visible = torch.cat([prompt_visible[:, None].expand(N, Tc, Tp), own_past.expand(N, Tc, Tc)],
+                                 dim=2)[:, None]  # (N, 1, Tc, Tp + Tc)
+        # the row position whose hidden state predicts each completion token: the prompt's last real token for
+        # the first, the completion's previous token after that
+        previous = P * Tp + torch.arange(N, device=device)[:, None] * Tc + steps - 1
+        self.predictors = torch.cat([(prompt_index * Tp + starts - 1)[:, None], previous[:, 1:]], dim=1)  # (N, Tc)
+
+    def attention(self, q, k, v):
+        """q (1, n_head, total, head_dim), k and v (1, n_kv_head, total, head_dim), rope applied -> the same
+        layout as q."""
+        cut = self.prompts * self.prompt_len
+
+        def prompts(t):  # (P, heads, Tp, head_dim)
+            return t[0, :, :cut].unflatten(1, (self.prompts, self.prompt_len)).transpose(0, 1)
+
+        def completions(t):  # (N, heads, Tc, head_dim)
+            return t[0, :, cut:].unflatten(1, (self.completions, self.completion_len)).transpose(0, 1)
+
+        prompt_out = attention(prompts(q), prompts(k), prompts(v), causal=True)
+        keys = torch.cat([prompts(k)[self.prompt_index], completions(k)], dim=2)  # (N, kv_heads, Tp + Tc, head_dim)
+        values = torch.cat([prompts(v)[self.prompt_index], completions(v)], dim=2)
+        completion_out = attention(completions(q), keys, values, causal=False, attn_mask=self.visible)
+        return torch.cat([prompt_out.transpose(0, 1).flatten(1, 2), completion_out.transpose(0, 1).flatten(1, 2)],
+                         dim=1)[None]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
@@ -395,7 +444,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, cos, signed_sin, cu_seqlens=None, cache: "CacheView | None" = None):
+    def forward(self, x, cos, signed_sin, cu_seqlens=None, cache: "CacheView | None" = None,
+                prompts: SharedPrompts | None = None):
         B, T, _ = x.shape
         qkv = self.qkv_proj(x)  # (B, T, q + k + v): one GEMM
         if cache is not None and cu_seqlens is None and T == 1:
@@ -411,7 +461,9 @@ class Attention(nn.Module):
         if cos.dtype != q.dtype:  # under autocast q is bf16 while the residual stream is fp32
             cos, signed_sin = cos.to(q.dtype), signed_sin.to(q.dtype)
         q, k = apply_rope(q, cos, signed_sin), apply_rope(k, cos, signed_sin)
-        if cache is None:
+        if prompts is not None:
+            y = prompts.attention(q, k, v)
+        elif cache is None:
             y = attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
         elif cu_seqlens is not None:  # packed prefill: write the prompts' blocks, then varlen attention
             cache.write(*cache.layer(self.layer_index), k, v)
@@ -476,12 +528,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, delta, cos, signed_sin, cu_seqlens=None, cache=None):
+    def forward(self, x, delta, cos, signed_sin, cu_seqlens=None, cache=None, prompts=None):
         """x is the residual stream before the previous block's MLP output `delta` is added (None for the first
         block): each residual add happens in the norm that follows it (add_rms_norm: one launch with its Triton
         kernel). Returns (the residual stream, this block's MLP output, not yet added)."""
         x, normed = add_then_norm(x, delta, self.input_layernorm)
-        attended = self.self_attn(normed, cos, signed_sin, cu_seqlens, cache)
+        attended = self.self_attn(normed, cos, signed_sin, cu_seqlens, cache, prompts)
         x, normed = add_then_norm(x, attended, self.post_attention_layernorm)
         return x, self.mlp(normed)
 
@@ -515,14 +567,16 @@ class Transformer(nn.Module):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache=None, return_hidden=False,
-                targets=None, temperature=1.0, return_entropy=False):
+                targets=None, temperature=1.0, return_entropy=False, prompts: SharedPrompts | None = None):
         """input_ids (B, T). position_ids (B, T) default 0..T-1. cu_seqlens (n_docs + 1,) int32 prefix sums of
         document lengths for a packed row (B must be 1). cache: the sampler's CacheView (which cache blocks and
         positions this call reads and writes; position_ids default to its positions).
         Returns float32 logits (B, T, vocab); or the final normed hidden states (B, T, dim) with return_hidden;
         or, given targets (B, T) (IGNORE_INDEX where none), the float32 log-prob of each target (B, T) (and the
         entropy) from the fused log-prob path, never the logits. The head runs inside forward so that DDP and
-        FSDP2 see it as part of the model."""
+        FSDP2 see it as part of the model. prompts: completions continuing shared prompts (SharedPrompts; input_ids
+        and position_ids are its own), where targets (N, Tc) are the completion tokens each position predicts
+        (IGNORE_INDEX where none); the result is (N, Tc)."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T) if cache is None else cache.positions
@@ -556,10 +610,12 @@ class Transformer(nn.Module):
         for block in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x, delta = torch.utils.checkpoint.checkpoint(block, x, delta, cos, signed_sin, cu_seqlens, cache,
-                                                             use_reentrant=False)
+                                                             prompts, use_reentrant=False)
             else:
-                x, delta = block(x, delta, cos, signed_sin, cu_seqlens, cache)
+                x, delta = block(x, delta, cos, signed_sin, cu_seqlens, cache, prompts)
         _, x = add_then_norm(x, delta, self.model.norm)
+        if prompts is not None:  # (N, Tc, dim): the state that predicts each completion token
+            x = x[0, prompts.predictors]
         if return_hidden:
             return x
         if targets is not None:
@@ -672,6 +728,34 @@ def sequence_logprobs(model, input_ids, position_ids=None, cu_seqlens=None, temp
                    temperature=temperature, return_entropy=return_entropy)
     shift = lambda values: torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)  # (B, T)
     return tuple(shift(r) for r in result) if return_entropy else shift(result)
+
+
+def shared_prompt_logprobs(model, input_ids, prompt_lengths, lengths, temperature=1.0, return_entropy=False,
+                           loss_mask=None):
+    """sequence_logprobs at the completion tokens of right-padded (prompt + completion) rows, where consecutive rows
+    that repeat a prompt (GRPO's groups) share one forward of it (SharedPrompts). prompt_lengths and lengths (B,)
+    count each row's prompt and prompt + completion tokens. Prompt positions read 0, as do the tokens loss_mask
+    (B, T) leaves out; the values equal sequence_logprobs' up to float rounding."""
+    B, T = input_ids.shape
+    device = input_ids.device
+    prompt_len = int(prompt_lengths.max())
+    prompt_part = input_ids[:, :prompt_len].masked_fill(
+        torch.arange(prompt_len, device=device) >= prompt_lengths[:, None], -1)
+    new_prompt = torch.ones(B, dtype=torch.bool, device=device)
+    new_prompt[1:] = (prompt_part[1:] != prompt_part[:-1]).any(1)
+    completion_lengths = lengths - prompt_lengths
+    steps = torch.arange(int(completion_lengths.max()), device=device)
+    in_completion = steps < completion_lengths[:, None]  # (B, Tc)
+    positions = (prompt_lengths[:, None] + steps).clamp(max=T - 1)  # (B, Tc): each completion token's column
+    completion_ids = input_ids.gather(1, positions)
+    scored = in_completion if loss_mask is None else in_completion & loss_mask.gather(1, positions).bool()
+    layout = SharedPrompts(input_ids[new_prompt, :prompt_len], prompt_lengths[new_prompt], completion_ids,
+                           new_prompt.cumsum(0) - 1)
+    result = model(layout.input_ids, position_ids=layout.position_ids, targets=completion_ids.masked_fill(
+        ~scored, IGNORE_INDEX), temperature=temperature, return_entropy=return_entropy, prompts=layout)
+    rows, columns = in_completion.nonzero(as_tuple=True)
+    place = lambda values: values.new_zeros(B, T).index_put((rows, positions[rows, columns]), values[rows, columns])
+    return tuple(place(r) for r in result) if return_entropy else place(result)
 
 
 def checkpoint_files(path) -> list[str]:

@@ -60,7 +60,7 @@ from common import (MetricsLog, all_gather_objects, all_reduce_sum, autocast_for
                     parse_config, resume_checkpoint, save_checkpoint, set_gradient_sync, sampling_copy, wrap_model)
 from data import Tokenizer
 from kernels.logprob import kl_full
-from model import Transformer, sequence_logprobs
+from model import Transformer, sequence_logprobs, shared_prompt_logprobs
 from sampler import generate
 from tasks import INSTRUCTION, JsonlTask, check_problems, get_task, heldout_accuracy, score
 
@@ -112,9 +112,11 @@ class Config:
     warmup_steps: int = 5
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    micro_batch_size: int = 64  # sequences per forward/backward on one rank
+    micro_batch_size: int = 128  # sequences per forward/backward on one rank
     pack: Literal["auto", "true", "false"] = "auto"  # the training passes on packed rows (no padding, varlen
     # attention); auto: on CUDA only (the CPU attention of packed rows masks a (tokens x tokens) square)
+    share_prompts: Literal["auto", "true", "false"] = "auto"  # the training passes run each prompt's forward once
+    # for its group, the G completions reading its keys (model.SharedPrompts); auto: when not packing (the CPU)
     # system
     device: Literal["auto", "cpu", "cuda"] = "auto"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: rollouts then use a gathered full copy of the weights per rank
@@ -234,12 +236,14 @@ class Sample:
 @dataclass
 class Batch:
     """This rank's samples as right-padded (prompt + completion) rows; every tensor (B, T) except lengths and
-    advantages (B,). The training passes read them packed when --pack is on (packed_logprobs)."""
+    advantages (B,). The training passes read them in the layout --pack and --share_prompts choose
+    (packed_logprobs)."""
     input_ids: torch.Tensor
     completion_mask: torch.Tensor  # 1 on the completion tokens, the stop token included (so stopping is learned)
     sampler_logprobs: torch.Tensor  # the sampler's log-probs at the completion tokens, 0 elsewhere
     lengths: torch.Tensor  # prompt + completion tokens of each row
-    pack: bool = False
+    prompt_lengths: torch.Tensor
+    layout: str = "padded"  # how the training passes read the rows: "padded", "packed" or "shared" prompts
     advantages: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None  # when a KL estimate needs them
     old_logprobs: torch.Tensor | None = None  # pi_old, for --mu > 1 (with mu = 1, pi_old is pi detached)
@@ -286,7 +290,7 @@ def collect_rollouts(model, tokenizer, task, problems, config, step, rank, world
     return samples[:wanted], rounds, equal_groups
 
 
-def collate(samples, pad_id, device, pack=False) -> Batch:
+def collate(samples, pad_id, device, layout="padded") -> Batch:
     longest = max(len(s.prompt) + len(s.tokens) for s in samples)
     input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
     completion_mask = torch.zeros((len(samples), longest), dtype=torch.long)
@@ -297,19 +301,23 @@ def collate(samples, pad_id, device, pack=False) -> Batch:
         completion_mask[row, begin:end] = 1
         sampler_logprobs[row, begin:end] = torch.tensor(s.sampler_logprobs)
     lengths = torch.tensor([len(s.prompt) + len(s.tokens) for s in samples])
+    prompt_lengths = torch.tensor([len(s.prompt) for s in samples])
     return Batch(input_ids.to(device), completion_mask.to(device), sampler_logprobs.to(device), lengths.to(device),
-                 pack)
+                 prompt_lengths.to(device), layout)
 
 
 def packed_logprobs(model, batch, rows, temperature, return_entropy=False):
-    """sequence_logprobs of batch rows at their completion tokens, in the padded (B, T) layout. With batch.pack the
-    rows run as one packed row (documents back to back, no padding, positions restarting at 0) and the results are
-    put back in place; the values equal the padded pass's up to float rounding."""
-    input_ids, mask = batch.input_ids[rows], batch.completion_mask[rows]
-    if not batch.pack:
+    """sequence_logprobs of batch rows at their completion tokens, in the padded (B, T) layout. Packed, the rows run
+    as one packed row (documents back to back, no padding, positions restarting at 0); with shared prompts, each
+    group's prompt runs once and its completions read its keys (shared_prompt_logprobs). Either way the results are
+    put back in place, and the values equal the padded pass's up to float rounding."""
+    input_ids, mask, lengths = batch.input_ids[rows], batch.completion_mask[rows], batch.lengths[rows]
+    if batch.layout == "shared":
+        return shared_prompt_logprobs(model, input_ids, batch.prompt_lengths[rows], lengths, temperature,
+                                      return_entropy, loss_mask=mask)
+    if batch.layout == "padded":
         return sequence_logprobs(model, input_ids, temperature=temperature, return_entropy=return_entropy,
                                  loss_mask=mask)
-    lengths = batch.lengths[rows]
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     real = positions < lengths[:, None]  # (B, T): the tokens that are not padding
     cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
@@ -444,7 +452,11 @@ def main(argv=None):
     rank, world_size, device = init_distributed(config.device)
     master = rank == 0
     torch.manual_seed(config.seed)
-    pack = device.type == "cuda" if config.pack == "auto" else config.pack == "true"
+    if config.pack == "auto":
+        pack = device.type == "cuda" and config.share_prompts != "true"
+    else:
+        pack = config.pack == "true"
+    layout = "packed" if pack else "padded" if config.share_prompts == "false" else "shared"
     if config.prompts_per_step % world_size:
         raise SystemExit(f"prompts_per_step={config.prompts_per_step} must be a multiple of the {world_size} ranks")
 
@@ -475,7 +487,7 @@ def main(argv=None):
                                                          world_size)
         times["rollout"], t0 = time.time() - t0, time.time()
         # 3. the reference's and pi_old's log-probs, a KL-in-reward penalty, advantages within each group
-        batch = collate(samples, tokenizer.pad_token_id, device, pack) if samples else None
+        batch = collate(samples, tokenizer.pad_token_id, device, layout) if samples else None
         reward_kl = score_batch(batch, samples, model, ref_model, config, device)
         times["score"], t0 = time.time() - t0, time.time()
         # 4-7. mu epochs of PPO-clip with the KL term, normalised by the global counts
@@ -562,6 +574,8 @@ def check_config(config):
     if config.data and config.task != "demo":
         raise SystemExit(f"--data={config.data} and --task={config.task}: name the problems once (--data=<file> is "
                          f"--task=<file>)")
+    if config.share_prompts == "true" and config.pack == "true":
+        raise SystemExit("--share_prompts=true and --pack=true are two layouts of the training passes: choose one")
     if config.kl_estimator == "full" and config.parallel == "fsdp" and config.beta > 0:
         raise SystemExit("--kl_estimator=full reads the LM head outside the forward: use --parallel=ddp")
     if config.dynamic_sampling and config.parallel == "fsdp":

@@ -451,7 +451,7 @@ def grpo_step(model, shape, device, smoke, mfu):
     all_tokens = completion_tokens + len(samples) * prompt_len
     for pack, checkpointing in [(False, False), (True, False), (True, True)]:
         model.gradient_checkpointing = checkpointing
-        batch = train_grpo.collate(samples, 0, torch.device(device), pack=pack)
+        batch = train_grpo.collate(samples, 0, torch.device(device), "packed" if pack else "padded")
         reset_peak(device)
 
         def no_grad_pass():  # what the reference (or pi_old) pass costs

@@ -21,7 +21,8 @@ wrapping GRPOTrainer's own methods: _generate (generation), _calculate_rewards (
 _get_per_token_logps_and_entropies on the reference model (reference pass), the rest of _prepare_inputs (other
 prep: padding, advantages), compute_loss (forward+loss), training_step minus those (backward), and the rest of the
 step (gradient clipping, optimizer step, zero_grad). TRL's step is timed from on_step_begin to on_step_end.
-Without trl installed the TRL side is skipped with a message; ours runs alone.
+Without trl installed the TRL side is skipped with a message; ours runs alone. The side ours-padded is ours with
+--share_prompts=false: the same steps with every completion's prompt recomputed in the training passes.
 """
 
 import argparse
@@ -128,11 +129,11 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_ours(args, work):
+def run_ours(args, work, share_prompts):
     import train_grpo
 
-    out_dir = os.path.join(work, "ours_out")
-    train_grpo.main([f"--data={work}/problems.jsonl", f"--model={work}/model",
+    out_dir = os.path.join(work, f"ours_out_{share_prompts}")
+    train_grpo.main([f"--share_prompts={share_prompts}", f"--data={work}/problems.jsonl", f"--model={work}/model",
                      f"--prompts_per_step={args.prompts_per_step}", f"--group_size={args.group_size}",
                      f"--max_new_tokens={args.max_new_tokens}", "--temperature=1", "--beta=0.04", "--kl_estimator=k3",
                      "--lr=1e-5", "--warmup_steps=0", "--eval_problems=0", f"--max_steps={args.steps}",
@@ -245,8 +246,8 @@ def child(args):
     torch.set_num_threads(args.threads)
     work = args.work
     extra = {}
-    if args.child == "ours":
-        steps = run_ours(args, work)
+    if args.child in ("ours", "ours-padded"):
+        steps = run_ours(args, work, share_prompts="true" if args.child == "ours" else "false")
     else:
         steps, extra = run_trl(args, work)
     result = dict(side=args.child, steps=steps, peak_rss_mb=peak_rss_mb(), threads=torch.get_num_threads(), **extra)
@@ -329,10 +330,11 @@ def print_setting(vocab, args, params, results, warmup):
           f"{args.max_new_tokens} new tokens, {args.steps} step(s) (mean of steps {warmup + 1}..{args.steps})")
     summaries = {side: summarise(r, warmup) for side, r in results.items()}
     ours = summaries.get("ours")
-    print(f"{'side':<6} {'tok/s':>9} {'ours/TRL':>9} {'s/step':>8} {'tokens/step':>12} {'peak RSS':>10} {'process':>9}")
+    print(f"{'side':<11} {'tok/s':>9} {'ours/side':>9} {'s/step':>8} {'tokens/step':>12} {'peak RSS':>10} "
+          f"{'process':>9}")
     for side, s in summaries.items():
-        ratio = f"{ours['tokens_per_s'] / s['tokens_per_s']:.2f}x" if side == "trl" and ours else ""
-        print(f"{side:<6} {s['tokens_per_s']:>9,.0f} {ratio:>9} {s['step_s']:>8.2f} {s['tokens']:>12,.0f} "
+        ratio = f"{ours['tokens_per_s'] / s['tokens_per_s']:.2f}x" if side != "ours" and ours else ""
+        print(f"{side:<11} {s['tokens_per_s']:>9,.0f} {ratio:>9} {s['step_s']:>8.2f} {s['tokens']:>12,.0f} "
               f"{s['peak_rss_mb']:>8,.0f}MB {results[side]['wall_s']:>8.1f}s")
     if ours and "trl" in summaries:
         trl = summaries["trl"]
@@ -360,7 +362,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="steps per side, the first is warm-up (default 3; 2 "
                         "with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny and fast: 2 prompts x G=4, 16 tokens, 2 steps")
-    parser.add_argument("--sides", default="ours,trl", help="ours, trl or both (comma-separated)")
+    parser.add_argument("--sides", default="ours,ours-padded,trl", help="ours (each group's prompt once in the "
+                        "training passes, the CPU default), ours-padded (--share_prompts=false), trl; comma-separated")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of each side")
     parser.add_argument("--trl_gradient_checkpointing", type=lambda v: v.lower() in ("1", "true", "yes"),
                         default=False, help="TRL's GRPOConfig default is true; ours runs without (so false here)")
@@ -368,7 +371,8 @@ def main(argv=None):
     parser.add_argument("--prompts_per_step", type=int, default=None)
     parser.add_argument("--group_size", type=int, default=None)
     parser.add_argument("--max_new_tokens", type=int, default=None)
-    parser.add_argument("--_child", choices=["ours", "trl"], default=None, dest="child", help=argparse.SUPPRESS)
+    parser.add_argument("--_child", choices=["ours", "ours-padded", "trl"], default=None, dest="child",
+                        help=argparse.SUPPRESS)
     parser.add_argument("--_work", default=None, dest="work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL

@@ -34,6 +34,7 @@ TRACES = "tests/test_make_traces.py::"
 TASKS = "tests/test_tasks.py::"
 PROMPT = TASKS + "test_training_and_evaluation_send_the_same_prompt_for_every_kind_of_task"
 SCORE = TASKS + "test_score_adds_the_format_reward_and_the_overlong_penalty_to_the_task_reward"
+SHARED_PROMPTS = MODEL + "test_shared_prompts_give_the_padded_rows_log_probs_and_gradients"
 
 
 def mutant(name, file, original, mutated, tests):
@@ -261,7 +262,7 @@ MUTANTS = [
     mutant("packed_logprobs_put_back_column_major", "train_grpo.py",
            "return packed.new_zeros(input_ids.shape).masked_scatter(real, packed[0])",
            "return packed.new_zeros(input_ids.shape).T.masked_scatter(real.T, packed[0]).T",
-           [GRPO + "test_packed_training_passes_equal_padded_ones"]),
+           [GRPO + "test_packed_and_shared_prompt_training_passes_equal_padded_ones"]),
     mutant("empty_rank_skips_the_batch_std_all_reduce", "train_grpo.py",
            '    if config.scale_rewards == "batch":\n        count = all_reduce_sum(len(rewards), device)',
            '    if config.scale_rewards == "batch" and batch is not None:\n        count = all_reduce_sum(len(rewards), device)',
@@ -306,6 +307,27 @@ MUTANTS = [
            "_, x = add_then_norm(x, delta, self.model.norm)",
            "x = self.model.norm(x)",
            [MODEL + "test_logits_match_transformers"]),
+    # shared prompts in the training passes (issue 18): each group's prompt once, its completions reading its keys
+    mutant("completions_see_a_key_past_their_prompt", "model.py",
+           "prompt_visible = torch.arange(Tp, device=device) < starts[:, None]",
+           "prompt_visible = torch.arange(Tp, device=device) <= starts[:, None]",
+           [SHARED_PROMPTS]),
+    mutant("first_completion_token_predicted_from_the_wrong_prompt_position", "model.py",
+           "self.predictors = torch.cat([(prompt_index * Tp + starts - 1)[:, None], previous[:, 1:]], dim=1)",
+           "self.predictors = torch.cat([(prompt_index * Tp + starts - 2)[:, None], previous[:, 1:]], dim=1)",
+           [SHARED_PROMPTS]),
+    mutant("completion_positions_start_one_late", "model.py",
+           "(starts[:, None] + steps).reshape(-1)])[None]",
+           "(starts[:, None] + steps + 1).reshape(-1)])[None]",
+           [SHARED_PROMPTS]),
+    mutant("prompts_of_one_length_shared", "model.py",
+           "new_prompt[1:] = (prompt_part[1:] != prompt_part[:-1]).any(1)",
+           "new_prompt[1:] = prompt_lengths[1:] != prompt_lengths[:-1]",
+           [SHARED_PROMPTS]),
+    mutant("auto_layout_never_shares_prompts", "train_grpo.py",
+           "layout = \"packed\" if pack else \"padded\" if config.share_prompts == \"false\" else \"shared\"",
+           "layout = \"packed\" if pack else \"padded\" if config.share_prompts != \"true\" else \"shared\"",
+           [GRPO + "test_auto_layout_shares_prompts_on_the_cpu_and_one_layout_at_a_time"]),
 ]
 
 

@@ -40,6 +40,7 @@ def test_ours(smoke_output):
     tokens_per_s, peak_mb = row(smoke_output, "ours")
     assert tokens_per_s > 0 and peak_mb > 0
     assert re.search(r"^  ours  rollout [\d.]+ \| score [\d.]+ \| update [\d.]+$", smoke_output, re.M)
+    assert row(smoke_output, "ours-padded")[0] > 0  # --share_prompts=false beside it
     if not trl_installed():
         assert "TRL is not installed" in smoke_output
 

@@ -211,6 +211,62 @@ def test_a_loss_mask_scores_only_its_tokens_with_the_same_values_and_gradients(t
         assert torch.allclose(grads[name], full_grads[name], atol=1e-6), name
 
 
+@pytest.mark.parametrize("family", ["qwen2-tied", "qwen3-untied", "llama3-rope-scaling"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompts_give_the_padded_rows_log_probs_and_gradients(tmp_path, monkeypatch, family, checkpointing):
+    """shared_prompt_logprobs runs each run of consecutive rows with one prompt as one prompt forward plus its
+    completions (model.SharedPrompts): the log-probs, entropies and parameter gradients of sequence_logprobs over
+    the right-padded rows, in float64. The rows: groups of different prompt lengths, a prompt repeated after another
+    (not shared: not consecutive), two prompts of one length, a row whose loss mask is empty, one-token
+    completions, padding."""
+    import model as model_module
+    from model import sequence_logprobs, shared_prompt_logprobs
+
+    write_hf_checkpoint(tmp_path, **FAMILIES[family])
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 300, (n,), generator=generator).tolist() for n in (7, 2, 12, 7)]
+    groups = [(prompts[0], 3), (prompts[3], 1), (prompts[1], 2), (prompts[2], 1), (prompts[0], 2)]
+    rows = [(p, torch.randint(3, 300, (int(torch.randint(1, 9, (), generator=generator)),), generator=generator)
+             .tolist()) for p, size in groups for _ in range(size)]
+    rows[1] = (rows[1][0], rows[1][1][:1])
+    T = max(len(p) + len(c) for p, c in rows) + 2
+    ids, loss_mask = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+        loss_mask[i, len(p):len(p) + len(c)] = 1
+    loss_mask[5] = 0
+    prompt_lengths = torch.tensor([len(p) for p, _ in rows])
+    lengths = torch.tensor([len(p) + len(c) for p, c in rows])
+    weights = torch.rand(len(rows), T, generator=generator, dtype=torch.float64)
+    layouts = []
+
+    class Recorded(model_module.SharedPrompts):
+        def __init__(self, *args):
+            super().__init__(*args)
+            layouts.append(self)
+
+    monkeypatch.setattr(model_module, "SharedPrompts", Recorded)
+    results = []
+    for shared in (False, True):
+        model = Transformer.from_pretrained(tmp_path).double()
+        model.gradient_checkpointing = checkpointing
+        model.train()
+        if shared:
+            logprobs, entropy = shared_prompt_logprobs(model, ids, prompt_lengths, lengths, temperature=0.8,
+                                                       return_entropy=True, loss_mask=loss_mask)
+        else:
+            logprobs, entropy = sequence_logprobs(model, ids, temperature=0.8, return_entropy=True,
+                                                  loss_mask=loss_mask)
+        ((logprobs * weights).sum() + (entropy * weights).sum() * 0.3).backward()
+        results.append((logprobs, entropy, {n: p.grad for n, p in model.named_parameters()}))
+    (padded_lp, padded_ent, padded_grads), (lp, ent, grads) = results
+    assert [(layout.prompts, layout.completions) for layout in layouts] == [(5, 9)]
+    assert int((lp != 0).sum()) == int(loss_mask.sum()) and torch.all(lp[~loss_mask.bool()] == 0)
+    assert (lp - padded_lp).abs().max() < 1e-12 and (ent - padded_ent).abs().max() < 1e-12
+    for name in padded_grads:
+        assert torch.allclose(grads[name], padded_grads[name], atol=1e-12, rtol=0), name
+
+
 def test_gradient_checkpointing_gives_same_gradients(tmp_path):
     write_hf_checkpoint(tmp_path, family="llama")
     ids = torch.randint(0, 300, (2, 16))

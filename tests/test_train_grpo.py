@@ -442,22 +442,41 @@ def test_collate_marks_the_completion_and_its_stop_token_only():
     assert torch.equal(batch.sampler_logprobs, -0.5 * completion_mask)  # the sampler's, at the completion tokens
 
 
-def test_packed_training_passes_equal_padded_ones(tmp_path, demo_model, monkeypatch):
-    """--pack=true runs the policy, reference and pi_old passes on packed rows (varlen attention, no padding) and
-    puts the log-probs back in place: the same metrics and the same update as padded rows, up to float rounding."""
+@pytest.mark.parametrize("layout", ["packed", "shared"])
+def test_packed_and_shared_prompt_training_passes_equal_padded_ones(tmp_path, demo_model, monkeypatch, layout):
+    """--pack=true runs the policy, reference and pi_old passes on packed rows (varlen attention, no padding);
+    --share_prompts=true runs each group's prompt once, its completions reading its keys (groups of 4 split over
+    micro-batches of 3 too). Both put the log-probs back in place: the same metrics and the same update as padded
+    rows, up to float rounding."""
     from safetensors.torch import load_file
 
     monkeypatch.setattr(train_grpo, "rollout", fake_rollout)
+    calls = {"packed": [], "shared": []}
+    spy(monkeypatch, "shared_prompt_logprobs", calls["shared"])
+    flags = {"padded": ["--pack=false", "--share_prompts=false"], "packed": ["--pack=true", "--share_prompts=false"],
+             "shared": ["--pack=auto", "--share_prompts=true"]}
     metrics, weights = {}, {}
-    for pack in ("false", "true"):
-        metrics[pack] = train_grpo.main(TINY + [f"--model={demo_model}", f"--out_dir={tmp_path / pack}", "--beta=0.1",
-                                                "--mu=2", "--micro_batch_size=3", f"--pack={pack}"])
-        weights[pack] = load_file(tmp_path / pack / "final" / "model.safetensors")
+    for name in ("padded", layout):
+        metrics[name] = train_grpo.main(TINY + [f"--model={demo_model}", f"--out_dir={tmp_path / name}", "--beta=0.1",
+                                                "--mu=2", "--micro_batch_size=3"] + flags[name])
+        weights[name] = load_file(tmp_path / name / "final" / "model.safetensors")
+    # per step: the reference pass, the pi_old pass and 2 epochs of 6 micro-batches
+    assert len(calls["shared"]) == (2 * 14 if layout == "shared" else 0)
     for key in ("reward", "kl", "entropy", "mismatch", "ratio_max_dev", "grad_norm"):
-        assert metrics["true"][key] == pytest.approx(metrics["false"][key], rel=1e-4, abs=1e-6), key
-    assert metrics["true"]["kl"] > 1e-6  # the policy moved, so the packed reference pass is compared
-    for name, tensor in weights["false"].items():
-        assert torch.allclose(tensor, weights["true"][name], atol=1e-5), name
+        assert metrics[layout][key] == pytest.approx(metrics["padded"][key], rel=1e-4, abs=1e-6), key
+    assert metrics[layout]["kl"] > 1e-6  # the policy moved, so the reference pass is compared
+    for name, tensor in weights["padded"].items():
+        assert torch.allclose(tensor, weights[layout][name], atol=1e-5), name
+
+
+def test_auto_layout_shares_prompts_on_the_cpu_and_one_layout_at_a_time(tmp_path, demo_model, monkeypatch):
+    monkeypatch.setattr(train_grpo, "rollout", fake_rollout)
+    batches = []
+    spy(monkeypatch, "collate", batches)
+    train_grpo.main(TINY + [f"--model={demo_model}", f"--out_dir={tmp_path}", "--max_steps=1"])
+    assert [batch.layout for _, _, batch in batches] == ["shared"]
+    with pytest.raises(SystemExit, match="--share_prompts=true and --pack=true"):
+        train_grpo.main(["--share_prompts=true", "--pack=true"])
 
 
 def test_sampler_and_trainer_log_probs_agree_at_temperature_0_7(tmp_path, demo_model):
