@@ -384,48 +384,57 @@ def cached_decode_attention(q, keys, values, key_bias):
 class SharedPrompts:
     """The layout of a training pass over completions that continue shared prompts (GRPO's G samples of each
     prompt), so that each prompt's forward runs once however many completions continue it. The model sees one row
-    of P * Tp + N * Tc tokens: the P distinct prompts right-padded to Tp, then the N completions right-padded to Tc.
-    The token-wise layers (projections, norms, MLP) treat it as any row; attention splits it: a prompt attends
-    causally to itself, a completion to its prompt's real tokens and to its own past. A prompt's keys and values
-    are indexed once per completion that reads them, so autograd sums their gradients over the group."""
+    without padding: the real tokens of the P distinct prompts, then those of the N completions. The token-wise
+    layers (projections, norms, MLP) treat it as any row; attention puts it into padded batches, prompts (P, Tp) and
+    completions (N, Tc): a prompt attends causally to itself, a completion to its prompt's real tokens and to its own
+    past. A prompt's keys and values are indexed once per completion that reads them, so autograd sums their
+    gradients over the group."""
 
-    def __init__(self, prompt_ids, prompt_lengths, completion_ids, prompt_index):
-        """prompt_ids (P, Tp) and completion_ids (N, Tc), right-padded; prompt_lengths (P,); prompt_index (N,) the
-        prompt each completion continues."""
+    def __init__(self, prompt_ids, prompt_lengths, completion_ids, completion_lengths, prompt_index):
+        """prompt_ids (P, Tp) and completion_ids (N, Tc), right-padded, with their lengths (P,) and (N,) (each at
+        least 1); prompt_index (N,) the prompt each completion continues."""
         (P, Tp), (N, Tc) = prompt_ids.shape, completion_ids.shape
         device = prompt_ids.device
-        self.prompt_index, self.prompts, self.prompt_len, self.completions, self.completion_len = (
-            prompt_index, P, Tp, N, Tc)
-        self.input_ids = torch.cat([prompt_ids.reshape(-1), completion_ids.reshape(-1)])[None]  # (1, total)
-        starts = prompt_lengths[prompt_index]  # (N,): a completion's first position is its prompt's length
+        self.prompt_index = prompt_index
+        self.prompt_real = torch.arange(Tp, device=device) < prompt_lengths[:, None]  # (P, Tp)
         steps = torch.arange(Tc, device=device)
-        self.position_ids = torch.cat([torch.arange(Tp, device=device).repeat(P),
-                                       (starts[:, None] + steps).reshape(-1)])[None]
-        prompt_visible = torch.arange(Tp, device=device) < starts[:, None]  # (N, Tp)
+        self.completion_real = steps < completion_lengths[:, None]  # (N, Tc)
+        self.prompt_tokens = int(prompt_lengths.sum())
+        self.input_ids = torch.cat([prompt_ids[self.prompt_real], completion_ids[self.completion_real]])[None]
+        starts = prompt_lengths[prompt_index]  # (N,): a completion's first position is its prompt's length
+        self.position_ids = torch.cat([torch.arange(Tp, device=device).expand(P, Tp)[self.prompt_real],
+                                       (starts[:, None] + steps)[self.completion_real]])[None]
         own_past = steps[None, :] <= steps[:, None]  # (Tc, Tc)
+        prompt_visible = torch.arange(Tp, device=device) < starts[:, None]  # (N, Tp)
         self.visible = torch.cat([prompt_visible[:, None].expand(N, Tc, Tp), own_past.expand(N, Tc, Tc)],
                                  dim=2)[:, None]  # (N, 1, Tc, Tp + Tc)
-        # the row position whose hidden state predicts each completion token: the prompt's last real token for
-        # the first, the completion's previous token after that
-        previous = P * Tp + torch.arange(N, device=device)[:, None] * Tc + steps - 1
-        self.predictors = torch.cat([(prompt_index * Tp + starts - 1)[:, None], previous[:, 1:]], dim=1)  # (N, Tc)
+        # where each completion token's predictor sits in the row: its prompt's last token for the first token, the
+        # completion's previous token after that (padding: any row position; nothing reads it)
+        prompt_at = (self.prompt_real.flatten().cumsum(0) - 1).view(P, Tp)
+        completion_at = (self.completion_real.flatten().cumsum(0) - 1).view(N, Tc) + self.prompt_tokens
+        self.predictors = torch.cat([prompt_at[prompt_index, starts - 1][:, None], completion_at[:, :-1]],
+                                    dim=1).clamp(min=0)  # (N, Tc)
 
     def attention(self, q, k, v):
-        """q (1, n_head, total, head_dim), k and v (1, n_kv_head, total, head_dim), rope applied -> the same
+        """q (1, n_head, tokens, head_dim), k and v (1, n_kv_head, tokens, head_dim), rope applied -> the same
         layout as q."""
-        cut = self.prompts * self.prompt_len
 
-        def prompts(t):  # (P, heads, Tp, head_dim)
-            return t[0, :, :cut].unflatten(1, (self.prompts, self.prompt_len)).transpose(0, 1)
+        def padded(t, real, first):  # (rows, heads, T, head_dim), zeros at the padding
+            rows = t.new_zeros(*real.shape, t.shape[1], t.shape[3])
+            rows[real] = t[0, :, first: first + int(real.sum())].transpose(0, 1)
+            return rows.transpose(1, 2)
 
-        def completions(t):  # (N, heads, Tc, head_dim)
-            return t[0, :, cut:].unflatten(1, (self.completions, self.completion_len)).transpose(0, 1)
+        def unpadded(t, real):  # (heads, tokens, head_dim)
+            return t.transpose(1, 2)[real].transpose(0, 1)
 
-        prompt_out = attention(prompts(q), prompts(k), prompts(v), causal=True)
-        keys = torch.cat([prompts(k)[self.prompt_index], completions(k)], dim=2)  # (N, kv_heads, Tp + Tc, head_dim)
-        values = torch.cat([prompts(v)[self.prompt_index], completions(v)], dim=2)
-        completion_out = attention(completions(q), keys, values, causal=False, attn_mask=self.visible)
-        return torch.cat([prompt_out.transpose(0, 1).flatten(1, 2), completion_out.transpose(0, 1).flatten(1, 2)],
+        cut = self.prompt_tokens
+        prompt_k, prompt_v = padded(k, self.prompt_real, 0), padded(v, self.prompt_real, 0)
+        prompt_out = attention(padded(q, self.prompt_real, 0), prompt_k, prompt_v, causal=True)
+        keys = torch.cat([prompt_k[self.prompt_index], padded(k, self.completion_real, cut)], dim=2)
+        values = torch.cat([prompt_v[self.prompt_index], padded(v, self.completion_real, cut)], dim=2)
+        completion_out = attention(padded(q, self.completion_real, cut), keys, values, causal=False,
+                                   attn_mask=self.visible)
+        return torch.cat([unpadded(prompt_out, self.prompt_real), unpadded(completion_out, self.completion_real)],
                          dim=1)[None]
 
 
@@ -750,7 +759,7 @@ def shared_prompt_logprobs(model, input_ids, prompt_lengths, lengths, temperatur
     completion_ids = input_ids.gather(1, positions)
     scored = in_completion if loss_mask is None else in_completion & loss_mask.gather(1, positions).bool()
     layout = SharedPrompts(input_ids[new_prompt, :prompt_len], prompt_lengths[new_prompt], completion_ids,
-                           new_prompt.cumsum(0) - 1)
+                           completion_lengths, new_prompt.cumsum(0) - 1)
     result = model(layout.input_ids, position_ids=layout.position_ids, targets=completion_ids.masked_fill(
         ~scored, IGNORE_INDEX), temperature=temperature, return_entropy=return_entropy, prompts=layout)
     rows, columns = in_completion.nonzero(as_tuple=True)

@@ -180,6 +180,9 @@ def test_headline_runs_quick(tmp_path):
     run = json.loads((tmp_path / "runs" / "seed_3" / "result.json").read_text())
     assert run["seed"] == 3 and run["eval_problems"] == 16 and run["gain"] == run["grpo_accuracy"] - run["sft_accuracy"]
     assert stats["gain"][0] == run["gain"]
+    for checkpoint in ("sft", "grpo"):  # pass@1 over 4 samples per problem: half the sampling noise of one
+        scores = json.loads((tmp_path / "runs" / "seed_3" / f"eval_{checkpoint}" / "results.json").read_text())
+        assert scores["results"]["demo"]["n"] == run["eval_samples"] == 4
     assert "QUICK RUN" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "runs" / "seed_3" / "grpo" / "final" / "config.json").exists()
     os.remove(tmp_path / "runs" / "seed_3" / "sft.log")

@@ -260,7 +260,7 @@ def test_shared_prompts_give_the_padded_rows_log_probs_and_gradients(tmp_path, m
         ((logprobs * weights).sum() + (entropy * weights).sum() * 0.3).backward()
         results.append((logprobs, entropy, {n: p.grad for n, p in model.named_parameters()}))
     (padded_lp, padded_ent, padded_grads), (lp, ent, grads) = results
-    assert [(layout.prompts, layout.completions) for layout in layouts] == [(5, 9)]
+    assert [(len(layout.prompt_real), len(layout.completion_real)) for layout in layouts] == [(5, 9)]
     assert int((lp != 0).sum()) == int(loss_mask.sum()) and torch.all(lp[~loss_mask.bool()] == 0)
     assert (lp - padded_lp).abs().max() < 1e-12 and (ent - padded_ent).abs().max() < 1e-12
     for name in padded_grads:
