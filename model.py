@@ -399,7 +399,7 @@ class SharedPrompts:
         self.prompt_real = torch.arange(Tp, device=device) < prompt_lengths[:, None]  # (P, Tp)
         steps = torch.arange(Tc, device=device)
         self.completion_real = steps < completion_lengths[:, None]  # (N, Tc)
-        self.prompt_tokens = int(prompt_lengths.sum())
+        self.prompt_tokens, self.completion_tokens = int(prompt_lengths.sum()), int(completion_lengths.sum())
         self.input_ids = torch.cat([prompt_ids[self.prompt_real], completion_ids[self.completion_real]])[None]
         starts = prompt_lengths[prompt_index]  # (N,): a completion's first position is its prompt's length
         self.position_ids = torch.cat([torch.arange(Tp, device=device).expand(P, Tp)[self.prompt_real],
@@ -409,31 +409,31 @@ class SharedPrompts:
         self.visible = torch.cat([prompt_visible[:, None].expand(N, Tc, Tp), own_past.expand(N, Tc, Tc)],
                                  dim=2)[:, None]  # (N, 1, Tc, Tp + Tc)
         # where each completion token's predictor sits in the row: its prompt's last token for the first token, the
-        # completion's previous token after that (padding: any row position; nothing reads it)
+        # completion's previous token after that (at padding, the row's last real token before it: never scored)
         prompt_at = (self.prompt_real.flatten().cumsum(0) - 1).view(P, Tp)
         completion_at = (self.completion_real.flatten().cumsum(0) - 1).view(N, Tc) + self.prompt_tokens
         self.predictors = torch.cat([prompt_at[prompt_index, starts - 1][:, None], completion_at[:, :-1]],
-                                    dim=1).clamp(min=0)  # (N, Tc)
+                                    dim=1)  # (N, Tc)
 
     def attention(self, q, k, v):
         """q (1, n_head, tokens, head_dim), k and v (1, n_kv_head, tokens, head_dim), rope applied -> the same
         layout as q."""
 
-        def padded(t, real, first):  # (rows, heads, T, head_dim), zeros at the padding
+        def padded(t, real, first, count):  # (rows, heads, T, head_dim), zeros at the padding
             rows = t.new_zeros(*real.shape, t.shape[1], t.shape[3])
-            rows[real] = t[0, :, first: first + int(real.sum())].transpose(0, 1)
+            rows[real] = t[0, :, first: first + count].transpose(0, 1)
             return rows.transpose(1, 2)
 
         def unpadded(t, real):  # (heads, tokens, head_dim)
             return t.transpose(1, 2)[real].transpose(0, 1)
 
-        cut = self.prompt_tokens
-        prompt_k, prompt_v = padded(k, self.prompt_real, 0), padded(v, self.prompt_real, 0)
-        prompt_out = attention(padded(q, self.prompt_real, 0), prompt_k, prompt_v, causal=True)
-        keys = torch.cat([prompt_k[self.prompt_index], padded(k, self.completion_real, cut)], dim=2)
-        values = torch.cat([prompt_v[self.prompt_index], padded(v, self.completion_real, cut)], dim=2)
-        completion_out = attention(padded(q, self.completion_real, cut), keys, values, causal=False,
-                                   attn_mask=self.visible)
+        prompts = lambda t: padded(t, self.prompt_real, 0, self.prompt_tokens)
+        completions = lambda t: padded(t, self.completion_real, self.prompt_tokens, self.completion_tokens)
+        prompt_k, prompt_v = prompts(k), prompts(v)
+        prompt_out = attention(prompts(q), prompt_k, prompt_v, causal=True)
+        keys = torch.cat([prompt_k[self.prompt_index], completions(k)], dim=2)
+        values = torch.cat([prompt_v[self.prompt_index], completions(v)], dim=2)
+        completion_out = attention(completions(q), keys, values, causal=False, attn_mask=self.visible)
         return torch.cat([unpadded(prompt_out, self.prompt_real), unpadded(completion_out, self.completion_real)],
                          dim=1)[None]
 
@@ -584,10 +584,12 @@ class Transformer(nn.Module):
         or, given targets (B, T) (IGNORE_INDEX where none), the float32 log-prob of each target (B, T) (and the
         entropy) from the fused log-prob path, never the logits. The head runs inside forward so that DDP and
         FSDP2 see it as part of the model. prompts: completions continuing shared prompts (SharedPrompts; input_ids
-        and position_ids are its own), where targets (N, Tc) are the completion tokens each position predicts
-        (IGNORE_INDEX where none); the result is (N, Tc)."""
+        are its row, position_ids default to its positions), where targets (N, Tc) are the completion tokens each
+        position predicts (IGNORE_INDEX where none); the result is (N, Tc)."""
         B, T = input_ids.shape
-        if position_ids is None:
+        if position_ids is None and prompts is not None:
+            position_ids = prompts.position_ids
+        elif position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T) if cache is None else cache.positions
         if cache is not None:
             cache.locate()
@@ -743,8 +745,9 @@ def shared_prompt_logprobs(model, input_ids, prompt_lengths, lengths, temperatur
                            loss_mask=None):
     """sequence_logprobs at the completion tokens of right-padded (prompt + completion) rows, where consecutive rows
     that repeat a prompt (GRPO's groups) share one forward of it (SharedPrompts). prompt_lengths and lengths (B,)
-    count each row's prompt and prompt + completion tokens. Prompt positions read 0, as do the tokens loss_mask
-    (B, T) leaves out; the values equal sequence_logprobs' up to float rounding."""
+    count each row's prompt and prompt + completion tokens (each row: a prompt and a completion of at least one
+    token each). Prompt positions read 0, as do the tokens loss_mask (B, T) leaves out; the values equal
+    sequence_logprobs' up to float rounding."""
     B, T = input_ids.shape
     device = input_ids.device
     prompt_len = int(prompt_lengths.max())
@@ -760,8 +763,8 @@ def shared_prompt_logprobs(model, input_ids, prompt_lengths, lengths, temperatur
     scored = in_completion if loss_mask is None else in_completion & loss_mask.gather(1, positions).bool()
     layout = SharedPrompts(input_ids[new_prompt, :prompt_len], prompt_lengths[new_prompt], completion_ids,
                            completion_lengths, new_prompt.cumsum(0) - 1)
-    result = model(layout.input_ids, position_ids=layout.position_ids, targets=completion_ids.masked_fill(
-        ~scored, IGNORE_INDEX), temperature=temperature, return_entropy=return_entropy, prompts=layout)
+    result = model(layout.input_ids, targets=completion_ids.masked_fill(~scored, IGNORE_INDEX), temperature=temperature,
+                   return_entropy=return_entropy, prompts=layout)
     rows, columns = in_completion.nonzero(as_tuple=True)
     place = lambda values: values.new_zeros(B, T).index_put((rows, positions[rows, columns]), values[rows, columns])
     return tuple(place(r) for r in result) if return_entropy else place(result)

@@ -116,7 +116,8 @@ class Config:
     pack: Literal["auto", "true", "false"] = "auto"  # the training passes on packed rows (no padding, varlen
     # attention); auto: on CUDA only (the CPU attention of packed rows masks a (tokens x tokens) square)
     share_prompts: Literal["auto", "true", "false"] = "auto"  # the training passes run each prompt's forward once
-    # for its group, the G completions reading its keys (model.SharedPrompts); auto: when not packing (the CPU)
+    # for its group, the G completions reading its keys (model.SharedPrompts); auto: on the CPU only (not measured
+    # on a GPU, where packed rows run through the varlen kernel)
     # system
     device: Literal["auto", "cpu", "cuda"] = "auto"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: rollouts then use a gathered full copy of the weights per rank
@@ -237,13 +238,13 @@ class Sample:
 class Batch:
     """This rank's samples as right-padded (prompt + completion) rows; every tensor (B, T) except lengths and
     advantages (B,). The training passes read them in the layout --pack and --share_prompts choose
-    (packed_logprobs)."""
+    (training_logprobs)."""
     input_ids: torch.Tensor
     completion_mask: torch.Tensor  # 1 on the completion tokens, the stop token included (so stopping is learned)
     sampler_logprobs: torch.Tensor  # the sampler's log-probs at the completion tokens, 0 elsewhere
     lengths: torch.Tensor  # prompt + completion tokens of each row
-    prompt_lengths: torch.Tensor
-    layout: str = "padded"  # how the training passes read the rows: "padded", "packed" or "shared" prompts
+    prompt_lengths: torch.Tensor  # (B,) prompt tokens of each row
+    layout: Literal["padded", "packed", "shared"] = "padded"  # how the training passes read the rows
     advantages: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None  # when a KL estimate needs them
     old_logprobs: torch.Tensor | None = None  # pi_old, for --mu > 1 (with mu = 1, pi_old is pi detached)
@@ -306,7 +307,7 @@ def collate(samples, pad_id, device, layout="padded") -> Batch:
                  prompt_lengths.to(device), layout)
 
 
-def packed_logprobs(model, batch, rows, temperature, return_entropy=False):
+def training_logprobs(model, batch, rows, temperature, return_entropy=False):
     """sequence_logprobs of batch rows at their completion tokens, in the padded (B, T) layout. Packed, the rows run
     as one packed row (documents back to back, no padding, positions restarting at 0); with shared prompts, each
     group's prompt runs once and its completions read its keys (shared_prompt_logprobs). Either way the results are
@@ -341,9 +342,9 @@ def score_batch(batch, samples, model, ref_model, config, device):
         needs_estimate = ref_model is not None and config.kl_estimator != "full"
         with torch.no_grad(), autocast_for(device):
             if needs_estimate:
-                batch.ref_logprobs = packed_logprobs(ref_model, batch, slice(None), config.temperature)
+                batch.ref_logprobs = training_logprobs(ref_model, batch, slice(None), config.temperature)
             if config.mu > 1 or (needs_estimate and config.kl_in == "reward"):
-                batch.old_logprobs = packed_logprobs(model, batch, slice(None), config.temperature)
+                batch.old_logprobs = training_logprobs(model, batch, slice(None), config.temperature)
             if ref_model is not None and config.kl_in == "reward":
                 kl = token_kl(model, ref_model, batch.input_ids, batch.old_logprobs, batch.ref_logprobs, config)
                 kl_per_sequence = (kl * batch.completion_mask).sum(1).cpu()
@@ -421,7 +422,7 @@ def update_policy(wrapped, model, ref_model, optimizer, batch, config, num_seque
 def micro_step(wrapped, ref_model, batch, rows, config, num_sequences, num_tokens, world_size, diagnostics):
     """Forward, loss and backward of one micro-batch; returns its diagnostics (summed over completion tokens)."""
     with autocast_for(batch.input_ids.device):
-        logprobs, entropy = packed_logprobs(wrapped, batch, rows, config.temperature, return_entropy=True)
+        logprobs, entropy = training_logprobs(wrapped, batch, rows, config.temperature, return_entropy=True)
     old = batch.old_logprobs[rows] if config.mu > 1 else logprobs.detach()
     kl = None
     if ref_model is not None and config.kl_in == "loss":
@@ -452,11 +453,12 @@ def main(argv=None):
     rank, world_size, device = init_distributed(config.device)
     master = rank == 0
     torch.manual_seed(config.seed)
-    if config.pack == "auto":
-        pack = device.type == "cuda" and config.share_prompts != "true"
+    if config.share_prompts == "auto":
+        share_prompts = device.type == "cpu" and config.pack != "true"
     else:
-        pack = config.pack == "true"
-    layout = "packed" if pack else "padded" if config.share_prompts == "false" else "shared"
+        share_prompts = config.share_prompts == "true"
+    pack = device.type == "cuda" and not share_prompts if config.pack == "auto" else config.pack == "true"
+    layout = "shared" if share_prompts else "packed" if pack else "padded"
     if config.prompts_per_step % world_size:
         raise SystemExit(f"prompts_per_step={config.prompts_per_step} must be a multiple of the {world_size} ranks")
 

@@ -449,15 +449,15 @@ def grpo_step(model, shape, device, smoke, mfu):
     micro = 8 if not smoke else 2
     completion_tokens = sum(lengths)
     all_tokens = completion_tokens + len(samples) * prompt_len
-    for pack, checkpointing in [(False, False), (True, False), (True, True)]:
+    for layout, checkpointing in [("padded", False), ("packed", False), ("packed", True), ("shared", False)]:
         model.gradient_checkpointing = checkpointing
-        batch = train_grpo.collate(samples, 0, torch.device(device), "packed" if pack else "padded")
+        batch = train_grpo.collate(samples, 0, torch.device(device), layout)
         reset_peak(device)
 
         def no_grad_pass():  # what the reference (or pi_old) pass costs
             with torch.no_grad(), autocast_on(device):
                 for k in range(0, len(samples), micro):
-                    train_grpo.packed_logprobs(model, batch, slice(k, k + micro), 1.0)
+                    train_grpo.training_logprobs(model, batch, slice(k, k + micro), 1.0)
 
         no_grad_s = timed(no_grad_pass)
 
@@ -465,7 +465,7 @@ def grpo_step(model, shape, device, smoke, mfu):
             for k in range(0, len(samples), micro):
                 rows = slice(k, k + micro)
                 with autocast_on(device):
-                    logprobs = train_grpo.packed_logprobs(model, batch, rows, 1.0)
+                    logprobs = train_grpo.training_logprobs(model, batch, rows, 1.0)
                 loss, _ = train_grpo.policy_loss(logprobs, logprobs.detach(), advantages[rows],
                                                  batch.completion_mask[rows], len(samples), completion_tokens,
                                                  eps_low=0.2, eps_high=0.28, loss_agg="token-mean",
@@ -475,7 +475,7 @@ def grpo_step(model, shape, device, smoke, mfu):
             optimizer.zero_grad(set_to_none=True)
 
         seconds = timed(update)
-        result[f"pack={pack} checkpointing={checkpointing}"] = dict(
+        result[f"layout={layout} checkpointing={checkpointing}"] = dict(
             padded_tokens=batch.input_ids.numel(), real_tokens=all_tokens, completion_tokens=completion_tokens,
             no_grad_pass_s=no_grad_s, update_s=seconds, update_mfu=mfu(all_tokens, completion_tokens, seconds),
             peak_memory_gib=peak_gib(device))
@@ -492,7 +492,7 @@ def mismatch(model, prompts, completions, device):
                for c in completions]
     batch = train_grpo.collate(samples, 0, torch.device(device))
     with torch.no_grad(), autocast_on(device):
-        trainer = train_grpo.packed_logprobs(model, batch, slice(None), 1.0)
+        trainer = train_grpo.training_logprobs(model, batch, slice(None), 1.0)
     gap = (trainer - batch.sampler_logprobs).abs()[batch.completion_mask.bool()]
     return dict(mean=gap.mean().item(), max=gap.max().item())
 

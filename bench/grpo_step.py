@@ -247,7 +247,7 @@ def child(args):
     work = args.work
     extra = {}
     if args.child in ("ours", "ours-padded"):
-        steps = run_ours(args, work, share_prompts="true" if args.child == "ours" else "false")
+        steps = run_ours(args, work, share_prompts="auto" if args.child == "ours" else "false")
     else:
         steps, extra = run_trl(args, work)
     result = dict(side=args.child, steps=steps, peak_rss_mb=peak_rss_mb(), threads=torch.get_num_threads(), **extra)
@@ -344,13 +344,13 @@ def print_setting(vocab, args, params, results, warmup):
     print("time split, seconds per step:")
     for side, s in summaries.items():
         p = s["phases"]
-        print(f"  {side:<5} " + " | ".join(f"{k} {v:.3f}" for k, v in p.items()))
+        print(f"  {side:<11} " + " | ".join(f"{k} {v:.3f}" for k, v in p.items()))
         if side == "trl":
             print(f"  trl as ours' phases: rollout (generation+reward) {p['generation'] + p['reward']:.3f} | score "
                   f"(reference+prep) {p['reference'] + p['prep_other']:.3f} | update (forward+loss+backward+optimizer) "
                   f"{p['forward_loss'] + p['backward'] + p['optimizer']:.3f}")
     for side, r in results.items():
-        print(f"  {side:<5} per step: " + ", ".join(f"{s['tokens']} tok / {s['total']:.2f}s" for s in r["steps"]))
+        print(f"  {side:<11} per step: " + ", ".join(f"{s['tokens']} tok / {s['total']:.2f}s" for s in r["steps"]))
     if "trl" in results:
         print(f"  prompt ids identical on both sides: {results['trl'].get('prompt_ids_match')}")
     return summaries
@@ -362,8 +362,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="steps per side, the first is warm-up (default 3; 2 "
                         "with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny and fast: 2 prompts x G=4, 16 tokens, 2 steps")
-    parser.add_argument("--sides", default="ours,ours-padded,trl", help="ours (each group's prompt once in the "
-                        "training passes, the CPU default), ours-padded (--share_prompts=false), trl; comma-separated")
+    parser.add_argument("--sides", default="ours,ours-padded,trl", help="ours (train_grpo.py's defaults: on the CPU "
+                        "each group's prompt once in the training passes), ours-padded (--share_prompts=false), trl; "
+                        "comma-separated")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of each side")
     parser.add_argument("--trl_gradient_checkpointing", type=lambda v: v.lower() in ("1", "true", "yes"),
                         default=False, help="TRL's GRPOConfig default is true; ours runs without (so false here)")

@@ -2,15 +2,15 @@
 The README's main command, once per seed: SFT of the demo model (`python train_sft.py --seed=S`), then GRPO with two
 processes (`torchrun --standalone --nproc_per_node=2 train_grpo.py --seed=S`), each checkpoint measured by eval.py
 on the 500 held-out demo problems (temperature 1, eval seed 0) with 4 samples per problem: pass@1 over 2,000
-samples, whose sampling noise (std about 1.1 points at 40%) is half that of one sample per problem (2.2). Unlike the other experiments it runs the demo at
-full size, as a new user does; the table gives held-out accuracy after SFT and after GRPO, the gain (paired by seed)
-as mean ± sample std, and the wall times.
+samples, whose sampling noise (std about 1.1 points at 40%) is half that of one sample per problem (2.2). Unlike
+the other experiments it runs the demo at full size, as a new user does; the table gives held-out accuracy after SFT
+and after GRPO, the gain (paired by seed) as mean ± sample std, and the wall times.
 
     python experiments/headline.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun]
 
-Each seed's runs go to DIR/runs/seed_S/{sft,grpo,eval_sft,eval_grpo}; a seed whose result.json exists is not run
-again (--rerun starts over), while an unfinished one starts from its SFT. --quick runs 2 SFT steps and 1 GRPO step
-on 16 eval problems: a smoke test, not a result.
+Each seed's runs go to DIR/runs/seed_S/{sft,grpo,eval_sft,eval_grpo}; a seed whose result.json exists, measured
+with EVAL_SAMPLES samples per problem, is not run again (--rerun starts over), while an unfinished one starts from
+its SFT. --quick runs 2 SFT steps and 1 GRPO step on 16 eval problems: a smoke test, not a result.
 """
 
 import argparse
@@ -55,7 +55,9 @@ def seed_runs(seed, runs, quick, rerun):
     result_file = os.path.join(folder, "result.json")
     if os.path.exists(result_file) and not rerun:
         with open(result_file) as f:
-            return json.load(f)
+            result = json.load(f)
+        if result.get("eval_samples", 1) == EVAL_SAMPLES:  # else measured another way: run again
+            return result
     sft_dir, grpo_dir = os.path.join(folder, "sft"), os.path.join(folder, "grpo")
     problems = 16 if quick else 500
     sft_s = run([sys.executable, "train_sft.py", f"--seed={seed}", f"--out_dir={sft_dir}", "--overwrite=true"]

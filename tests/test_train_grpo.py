@@ -451,7 +451,8 @@ def test_packed_and_shared_prompt_training_passes_equal_padded_ones(tmp_path, de
     from safetensors.torch import load_file
 
     monkeypatch.setattr(train_grpo, "rollout", fake_rollout)
-    calls = {"packed": [], "shared": []}
+    calls = {"collate": [], "shared": []}
+    spy(monkeypatch, "collate", calls["collate"])
     spy(monkeypatch, "shared_prompt_logprobs", calls["shared"])
     flags = {"padded": ["--pack=false", "--share_prompts=false"], "packed": ["--pack=true", "--share_prompts=false"],
              "shared": ["--pack=auto", "--share_prompts=true"]}
@@ -460,6 +461,7 @@ def test_packed_and_shared_prompt_training_passes_equal_padded_ones(tmp_path, de
         metrics[name] = train_grpo.main(TINY + [f"--model={demo_model}", f"--out_dir={tmp_path / name}", "--beta=0.1",
                                                 "--mu=2", "--micro_batch_size=3"] + flags[name])
         weights[name] = load_file(tmp_path / name / "final" / "model.safetensors")
+    assert [batch.layout for _, _, batch in calls["collate"]] == ["padded"] * 2 + [layout] * 2
     # per step: the reference pass, the pi_old pass and 2 epochs of 6 micro-batches
     assert len(calls["shared"]) == (2 * 14 if layout == "shared" else 0)
     for key in ("reward", "kl", "entropy", "mismatch", "ratio_max_dev", "grad_norm"):
