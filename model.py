@@ -35,7 +35,7 @@ from kernels import choose_backend
 from kernels.add_rms_norm import add_rms_norm, rms_norm
 from kernels.attention import attention
 from kernels.decode_attention import decode_attention, gather_blocks
-from kernels.logprob import IGNORE_INDEX, token_logprobs
+from kernels.logprob import IGNORE_INDEX, kl_full, token_logprobs
 from kernels.rope_cache import rope_and_cache
 from kernels.silu_mul import silu_mul
 
@@ -578,7 +578,8 @@ class Transformer(nn.Module):
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache=None, return_hidden=False,
-                targets=None, temperature=1.0, return_entropy=False, prompts: SharedPrompts | None = None):
+                targets=None, temperature=1.0, return_entropy=False, prompts: SharedPrompts | None = None,
+                kl_reference: "Transformer | None" = None, kl_direction="reverse"):
         """input_ids (B, T). position_ids (B, T) default 0..T-1. cu_seqlens (n_docs + 1,) int32 prefix sums of
         document lengths for a packed row (B must be 1). cache: the sampler's CacheView (which cache blocks and
         positions this call reads and writes; position_ids default to its positions).
@@ -587,7 +588,25 @@ class Transformer(nn.Module):
         entropy) from the fused log-prob path, never the logits. The head runs inside forward so that DDP and
         FSDP2 see it as part of the model. prompts: completions continuing shared prompts (SharedPrompts; input_ids
         are its row, position_ids default to its positions), where targets (N, Tc) are the completion tokens each
-        position predicts (IGNORE_INDEX where none); the result is (N, Tc)."""
+        position predicts (IGNORE_INDEX where none); the result is (N, Tc). kl_reference (with targets): a frozen
+        model whose body runs on the same inputs, without gradients, so that the exact KL (kl_direction) of each
+        target's predicting distribution to the reference's comes out as one more result, from the hidden states
+        the log-probs use (one policy forward for both)."""
+        x = self.hidden_states(input_ids, position_ids, cu_seqlens, cache, prompts)
+        if return_hidden:
+            return x
+        if targets is not None:
+            reference = None
+            if kl_reference is not None:
+                with torch.no_grad():
+                    reference = (kl_reference.hidden_states(input_ids, position_ids, cu_seqlens, None, prompts),
+                                 kl_reference.lm_head_weight, kl_direction)
+            return self.target_logprobs(x, targets, temperature, return_entropy, reference)
+        return F.linear(x, self.lm_head_weight).float()
+
+    def hidden_states(self, input_ids, position_ids=None, cu_seqlens=None, cache=None, prompts=None):
+        """The body: the final normed hidden states (B, T, dim), or with prompts (N, Tc, dim), those that predict
+        each completion token."""
         B, T = input_ids.shape
         if position_ids is None and prompts is not None:
             position_ids = prompts.position_ids
@@ -629,22 +648,25 @@ class Transformer(nn.Module):
         _, x = add_then_norm(x, delta, self.model.norm)
         if prompts is not None:  # (N, Tc, dim): the state that predicts each completion token
             x = x[0, prompts.predictors]
-        if return_hidden:
-            return x
-        if targets is not None:
-            return self.target_logprobs(x, targets, temperature, return_entropy)
-        return F.linear(x, self.lm_head_weight).float()
+        return x
 
-    def target_logprobs(self, x, targets, temperature, return_entropy):
+    def target_logprobs(self, x, targets, temperature, return_entropy, reference=None):
         """The LM head and log-prob kernel at the positions that have a target only (a prompt or padding costs no
-        head FLOPs); 0 elsewhere. x (B, T, dim), targets (B, T) -> (B, T) float32 (and the entropy)."""
+        head FLOPs); 0 elsewhere. x (B, T, dim), targets (B, T) -> (B, T) float32 (and the entropy; and with
+        reference = (its hidden states like x, its LM head weight, direction), the exact KL to it, kl_full)."""
         B, T = targets.shape
         flat_targets = targets.reshape(-1)
         rows = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
-        result = token_logprobs(x.reshape(B * T, -1)[rows], self.lm_head_weight, flat_targets[rows],
-                                temperature=temperature, return_entropy=return_entropy)
+        hidden = x.reshape(B * T, -1)[rows]
+        result = token_logprobs(hidden, self.lm_head_weight, flat_targets[rows], temperature=temperature,
+                                return_entropy=return_entropy)
+        result = result if return_entropy else (result,)
+        if reference is not None:
+            ref_x, ref_weight, direction = reference
+            result += (kl_full(hidden, self.lm_head_weight, ref_x.reshape(B * T, -1)[rows], ref_weight, temperature,
+                               direction),)
         scatter = lambda values: values.new_zeros(B * T).index_copy(0, rows, values).view(B, T)
-        return tuple(scatter(r) for r in result) if return_entropy else scatter(result)
+        return tuple(scatter(r) for r in result) if len(result) > 1 else scatter(result[0])
 
     # ---- checkpoint I/O -------------------------------------------------------
 
@@ -725,12 +747,13 @@ class Transformer(nn.Module):
 
 
 def sequence_logprobs(model, input_ids, position_ids=None, cu_seqlens=None, temperature=1.0, return_entropy=False,
-                      loss_mask=None):
+                      loss_mask=None, kl_reference=None, kl_direction="reverse"):
     """Per-token log-probs of the given tokens, aligned with them: out[:, t] = log p(x_t | x_<t), with out[:, 0] = 0
     and 0 for the first token of each packed document. `model` may be wrapped (DDP, FSDP2). No (tokens x vocab)
     logits are held. input_ids (B, T) -> (B, T) float32, and the entropy of each predicting distribution. With
     loss_mask (B, T), only the tokens it marks are scored (the LM head runs at their predecessors only); the others
-    read 0."""
+    read 0. With kl_reference (Transformer.forward's), the exact KL of each scored token's predicting distribution
+    to the reference's comes last, aligned the same way."""
     targets = torch.full_like(input_ids, IGNORE_INDEX)
     targets[:, :-1] = input_ids[:, 1:]  # position t predicts token t + 1
     if cu_seqlens is not None:  # the last token of a document does not predict the next document's first
@@ -738,18 +761,19 @@ def sequence_logprobs(model, input_ids, position_ids=None, cu_seqlens=None, temp
     if loss_mask is not None:
         targets[:, :-1].masked_fill_(~loss_mask[:, 1:].bool(), IGNORE_INDEX)
     result = model(input_ids, position_ids=position_ids, cu_seqlens=cu_seqlens, targets=targets,
-                   temperature=temperature, return_entropy=return_entropy)
+                   temperature=temperature, return_entropy=return_entropy, kl_reference=kl_reference,
+                   kl_direction=kl_direction)
     shift = lambda values: torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)  # (B, T)
-    return tuple(shift(r) for r in result) if return_entropy else shift(result)
+    return tuple(shift(r) for r in result) if isinstance(result, tuple) else shift(result)
 
 
 def shared_prompt_logprobs(model, input_ids, prompt_lengths, lengths, temperature=1.0, return_entropy=False,
-                           loss_mask=None):
+                           loss_mask=None, kl_reference=None, kl_direction="reverse"):
     """sequence_logprobs at the completion tokens of right-padded (prompt + completion) rows, where consecutive rows
     that repeat a prompt (GRPO's groups) share one forward of it (SharedPrompts). prompt_lengths and lengths (B,)
     count each row's prompt and prompt + completion tokens (each row: a prompt and a completion of at least one
-    token each). Prompt positions read 0, as do the tokens loss_mask (B, T) leaves out; the values equal
-    sequence_logprobs' up to float rounding."""
+    token each). Prompt positions read 0, as do the tokens loss_mask (B, T) leaves out; the values (and the exact KL
+    with kl_reference) equal sequence_logprobs' up to float rounding."""
     B, T = input_ids.shape
     device = input_ids.device
     prompt_len = int(prompt_lengths.max())
@@ -766,10 +790,10 @@ def shared_prompt_logprobs(model, input_ids, prompt_lengths, lengths, temperatur
     layout = SharedPrompts(input_ids[new_prompt, :prompt_len], prompt_lengths[new_prompt], completion_ids,
                            completion_lengths, new_prompt.cumsum(0) - 1)
     result = model(layout.input_ids, targets=completion_ids.masked_fill(~scored, IGNORE_INDEX), temperature=temperature,
-                   return_entropy=return_entropy, prompts=layout)
+                   return_entropy=return_entropy, prompts=layout, kl_reference=kl_reference, kl_direction=kl_direction)
     rows, columns = in_completion.nonzero(as_tuple=True)
     place = lambda values: values.new_zeros(B, T).index_put((rows, positions[rows, columns]), values[rows, columns])
-    return tuple(place(r) for r in result) if return_entropy else place(result)
+    return tuple(place(r) for r in result) if isinstance(result, tuple) else place(result)
 
 
 def checkpoint_files(path) -> list[str]:

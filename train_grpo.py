@@ -59,7 +59,6 @@ from common import (MetricsLog, all_gather_objects, all_reduce_sum, autocast_for
                     format_eta, full_state_dict, init_distributed, load_run_state, lr_at, make_optimizer,
                     parse_config, resume_checkpoint, save_checkpoint, set_gradient_sync, sampling_copy, wrap_model)
 from data import Tokenizer
-from kernels.logprob import kl_full
 from model import Transformer, sequence_logprobs, shared_prompt_logprobs
 from sampler import generate
 from tasks import INSTRUCTION, JsonlTask, check_problems, get_task, heldout_accuracy, score
@@ -307,28 +306,29 @@ def collate(samples, pad_id, device, layout="padded") -> Batch:
                  prompt_lengths.to(device), layout)
 
 
-def training_logprobs(model, batch, rows, temperature, return_entropy=False):
-    """sequence_logprobs of batch rows at their completion tokens, in the padded (B, T) layout. Packed, the rows run
-    as one packed row (documents back to back, no padding, positions restarting at 0); with shared prompts, each
-    group's prompt runs once and its completions read its keys (shared_prompt_logprobs). Either way the results are
-    put back in place, and the values equal the padded pass's up to float rounding."""
+def training_logprobs(model, batch, rows, temperature, return_entropy=False, kl_reference=None,
+                      kl_direction="reverse"):
+    """sequence_logprobs of batch rows at their completion tokens, in the padded (B, T) layout (and the entropy, and
+    with kl_reference the exact KL to it, from the same policy forward). Packed, the rows run as one packed row
+    (documents back to back, no padding, positions restarting at 0); with shared prompts, each group's prompt runs
+    once and its completions read its keys (shared_prompt_logprobs). Either way the results are put back in place,
+    and the values equal the padded pass's up to float rounding."""
     input_ids, mask, lengths = batch.input_ids[rows], batch.completion_mask[rows], batch.lengths[rows]
+    head = dict(return_entropy=return_entropy, loss_mask=mask, kl_reference=kl_reference, kl_direction=kl_direction)
     if batch.layout == "shared":
-        return shared_prompt_logprobs(model, input_ids, batch.prompt_lengths[rows], lengths, temperature,
-                                      return_entropy, loss_mask=mask)
+        return shared_prompt_logprobs(model, input_ids, batch.prompt_lengths[rows], lengths, temperature, **head)
     if batch.layout == "padded":
-        return sequence_logprobs(model, input_ids, temperature=temperature, return_entropy=return_entropy,
-                                 loss_mask=mask)
+        return sequence_logprobs(model, input_ids, temperature=temperature, **head)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     real = positions < lengths[:, None]  # (B, T): the tokens that are not padding
     cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
-    result = sequence_logprobs(model, input_ids[real][None], positions[real][None], cu_seqlens, temperature,
-                               return_entropy, loss_mask=mask[real][None])
+    head["loss_mask"] = mask[real][None]
+    result = sequence_logprobs(model, input_ids[real][None], positions[real][None], cu_seqlens, temperature, **head)
 
     def unpack(packed):
         return packed.new_zeros(input_ids.shape).masked_scatter(real, packed[0])
 
-    return tuple(unpack(r) for r in result) if return_entropy else unpack(result)
+    return tuple(unpack(r) for r in result) if isinstance(result, tuple) else unpack(result)
 
 
 def score_batch(batch, samples, model, ref_model, config, device):
@@ -340,13 +340,19 @@ def score_batch(batch, samples, model, ref_model, config, device):
     reward_kl = 0.0
     if batch is not None:
         needs_estimate = ref_model is not None and config.kl_estimator != "full"
+        kl_in_reward = ref_model is not None and config.kl_in == "reward"
+        exact = kl_in_reward and not needs_estimate  # the exact KL comes with pi_old's log-probs, one pass for both
         with torch.no_grad(), autocast_for(device):
             if needs_estimate:
                 batch.ref_logprobs = training_logprobs(ref_model, batch, slice(None), config.temperature)
-            if config.mu > 1 or (needs_estimate and config.kl_in == "reward"):
-                batch.old_logprobs = training_logprobs(model, batch, slice(None), config.temperature)
-            if ref_model is not None and config.kl_in == "reward":
-                kl = token_kl(model, ref_model, batch.input_ids, batch.old_logprobs, batch.ref_logprobs, config)
+            if config.mu > 1 or kl_in_reward:
+                result = training_logprobs(model, batch, slice(None), config.temperature,
+                                           kl_reference=ref_model if exact else None,
+                                           kl_direction=config.kl_direction)
+                batch.old_logprobs, kl = result if exact else (result, None)
+            if kl_in_reward:
+                if not exact:
+                    kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, config.kl_estimator, config.kl_direction)
                 kl_per_sequence = (kl * batch.completion_mask).sum(1).cpu()
                 rewards = rewards - config.beta * kl_per_sequence
                 reward_kl = float(kl_per_sequence.sum())
@@ -363,26 +369,6 @@ def score_batch(batch, samples, model, ref_model, config, device):
         batch.completion_mask = batch.completion_mask * torch.tensor([not s.truncated for s in samples],
                                                                      device=device)[:, None]
     return reward_kl
-
-
-def token_kl(policy, ref_model, input_ids, logprobs, ref_logprobs, config):
-    """The per-token KL (B, T) of the policy to the reference that --kl_estimator and --kl_direction choose: the
-    exact sum over the vocabulary (full), or the estimate from the sampled tokens' log-probs."""
-    if config.kl_estimator == "full":
-        return exact_kl(policy, ref_model, input_ids, config.temperature, config.kl_direction)
-    return kl_estimate(logprobs, ref_logprobs, config.kl_estimator, config.kl_direction)
-
-
-def exact_kl(model, ref_model, input_ids, temperature, direction):
-    """Exact per-token KL over the vocabulary, in chunks (no full logits); needs the plain (DDP) policy."""
-    hidden = model(input_ids, return_hidden=True)[:, :-1]  # (B, T-1, dim): position t predicts token t + 1
-    with torch.no_grad():
-        ref_hidden = ref_model(input_ids, return_hidden=True)[:, :-1]
-    plain = getattr(model, "module", model)
-    B, T1, D = hidden.shape
-    kl = kl_full(hidden.reshape(B * T1, D), plain.lm_head_weight, ref_hidden.reshape(B * T1, D),
-                 ref_model.lm_head_weight, temperature, direction).view(B, T1)
-    return torch.cat([kl.new_zeros(B, 1), kl], dim=1)  # aligned with the predicted tokens
 
 
 # -----------------------------------------------------------------------------
@@ -421,13 +407,20 @@ def update_policy(wrapped, model, ref_model, optimizer, batch, config, num_seque
 
 def micro_step(wrapped, ref_model, batch, rows, config, num_sequences, num_tokens, world_size, diagnostics):
     """Forward, loss and backward of one micro-batch; returns its diagnostics (summed over completion tokens)."""
+    kl_in_loss = ref_model is not None and config.kl_in == "loss"
+    exact = kl_in_loss and config.kl_estimator == "full"  # from this forward's hidden states: no second pass
+    wants_entropy = diagnostics or config.entropy_coef > 0  # logged in the first epoch, or trained on
     with autocast_for(batch.input_ids.device):
-        logprobs, entropy = training_logprobs(wrapped, batch, rows, config.temperature, return_entropy=True)
+        result = training_logprobs(wrapped, batch, rows, config.temperature, return_entropy=wants_entropy,
+                                   kl_reference=ref_model if exact else None, kl_direction=config.kl_direction)
+    logprobs, *rest = result if isinstance(result, tuple) else (result,)
+    entropy = rest.pop(0) if wants_entropy else None
     old = batch.old_logprobs[rows] if config.mu > 1 else logprobs.detach()
     kl = None
-    if ref_model is not None and config.kl_in == "loss":
-        ref_logprobs = batch.ref_logprobs[rows] if batch.ref_logprobs is not None else None
-        kl = token_kl(wrapped, ref_model, batch.input_ids[rows], logprobs, ref_logprobs, config)
+    if exact:
+        kl = rest.pop(0)
+    elif kl_in_loss:
+        kl = kl_estimate(logprobs, batch.ref_logprobs[rows], config.kl_estimator, config.kl_direction)
     mask = batch.completion_mask[rows]
     loss, clip = policy_loss(logprobs, old, batch.advantages[rows], mask, num_sequences, num_tokens,
                              config.eps_low, config.eps_high, config.loss_agg, config.max_new_tokens,
@@ -579,7 +572,8 @@ def check_config(config):
     if config.share_prompts == "true" and config.pack == "true":
         raise SystemExit("--share_prompts=true and --pack=true are two layouts of the training passes: choose one")
     if config.kl_estimator == "full" and config.parallel == "fsdp" and config.beta > 0:
-        raise SystemExit("--kl_estimator=full reads the LM head outside the forward: use --parallel=ddp")
+        raise SystemExit("--kl_estimator=full is tested with DDP only (the reference runs inside the sharded "
+                         "policy's forward): use --parallel=ddp")
     if config.dynamic_sampling and config.parallel == "fsdp":
         raise SystemExit("--dynamic_sampling=true leaves ranks with different numbers of rollouts, and FSDP's "
                          "per-block all-gathers need the same number of forward passes on every rank: use "

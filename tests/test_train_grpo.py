@@ -379,6 +379,71 @@ def test_mu_two_keeps_pi_old_fixed_and_counts_clips_per_token_and_epoch(tmp_path
     assert metrics["clip_high"] == pytest.approx(sum(c["clip_high"] for c in clipped) / (num_tokens * 2))
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared"])
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_exact_kl_comes_from_the_log_prob_forward_and_matches_the_definition(demo_model, monkeypatch, layout,
+                                                                             direction):
+    """--kl_estimator=full: training_logprobs returns the exact KL with the log-probs from one body forward of the
+    policy and one of the reference (counted), in each layout; its values and the gradient of a weighted sum equal
+    the definition on full float64 logits (sum over the vocabulary at the position that predicts each token), at
+    the scored completion tokens only."""
+    from model import Transformer
+
+    policy = Transformer.from_pretrained(demo_model).double().train()
+    reference = Transformer.from_pretrained(demo_model).double().eval()
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.05).requires_grad_(False)
+    vocab = policy.config.vocab_size
+    prompts = [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in (6, 3, 9)]
+    samples = [Sample(prompt, torch.randint(3, vocab, (k,), generator=generator).tolist(), [0.0] * k, False, False,
+                      0.0, "") for prompt, k in [(prompts[0], 4), (prompts[0], 1), (prompts[1], 7), (prompts[2], 2),
+                                                 (prompts[2], 5), (prompts[2], 3)]]
+    batch = train_grpo.collate(samples, pad_id=0, device=torch.device("cpu"), layout=layout)
+    batch.completion_mask[4, -1] = 0  # a completion token out of the loss: not scored
+    weights = torch.rand(batch.input_ids.shape, generator=generator, dtype=torch.float64)
+    bodies = []
+    original = Transformer.hidden_states
+    monkeypatch.setattr(Transformer, "hidden_states", lambda self, *a, **k: bodies.append(self) or original(self, *a, **k))
+    logprobs, entropy, kl = train_grpo.training_logprobs(policy, batch, slice(None), 0.7, return_entropy=True,
+                                                         kl_reference=reference, kl_direction=direction)
+    assert bodies == [policy, reference]
+    (kl * weights).sum().backward()
+    ours = {n: p.grad.clone() for n, p in policy.named_parameters()}
+
+    policy.zero_grad()
+    monkeypatch.setattr(Transformer, "hidden_states", original)
+    mask = batch.completion_mask.bool()
+    predict = lambda model: torch.log_softmax(model(batch.input_ids, return_hidden=True) @ model.lm_head_weight.T
+                                              / 0.7, dim=-1)[:, :-1]  # position t predicts token t + 1
+    log_p = predict(policy)
+    with torch.no_grad():
+        log_q = predict(reference)
+    per_position = ((log_p.exp() * (log_p - log_q)) if direction == "reverse" else
+                    (log_q.exp() * (log_q - log_p))).sum(-1)
+    definition = torch.cat([per_position.new_zeros(len(samples), 1), per_position], dim=1) * mask
+    (definition * weights).sum().backward()
+    assert torch.all(kl[~mask] == 0) and bool((kl[mask] > 0).all())
+    assert (kl - definition).abs().max() < 1e-10
+    for name, p in policy.named_parameters():
+        assert torch.allclose(ours[name], p.grad, atol=1e-10, rtol=0), name
+    assert logprobs.shape == entropy.shape == kl.shape
+
+
+@pytest.mark.parametrize("entropy_coef, second_epoch", [(0.0, False), (0.01, True)])
+def test_entropy_is_computed_where_it_is_logged_or_trained_on(tmp_path, demo_model, monkeypatch, entropy_coef,
+                                                             second_epoch):
+    """The entropy comes with the log-probs in the first epoch (logged); in later epochs only when it is trained on;
+    never in the pi_old pass."""
+    calls = []
+    monkeypatch.setattr(train_grpo, "rollout", fake_rollout)
+    spy(monkeypatch, "training_logprobs", calls)
+    train_grpo.main(TINY + [f"--model={demo_model}", f"--out_dir={tmp_path}", "--mu=2", "--max_steps=1",
+                            "--micro_batch_size=16", f"--entropy_coef={entropy_coef}"])
+    assert [kwargs.get("return_entropy", False) for _, kwargs, _ in calls] == [False, True, second_epoch]
+
+
 @pytest.mark.parametrize("options", [
     ["--kl_in=reward", "--beta=0.1", "--kl_estimator=k1"],
     ["--kl_estimator=full", "--beta=0.1", "--kl_direction=forward"],
