@@ -593,6 +593,39 @@ def test_main_passes_the_right_tensors_to_the_loss_and_the_kl(tmp_path, demo_mod
             assert args[4:6] == (16, float(completion_mask.sum()))
 
 
+@pytest.mark.parametrize("kl_in", ["loss", "reward"])
+def test_main_wires_the_exact_kl_from_the_reference_into_the_loss_or_the_reward(tmp_path, demo_model, monkeypatch,
+                                                                              kl_in):
+    """--kl_estimator=full: every training pass that carries the KL names the frozen reference (not the policy) and
+    the configured direction; in the loss the KL handed to policy_loss is that pass's last result (not its entropy),
+    in the reward the pi_old pass carries it and the update passes do not."""
+    from model import Transformer
+
+    calls = {"training_logprobs": [], "policy_loss": []}
+    monkeypatch.setattr(train_grpo, "rollout", fake_rollout)
+    for name, recorded in calls.items():
+        spy(monkeypatch, name, recorded)
+    metrics = train_grpo.main(TINY + [f"--model={demo_model}", f"--out_dir={tmp_path}", "--beta=0.1",
+                                      "--kl_estimator=full", "--kl_direction=forward", f"--kl_in={kl_in}",
+                                      "--micro_batch_size=16"])
+    carrying = [(args, kwargs, result) for args, kwargs, result in calls["training_logprobs"]
+                if kwargs.get("kl_reference") is not None]
+    assert len(carrying) == 2  # one pass per step: the update's (loss) or pi_old's (reward)
+    for args, kwargs, result in carrying:
+        reference = kwargs["kl_reference"]
+        assert isinstance(reference, Transformer) and reference is not args[0]
+        assert not any(p.requires_grad for p in reference.parameters())
+        assert kwargs["kl_direction"] == "forward"
+    if kl_in == "loss":
+        for (args, kwargs, _), (_, _, result) in zip(calls["policy_loss"], carrying, strict=True):
+            assert args[0] is result[0] and kwargs["kl"] is result[-1] and len(result) == 3
+            assert kwargs["entropy"] is None
+    else:
+        assert all(kwargs["kl"] is None for _, kwargs, _ in calls["policy_loss"])
+        assert all(len(result) == 2 for _, _, result in carrying)  # pi_old's log-probs and the KL
+    assert metrics["kl"] > 1e-6  # step 2: the policy has moved from the reference
+
+
 def informative(problem):
     return zlib.crc32(problem["problem"].encode()) % 4 == 0
 
