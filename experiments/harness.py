@@ -269,7 +269,7 @@ class Experiment:
         header = dict(question=self.question, title=self.title, date=time.strftime("%Y-%m-%d"), machine=MACHINE,
                       quick=self.args.quick, seeds=self.seeds, budget=self.budget, small_model=SMALL_MODEL,
                       elapsed_s=elapsed, runs_wall_s=sum(self.run_walls.values()), host=platform.node(),
-                      torch=torch.__version__)
+                      load_15min=os.getloadavg()[2], torch=torch.__version__)
         with open(os.path.join(self.out, "results.json"), "w") as f:
             json.dump(dict(header, summary=summary, rows=self.rows), f, indent=1)
         svgs = []
@@ -280,7 +280,8 @@ class Experiment:
                 svgs.append(plot.plot_runs(runs, list(keys), os.path.join(self.out, name),
                                            title=f"{self.question}: mean over seeds {self.seeds} (thin: each seed)"))
         lines = [f"# {self.title}", "",
-                 f"{header['date']}, {MACHINE} (shared with other jobs, so wall times are inflated and noisy), torch "
+                 f"{header['date']}, {MACHINE} (load average at the end {header['load_15min']:.1f} over 15 minutes, "
+                 f"of which this script's one thread is 1: more means other jobs slowed it), torch "
                  f"{torch.__version__}, seeds {', '.join(map(str, self.seeds))}; the runs and measurements this "
                  f"question "
                  f"uses took {header['runs_wall_s'] / 60:.1f} min of wall time in all (one after another; the SFT and "
