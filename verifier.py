@@ -16,7 +16,7 @@ The reward of train_grpo.py and every number of eval.py come from here. Design r
      sympy objects through their constructors, after hard limits on length, depth, node count, exponents and
      factorials. Anything beyond them is "unparseable", which counts as wrong.
   4. Integers and fractions compare exactly (3 is not 300), decimals at the gold's written precision, other
-     numbers to 30 significant digits, expressions by evaluation at fixed points plus sympy simplification,
+     numbers to a relative 1e-12, expressions by evaluation at fixed points plus sympy simplification,
      intervals with closedness, sets unordered, tuples and matrices in order, equations up to a factor.
   5. Time is bounded by the parent: the sympy work runs in pre-started worker processes with a wall-clock
      deadline per item; a stuck worker is killed and replaced and the item is "timeout". No signal.alarm, so any
@@ -103,7 +103,7 @@ def boxed_answers(text: str) -> list[str]:
 
 
 # words with which a model takes back what it boxed before ("... \\boxed{4}. Wait, that is wrong ... \\boxed{5}")
-_REVISION = re.compile(r"(?:^|[.!?;:,)]\s*|\n\s*)(?:wait|actually|hmm|oops|hold on|no,|correction|on second thought|"
+_REVISION = re.compile(r"(?:^|[.!?;:,)$\n])\s*(?:wait|actually|hmm|oops|hold on|no(?=,)|correction|on second thought|"
                        r"let me (?:re-?check|check|verify|fix|redo|recompute|reconsider))\b|"
                        r"\b(?:made|there is|there's|i see) an? (?:mistake|error)\b|"
                        r"\bthat(?:'s| is| was) (?:wrong|incorrect|a mistake|not right)\b|\bdouble[- ]counts?\b",
@@ -339,6 +339,7 @@ def normalize(s: str) -> str:
     for char, replacement in _UNICODE.items():
         s = s.replace(char, replacement)
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)
+    s = re.sub(r"(?<=\d),\\!\s*(?=\d{3}(?!\d))", ",", s)  # 11,\! 111,\! 100: thousands, not a list
     s = re.sub(r"(?<!\\)\\(?:displaystyle|!|,|;|:|quad|qquad| )(?![a-zA-Z])|~", " ", s)
     s = _exact_or_approximate(s)
     s = s.replace("{,}", ",")  # 12{,}500
@@ -408,7 +409,8 @@ _PLAIN_FRACTION = re.compile(r"^(-?)\s*(?:\\frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(\d+
 
 def plain_number(s: str):
     """Fraction for integers, decimals and simple fractions (the cheap path); None for anything else."""
-    s = _strip_thousands(s.replace(" ", "")) if re.fullmatch(r"-?[\d,. ]+", s) else s.strip()
+    if re.fullmatch(r"-?[\d,. ]+", s):
+        s = _strip_thousands(re.sub(r"(?<=[\d,]) (?=\d{3}(?!\d))", "", s.strip()))
     if _PLAIN_NUMBER.match(s):
         return Fraction(s)
     match = _PLAIN_FRACTION.match(s)
@@ -419,6 +421,14 @@ def plain_number(s: str):
         value = Fraction(int(num), int(den))
         return -value if sign else value
     return None
+
+
+def round_half_up(value: Fraction, places: int) -> Fraction:
+    """value at `places` decimals, halves away from zero (0.125 -> 0.13), as a gold's author rounded; Python's
+    round() takes halves to even (0.12)."""
+    scale = 10 ** places
+    rounded = Fraction(math.floor(abs(value) * scale + Fraction(1, 2)), scale)
+    return -rounded if value < 0 else rounded
 
 
 def decimal_places(s: str):
@@ -850,13 +860,13 @@ def expressions_equal(answer, gold, gold_places=None) -> bool:
         if answer.is_Rational and gold.is_Rational:
             if gold_places is None:
                 return False  # exact numbers: no tolerance
-            return round(Fraction(answer.p, answer.q), gold_places) == Fraction(gold.p, gold.q)
+            return round_half_up(Fraction(answer.p, answer.q), gold_places) == Fraction(gold.p, gold.q)
         try:
             a, g = _numeric(answer, None), _numeric(gold, None)
         except (TypeError, ValueError):
             return False
         if gold_places is not None and abs(a.imag) < 1e-12:
-            return round(a.real, gold_places) == round(g.real, gold_places)
+            return round_half_up(Fraction(a.real), gold_places) == round_half_up(Fraction(g.real), gold_places)
         if not gold.is_Rational and answer.is_Rational:
             return False  # a decimal approximation of an exact irrational answer is not the answer
         return _close(a, g)
@@ -915,8 +925,10 @@ def values_equal(answer, gold, gold_places=None) -> bool:
             remaining.pop(match)
         return True
     if answer[0] != kind:
-        if kind == "tuple" and answer[0] == "set" or kind == "set" and answer[0] == "tuple":
-            return values_equal(("set", answer[1]), ("set", gold[1]))
+        if kind == "tuple" and answer[0] == "set":  # 6, -1, 31 for (6, 31, -1): the order still counts
+            return values_equal(("tuple", answer[1]), gold)
+        if kind == "set" and answer[0] == "tuple":
+            return values_equal(("set", answer[1]), gold)
         return False
     if kind == "expr":
         return expressions_equal(answer[1], gold[1], gold_places)
@@ -1073,10 +1085,10 @@ def cheap_grade(answer: str, gold: str, gold_is_percent: bool = False, answer_is
         return None
     if a == g:
         return Verdict("correct", answer, "equal numbers")
-    if gold_is_percent and a == g / 100 or answer_is_percent and a / 100 == g:
+    if gold_is_percent != answer_is_percent and (a == g / 100 if gold_is_percent else a / 100 == g):
         return Verdict("correct", answer, "a percentage and its fraction")
     places = decimal_places(gold)
-    if places is not None and round(a, places) == g and decimal_places(answer.replace(" ", "")) is not None \
+    if places is not None and round_half_up(a, places) == g and decimal_places(answer.replace(" ", "")) is not None \
             and decimal_places(answer.replace(" ", "")) >= places:
         return Verdict("correct", answer, f"equal at the gold's {places} decimal places")
     return Verdict("incorrect", answer, "different number")
@@ -1286,7 +1298,7 @@ def _worker_loop():
 
 
 # -----------------------------------------------------------------------------
-# 7. rewards (shared by train_grpo.py and eval.py)
+# 7. rewards (tasks.py scores through verify_batch and format_reward; math_reward is the one-completion form)
 
 
 def math_reward(completion: str, gold: str) -> float:

@@ -52,7 +52,7 @@ def load_golds(data_dir):
 
 def as_fraction(gold):
     """Fraction for integer, decimal and \\frac{p}{q} golds; None otherwise."""
-    text = gold.replace("{,}", ",").replace("\\!", "").replace(" ", "")
+    text = gold.replace("{,}", ",").replace("\\!", "").replace("\\$", "").replace(" ", "")
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+", text):
         text = text.replace(",", "")
     if re.fullmatch(r"-?\d+|-?\d*\.\d+", text):
