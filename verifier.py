@@ -914,7 +914,7 @@ def values_equal(answer, gold, gold_places=None) -> bool:
     kind = gold[0]
     if answer[0] == "expr" and kind == "equation" or answer[0] == "equation" and kind == "expr":
         return False
-    if kind == "set" and answer[0] == "set":
+    if kind in ("set", "union") and answer[0] == kind:  # a union's parts in any order
         if len(answer[1]) != len(gold[1]):
             return False
         remaining = list(answer[1])
@@ -939,7 +939,7 @@ def values_equal(answer, gold, gold_places=None) -> bool:
     if kind == "interval":
         return answer[3:] == gold[3:] and expressions_equal(answer[1], gold[1]) and \
             expressions_equal(answer[2], gold[2])
-    if kind in ("tuple", "union"):
+    if kind == "tuple":
         return len(answer[1]) == len(gold[1]) and all(values_equal(a, g) for a, g in zip(answer[1], gold[1]))
     if kind == "matrix":
         shape = lambda m: [len(row) for row in m]

@@ -553,6 +553,9 @@ CASES = [
     (B("1 000 000"), "1000000", True, "spaces as thousands separators"),
     (B("100, 111, 11"), "11,\\! 111,\\! 100", False, "a gold with LaTeX thousands separators is one number"),
     (B("11111100"), "11,\\! 111,\\! 100", True, "the same gold, its value"),
+    (B("(3,\\infty)\\cup(-\\infty,-2)"), "(-\\infty,-2)\\cup(3,\\infty)", True, "a union's parts in any order"),
+    (B("x > 3 \\text{ or } x < -2"), "(-\\infty,-2)\\cup(3,\\infty)", True, "an 'or' of inequalities in any order"),
+    (B("(3,\\infty)\\cup(-\\infty,-2]"), "(-\\infty,-2)\\cup(3,\\infty)", False, "a reordered union keeps closedness"),
     # --- adversarial: bounded, never executed ------------------------------------------------------------------
     (B("9^{9^{9^9}}"), "5", False, "power tower refused"),
     (B("9^{9^{9^9}}"), "9^{9^{9^9}}", True, "identical strings match without evaluation"),
