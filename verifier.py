@@ -80,13 +80,26 @@ def _match_brace(text: str, open_index: int) -> int | None:
     return None
 
 
+def _closing_braces(text: str) -> dict[int, int]:
+    """{index of a '{': index just past its closing '}'} for every closed brace, in one pass: a completion with
+    hundreds of unclosed \\boxed{ would cost a scan to its end for each with _match_brace."""
+    closing, open_braces = {}, []
+    for match in re.finditer(r"[{}]", text):
+        if match.group() == "{":
+            open_braces.append(match.start())
+        elif open_braces:
+            closing[open_braces.pop()] = match.end()
+    return closing
+
+
 def _boxed_spans(text: str) -> list[tuple[int, int, str]]:
     """(start, end, content) of every \\boxed{...} / \\fbox{...} (also "\\boxed 5" and an unterminated last one)."""
-    spans = []
+    spans, closing = [], None
     for match in re.finditer(r"\\(?:boxed|fbox)\s*", text):
         start = match.end()
         if start < len(text) and text[start] == "{":
-            end = _match_brace(text, start)
+            closing = _closing_braces(text) if closing is None else closing
+            end = closing.get(start)
             content = text[start + 1:] if end is None else text[start + 1: end - 1]
             end = len(text) if end is None else end
         else:

@@ -206,3 +206,30 @@ def test_gsm8k_solutions_ending_the_ways_models_end_them():
                        f"Final Answer: The final answer is ${gold}$. I hope it is correct."):
             pairs.append((f"{body}\n{ending}", gold))
     assert all(v.correct for v in verify_batch(pairs))
+
+
+def test_boxed_spans_match_each_box_by_its_own_brace_scan_on_random_text():
+    """The one-pass brace map against the definition, _match_brace from each box's own '{' (unclosed boxes, nested
+    boxes, stray closing braces), on generated strings."""
+    import verifier
+
+    def by_definition(text):
+        spans = []
+        for match in re.finditer(r"\\(?:boxed|fbox)\s*", text):
+            start = match.end()
+            if start < len(text) and text[start] == "{":
+                end = verifier._match_brace(text, start)
+                content = text[start + 1:] if end is None else text[start + 1: end - 1]
+                end = len(text) if end is None else end
+            else:
+                word = re.match(r"[^\s$.,]+", text[start:])
+                content, end = (word.group(0), start + word.end()) if word else ("", start)
+            if not re.fullmatch(r"(?:\\phantom\{[^{}]*\}|\\[qh]?quad|\\[,;! ]|\s)*", content):
+                spans.append((match.start(), end, content.strip()))
+        return spans
+
+    rng = random.Random(0)
+    pieces = ["\\boxed{", "\\fbox{", "\\boxed ", "{", "}", "}", "7", "x", " ", "$", ".", "\\quad"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
+        assert verifier._boxed_spans(text) == by_definition(text), text
