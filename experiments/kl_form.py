@@ -59,13 +59,9 @@ def main(argv=None):
 NOTES = """
 kl_reverse = KL(pi||SFT), kl_forward = KL(SFT||pi), entropy: exact per completion token on 64 completions the final
 policy samples for held-out prompts (the same measurement for every form); train_kl: the last 5 steps' mean of the
-run's own estimator (each estimates a different quantity, so compare it within a form only; train_grpo.py logs the
-KL of the loss term only, so it reads 0 for --kl_in=reward); length: mean
-completion tokens. heldout_accuracy: 200 held-out problems after GRPO (the SFT start's is in kl_removal's table).
-The reverse k2 and forward k3 rows were run later (the same day, at commit d73f257, from the same cached SFT
-checkpoints) on a machine running nothing else, hence their short wall_s (13-44 s a run); the other rows ran beside
-other jobs. The code in between changed float rounding only (no change to the loss), so the rows compare as runs
-with other seeds would.
+run's own estimator (each estimates a different quantity, so compare it within a form only; with --kl_in=reward,
+the penalty's estimate); length: mean completion tokens. heldout_accuracy: 200 held-out problems after GRPO (the SFT
+start's is in kl_removal's table).
 """
 
 if __name__ == "__main__":
