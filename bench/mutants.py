@@ -35,6 +35,7 @@ TASKS = "tests/test_tasks.py::"
 PROMPT = TASKS + "test_training_and_evaluation_send_the_same_prompt_for_every_kind_of_task"
 SCORE = TASKS + "test_score_adds_the_format_reward_and_the_overlong_penalty_to_the_task_reward"
 SHARED_PROMPTS = MODEL + "test_shared_prompts_give_the_padded_rows_log_probs_and_gradients"
+VERIFIER_CASES = "tests/test_verifier.py::test_case"
 
 
 def mutant(name, file, original, mutated, tests):
@@ -360,6 +361,31 @@ MUTANTS = [
            "wants_entropy = diagnostics or config.entropy_coef > 0",
            "wants_entropy = True",
            [GRPO + "test_entropy_is_computed_where_it_is_logged_or_trained_on"]),
+    # the verifier's fixes of 2026-12-01 (a cold read found each wrong verdict)
+    mutant("percentage_against_a_percentage", "verifier.py",
+           "if gold_is_percent != answer_is_percent and (a == g / 100",
+           "if (a == g / 100",
+           [VERIFIER_CASES]),
+    mutant("bare_list_unordered_against_a_tuple", "verifier.py",
+           'return values_equal(("tuple", answer[1]), gold)',
+           'return values_equal(("set", answer[1]), ("set", gold[1]))',
+           [VERIFIER_CASES]),
+    mutant("halves_rounded_to_even", "verifier.py",
+           "rounded = Fraction(math.floor(abs(value) * scale + Fraction(1, 2)), scale)",
+           "rounded = round(abs(value), places)",
+           [VERIFIER_CASES]),
+    mutant("spaces_join_two_numbers", "verifier.py",
+           'r"(?<=[\\d,]) (?=\\d{3}(?!\\d))", "", s.strip()',
+           'r" ", "", s.strip()',
+           [VERIFIER_CASES]),
+    mutant("union_parts_in_order", "verifier.py",
+           'if kind in ("set", "union") and answer[0] == kind:',
+           'if kind == "set" and answer[0] == kind:',
+           [VERIFIER_CASES]),
+    mutant("brace_map_pairs_the_first_open_brace", "verifier.py",
+           "closing[open_braces.pop()] = match.end()",
+           "closing[open_braces.pop(0)] = match.end()",
+           ["tests/test_verifier.py::test_boxed_spans_match_each_box_by_its_own_brace_scan_on_random_text"]),
 ]
 
 
