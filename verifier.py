@@ -116,7 +116,7 @@ def boxed_answers(text: str) -> list[str]:
 
 
 # words with which a model takes back what it boxed before ("... \\boxed{4}. Wait, that is wrong ... \\boxed{5}")
-_REVISION = re.compile(r"(?:^|[.!?;:,)$\n])\s*(?:wait|actually|hmm|oops|hold on|no(?=,)|correction|on second thought|"
+_REVISION = re.compile(r"(?:^|[.!?;:,)$\n])\s*(?:wait|actually|hmm|oops|hold on|correction|on second thought|"
                        r"let me (?:re-?check|check|verify|fix|redo|recompute|reconsider))\b|"
                        r"\b(?:made|there is|there's|i see) an? (?:mistake|error)\b|"
                        r"\bthat(?:'s| is| was) (?:wrong|incorrect|a mistake|not right)\b|\bdouble[- ]counts?\b",
@@ -417,13 +417,15 @@ def _strip_thousands(s: str) -> str:
 
 
 _PLAIN_NUMBER = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
+_DIGITS_AND_SPACES = re.compile(r"-?[\d,. ]+")
 _PLAIN_FRACTION = re.compile(r"^(-?)\s*(?:\\frac\s*\{\s*(-?\d+)\s*\}\s*\{\s*(\d+)\s*\}|(\d+)\s*/\s*(\d+))$")
 
 
 def plain_number(s: str):
     """Fraction for integers, decimals and simple fractions (the cheap path); None for anything else."""
-    if re.fullmatch(r"-?[\d,. ]+", s):
-        s = _strip_thousands(re.sub(r"(?<=[\d,]) (?=\d{3}(?!\d))", "", s.strip()))
+    if _DIGITS_AND_SPACES.fullmatch(s):
+        s = re.sub(r"^-\s+", "-", s.strip())  # - 1 000
+        s = _strip_thousands(re.sub(r"(?<=[\d,]) (?=\d{3}(?!\d))", "", s))
     if _PLAIN_NUMBER.match(s):
         return Fraction(s)
     match = _PLAIN_FRACTION.match(s)
@@ -927,7 +929,7 @@ def values_equal(answer, gold, gold_places=None) -> bool:
     kind = gold[0]
     if answer[0] == "expr" and kind == "equation" or answer[0] == "equation" and kind == "expr":
         return False
-    if kind in ("set", "union") and answer[0] == kind:  # a union's parts in any order
+    if kind in ("set", "union") and answer[0] == kind:  # (3, oo) U (-oo, -2) is the gold's set in another order
         if len(answer[1]) != len(gold[1]):
             return False
         remaining = list(answer[1])
@@ -1094,8 +1096,8 @@ def cheap_grade(answer: str, gold: str, gold_is_percent: bool = False, answer_is
     a, g = plain_number(answer), plain_number(gold)
     if g is None:
         return None
-    if a is None:
-        return None
+    if a is None:  # digits that are no number ("3 4", "1.2.3") are wrong here: sympy would read "3 4" as 12
+        return Verdict("incorrect", answer, "not one number") if _DIGITS_AND_SPACES.fullmatch(answer) else None
     if a == g:
         return Verdict("correct", answer, "equal numbers")
     if gold_is_percent != answer_is_percent and (a == g / 100 if gold_is_percent else a / 100 == g):
