@@ -383,61 +383,78 @@ def cached_decode_attention(q, keys, values, key_bias):
     return torch.bmm(probs, values.reshape(B * n_kv_head, key_len, head_dim)).view(B, n_head, head_dim)
 
 
+COMPLETIONS_PER_BUCKET = 16  # SharedPrompts: completions per attention call
+
+
 class SharedPrompts:
     """The layout of a training pass over completions that continue shared prompts (GRPO's G samples of each
     prompt), so that each prompt's forward runs once however many completions continue it. The model sees one row
-    without padding: the real tokens of the P distinct prompts, then those of the N completions. The token-wise
-    layers (projections, norms, MLP) treat it as any row; attention puts it into padded batches, prompts (P, Tp) and
-    completions (N, Tc): a prompt attends causally to itself, a completion to its prompt's real tokens and to its own
-    past. A prompt's keys and values are indexed once per completion that reads them, so autograd sums their
-    gradients over the group."""
+    without padding: the real tokens of the P distinct prompts, then those of the N completions, longest first. The
+    token-wise layers (projections, norms, MLP) treat it as any row; attention puts it into padded batches, prompts
+    (P, Tp) and completions in buckets of COMPLETIONS_PER_BUCKET, each padded to its longest: a prompt attends
+    causally to itself, a completion to its prompt's real tokens and to its own past. (GRPO's lengths spread from a
+    few tokens to max_new_tokens: one batch padded to the longest would spend most of its attention on padding.) A
+    prompt's keys and values are indexed once per completion that reads them, so autograd sums their gradients over
+    the group."""
 
     def __init__(self, prompt_ids, prompt_lengths, completion_ids, completion_lengths, prompt_index):
         """prompt_ids (P, Tp) and completion_ids (N, Tc), right-padded, with their lengths (P,) and (N,) (each at
         least 1); prompt_index (N,) the prompt each completion continues."""
         (P, Tp), (N, Tc) = prompt_ids.shape, completion_ids.shape
         device = prompt_ids.device
-        self.prompt_index = prompt_index
         self.prompt_real = torch.arange(Tp, device=device) < prompt_lengths[:, None]  # (P, Tp)
+        self.prompt_tokens = int(prompt_lengths.sum())
+        # the completions in the row by length (longest first): each bucket is a run of the row
+        by_length = completion_lengths.argsort(descending=True, stable=True)
+        lengths, self.prompt_index = completion_lengths[by_length], prompt_index[by_length]
         steps = torch.arange(Tc, device=device)
-        self.completion_real = steps < completion_lengths[:, None]  # (N, Tc)
-        self.prompt_tokens, self.completion_tokens = int(prompt_lengths.sum()), int(completion_lengths.sum())
-        self.input_ids = torch.cat([prompt_ids[self.prompt_real], completion_ids[self.completion_real]])[None]
-        starts = prompt_lengths[prompt_index]  # (N,): a completion's first position is its prompt's length
+        self.completion_real = steps < lengths[:, None]  # (N, Tc), rows by length
+        self.input_ids = torch.cat([prompt_ids[self.prompt_real], completion_ids[by_length][self.completion_real]])[None]
+        starts = prompt_lengths[self.prompt_index]  # (N,): a completion's first position is its prompt's length
         self.position_ids = torch.cat([torch.arange(Tp, device=device).expand(P, Tp)[self.prompt_real],
                                        (starts[:, None] + steps)[self.completion_real]])[None]
         own_past = steps[None, :] <= steps[:, None]  # (Tc, Tc)
         prompt_visible = torch.arange(Tp, device=device) < starts[:, None]  # (N, Tp)
         self.visible = torch.cat([prompt_visible[:, None].expand(N, Tc, Tp), own_past.expand(N, Tc, Tc)],
                                  dim=2)[:, None]  # (N, 1, Tc, Tp + Tc)
+        self.buckets = []  # (its rows, its width: the longest of them, its tokens)
+        for first in range(0, N, COMPLETIONS_PER_BUCKET):
+            rows = slice(first, first + COMPLETIONS_PER_BUCKET)
+            self.buckets.append((rows, int(lengths[first]), int(lengths[rows].sum())))
+        self.runs = [self.prompt_tokens] + [tokens for *_, tokens in self.buckets]  # the row: prompts, buckets
         # where each completion token's predictor sits in the row: its prompt's last token for the first token, the
-        # completion's previous token after that (at padding, the row's last real token before it: never scored)
+        # completion's previous token after that (at padding, the row's last real token before it: never scored);
+        # (N, Tc) in the order of completion_ids
         prompt_at = (self.prompt_real.flatten().cumsum(0) - 1).view(P, Tp)
-        completion_at = (self.completion_real.flatten().cumsum(0) - 1).view(N, Tc) + self.prompt_tokens
-        self.predictors = torch.cat([prompt_at[prompt_index, starts - 1][:, None], completion_at[:, :-1]],
-                                    dim=1)  # (N, Tc)
+        completion_at = torch.empty_like(self.completion_real, dtype=torch.long)
+        completion_at[by_length] = (self.completion_real.flatten().cumsum(0) - 1).view(N, Tc) + self.prompt_tokens
+        self.predictors = torch.cat([prompt_at[prompt_index, prompt_lengths[prompt_index] - 1][:, None],
+                                     completion_at[:, :-1]], dim=1)
 
     def attention(self, q, k, v):
         """q (1, n_head, tokens, head_dim), k and v (1, n_kv_head, tokens, head_dim), rope applied -> the same
         layout as q."""
 
-        def padded(t, real, first, count):  # (rows, heads, T, head_dim), zeros at the padding
-            rows = t.new_zeros(*real.shape, t.shape[1], t.shape[3])
-            rows[real] = t[0, :, first: first + count].transpose(0, 1)
+        def padded(t, real):  # t (heads, count, head_dim) -> (rows, heads, T, head_dim), zeros at the padding
+            rows = t.new_zeros(*real.shape, t.shape[0], t.shape[2])
+            rows[real] = t.transpose(0, 1)
             return rows.transpose(1, 2)
 
         def unpadded(t, real):  # (heads, tokens, head_dim)
             return t.transpose(1, 2)[real].transpose(0, 1)
 
-        prompts = lambda t: padded(t, self.prompt_real, 0, self.prompt_tokens)
-        completions = lambda t: padded(t, self.completion_real, self.prompt_tokens, self.completion_tokens)
-        prompt_k, prompt_v = prompts(k), prompts(v)
-        prompt_out = attention(prompts(q), prompt_k, prompt_v, causal=True)
-        keys = torch.cat([prompt_k[self.prompt_index], completions(k)], dim=2)
-        values = torch.cat([prompt_v[self.prompt_index], completions(v)], dim=2)
-        completion_out = attention(completions(q), keys, values, causal=False, attn_mask=self.visible)
-        return torch.cat([unpadded(prompt_out, self.prompt_real), unpadded(completion_out, self.completion_real)],
-                         dim=1)[None]
+        (prompt_q, *bucket_q), (prompt_k, *bucket_k), (prompt_v, *bucket_v) = (t[0].split(self.runs, dim=1)
+                                                                               for t in (q, k, v))
+        prompt_k, prompt_v = padded(prompt_k, self.prompt_real), padded(prompt_v, self.prompt_real)
+        outs = [unpadded(attention(padded(prompt_q, self.prompt_real), prompt_k, prompt_v, causal=True),
+                         self.prompt_real)]
+        for (rows, width, _), q_run, k_run, v_run in zip(self.buckets, bucket_q, bucket_k, bucket_v):
+            real = self.completion_real[rows, :width]
+            keys = torch.cat([prompt_k[self.prompt_index[rows]], padded(k_run, real)], dim=2)
+            values = torch.cat([prompt_v[self.prompt_index[rows]], padded(v_run, real)], dim=2)
+            mask = self.visible[rows, :, :width, : self.prompt_real.shape[1] + width]
+            outs.append(unpadded(attention(padded(q_run, real), keys, values, causal=False, attn_mask=mask), real))
+        return torch.cat(outs, dim=1)[None]
 
 
 class Attention(nn.Module):

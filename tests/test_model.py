@@ -218,7 +218,8 @@ def test_shared_prompts_give_the_padded_rows_log_probs_and_gradients(tmp_path, m
     completions (model.SharedPrompts): the log-probs, entropies and parameter gradients of sequence_logprobs over
     the right-padded rows, in float64. The rows: groups of different prompt lengths, a prompt repeated after another
     (not shared: not consecutive), two prompts of one length, a row whose loss mask is empty, one-token
-    completions, padding."""
+    completions, padding; completions attend in buckets of 2, so that lengths are sorted across buckets and their
+    tokens put back in row order."""
     import model as model_module
     from model import sequence_logprobs, shared_prompt_logprobs
 
@@ -246,6 +247,7 @@ def test_shared_prompts_give_the_padded_rows_log_probs_and_gradients(tmp_path, m
             layouts.append(self)
 
     monkeypatch.setattr(model_module, "SharedPrompts", Recorded)
+    monkeypatch.setattr(model_module, "COMPLETIONS_PER_BUCKET", 2)
     results = []
     for shared in (False, True):
         model = Transformer.from_pretrained(tmp_path).double()
@@ -261,6 +263,7 @@ def test_shared_prompts_give_the_padded_rows_log_probs_and_gradients(tmp_path, m
         results.append((logprobs, entropy, {n: p.grad for n, p in model.named_parameters()}))
     (padded_lp, padded_ent, padded_grads), (lp, ent, grads) = results
     assert [(len(layout.prompt_real), len(layout.completion_real)) for layout in layouts] == [(5, 9)]
+    assert len(layouts[0].buckets) == 5
     assert int((lp != 0).sum()) == int(loss_mask.sum()) and torch.all(lp[~loss_mask.bool()] == 0)
     assert (lp - padded_lp).abs().max() < 1e-12 and (ent - padded_ent).abs().max() < 1e-12
     for name in padded_grads:
