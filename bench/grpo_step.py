@@ -6,6 +6,7 @@ Whole GRPO steps, ours (train_grpo.py) against TRL's GRPOTrainer as the peer, on
     python bench/grpo_step.py --vocab=qwen       # the real Qwen2.5 tokenizer and vocabulary (151,936 ids)
     python bench/grpo_step.py --vocab=all --steps=4
     python bench/grpo_step.py --smoke            # tiny and fast (the test runs this)
+    python bench/grpo_step.py --steps=6 --rounds=5   # each side 5 times, alternated: the median round of each
 
 The setting: a random Qwen2-shaped model (hidden 128, 4 layers, 4 heads / 2 KV heads, MLP 256, tied embeddings), a
 character-level tokenizer of 128 ids with a ChatML template (or, with --vocab=qwen, the Qwen2.5 tokenizer from
@@ -324,11 +325,17 @@ def run_side(side, args, work, log):
     return result
 
 
-def print_setting(vocab, args, params, results, warmup):
+def print_setting(vocab, args, params, rounds, warmup):
+    """rounds: each side's results, one per round; the table shows each side's median round by tokens/s."""
     print(f"\n== setting: vocab={vocab} ({'char-level, 128 ids' if vocab == 'char' else 'Qwen2.5 tokenizer, 151,936 ids'}), "
           f"{params / 1e6:.2f}M parameters, {args.prompts_per_step} prompts x G={args.group_size}, up to "
-          f"{args.max_new_tokens} new tokens, {args.steps} step(s) (mean of steps {warmup + 1}..{args.steps})")
-    summaries = {side: summarise(r, warmup) for side, r in results.items()}
+          f"{args.max_new_tokens} new tokens, {args.steps} step(s) (mean of steps {warmup + 1}..{args.steps})"
+          + (f", the median of {args.rounds} alternated rounds per side" if args.rounds > 1 else ""))
+    per_round = {side: [summarise(r, warmup) for r in results] for side, results in rounds.items()}
+    median = {side: sorted(range(len(s)), key=lambda i: s[i]["tokens_per_s"])[len(s) // 2]
+              for side, s in per_round.items()}
+    summaries = {side: per_round[side][median[side]] for side in rounds}
+    results = {side: rounds[side][median[side]] for side in rounds}
     ours = summaries.get("ours")
     print(f"{'side':<11} {'tok/s':>9} {'ours/side':>9} {'s/step':>8} {'tokens/step':>12} {'peak RSS':>10} "
           f"{'process':>9}")
@@ -353,6 +360,9 @@ def print_setting(vocab, args, params, results, warmup):
         print(f"  {side:<11} per step: " + ", ".join(f"{s['tokens']} tok / {s['total']:.2f}s" for s in r["steps"]))
     if "trl" in results:
         print(f"  prompt ids identical on both sides: {results['trl'].get('prompt_ids_match')}")
+    if "ours" in per_round and "trl" in per_round and args.rounds > 1:
+        print("  ours/TRL tokens/s by round: " + ", ".join(
+            f"{o['tokens_per_s'] / t['tokens_per_s']:.2f}x" for o, t in zip(per_round["ours"], per_round["trl"])))
     return summaries
 
 
@@ -366,6 +376,8 @@ def main(argv=None):
                         "each group's prompt once in the training passes), ours-padded (--share_prompts=false), trl; "
                         "comma-separated")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of each side")
+    parser.add_argument("--rounds", type=int, default=1, help="run the sides this many times, alternated, and "
+                        "report each side's median round (a shared machine's noise moves single runs by +-15%%)")
     parser.add_argument("--trl_gradient_checkpointing", type=lambda v: v.lower() in ("1", "true", "yes"),
                         default=False, help="TRL's GRPOConfig default is true; ours runs without (so false here)")
     parser.add_argument("--keep", default="", help="keep the checkpoint, logs and outputs in this folder")
@@ -384,8 +396,8 @@ def main(argv=None):
             setattr(args, key, sizes[key])
     if args.child:
         return child(args)
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
+    if args.steps < 1 or args.rounds < 1:
+        parser.error("--steps and --rounds must be at least 1")
     warmup = 1 if args.steps > 1 else 0
 
     v = versions()
@@ -408,8 +420,11 @@ def main(argv=None):
         try:
             params = build_checkpoint(os.path.join(work, "model"), vocab)
             write_problems(os.path.join(work, "problems.jsonl"), sizes["problems"])
-            results = {side: run_side(side, args, work, os.path.join(work, f"log_{side}.txt")) for side in sides}
-            all_summaries[vocab] = print_setting(vocab, args, params, results, warmup)
+            rounds = {side: [] for side in sides}
+            for _ in range(args.rounds):  # alternated, so that a noisy machine slows every side alike
+                for side in sides:
+                    rounds[side].append(run_side(side, args, work, os.path.join(work, f"log_{side}.txt")))
+            all_summaries[vocab] = print_setting(vocab, args, params, rounds, warmup)
         finally:
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)

@@ -53,3 +53,31 @@ def test_trl(smoke_output):
     for phase in ("generation", "reward", "reference", "forward_loss", "backward", "optimizer"):
         assert re.search(rf"^  trl +.*\b{phase} [\d.]+", smoke_output, re.M), phase
     assert "prompt ids identical on both sides: True" in smoke_output
+
+
+def test_rounds_report_each_sides_median_round_and_the_ratio_of_each(capsys):
+    """--rounds: the table shows each side's median round by tokens/s (not the best, not the last), and every
+    round's ours/TRL ratio is printed beside it."""
+    sys.path.insert(0, ROOT)
+    from bench.grpo_step import print_setting
+
+    def result(seconds):  # one measured step of 1,000 tokens after the warm-up step
+        step = lambda s: dict(tokens=1000, total=s, phases=dict(rollout=s / 2, score=0.0, update=s / 2))
+        return dict(steps=[step(9.0), step(seconds)], peak_rss_mb=100.0, wall_s=1.0)
+
+    trl_phases = dict(generation=1.0, reward=0.0, reference=0.0, prep_other=0.0, forward_loss=0.0, backward=0.0,
+                      optimizer=0.0)
+    trl = [result(s) for s in (4.0, 2.0, 3.0)]
+    for r in trl:
+        for step in r["steps"]:
+            step["phases"] = trl_phases
+    rounds = {"ours": [result(s) for s in (1.0, 0.5, 2.0)], "trl": trl}
+
+    class Args:
+        prompts_per_step, group_size, max_new_tokens, steps, rounds = 8, 8, 64, 2, 3
+
+    summaries = print_setting("char", Args, 1e6, rounds, warmup=1)
+    assert summaries["ours"]["step_s"] == 1.0 and summaries["trl"]["step_s"] == 3.0
+    output = capsys.readouterr().out
+    assert "the median of 3 alternated rounds per side" in output
+    assert "ours/TRL tokens/s by round: 4.00x, 4.00x, 1.50x" in output
