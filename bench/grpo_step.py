@@ -332,8 +332,8 @@ def print_setting(vocab, args, params, rounds, warmup):
           f"{args.max_new_tokens} new tokens, {args.steps} step(s) (mean of steps {warmup + 1}..{args.steps})"
           + (f", the median of {args.rounds} alternated rounds per side" if args.rounds > 1 else ""))
     per_round = {side: [summarise(r, warmup) for r in results] for side, results in rounds.items()}
-    median = {side: sorted(range(len(s)), key=lambda i: s[i]["tokens_per_s"])[len(s) // 2]
-              for side, s in per_round.items()}
+    median = {side: sorted(range(len(s)), key=lambda i: s[i]["tokens_per_s"])[(len(s) - 1) // 2]
+              for side, s in per_round.items()}  # with an even count, the slower of the two middle rounds
     summaries = {side: per_round[side][median[side]] for side in rounds}
     results = {side: rounds[side][median[side]] for side in rounds}
     ours = summaries.get("ours")
@@ -421,9 +421,10 @@ def main(argv=None):
             params = build_checkpoint(os.path.join(work, "model"), vocab)
             write_problems(os.path.join(work, "problems.jsonl"), sizes["problems"])
             rounds = {side: [] for side in sides}
-            for _ in range(args.rounds):  # alternated, so that a noisy machine slows every side alike
+            for round_index in range(args.rounds):  # alternated, so that a noisy machine slows every side alike
                 for side in sides:
-                    rounds[side].append(run_side(side, args, work, os.path.join(work, f"log_{side}.txt")))
+                    log = f"log_{side}.txt" if args.rounds == 1 else f"log_{side}_round{round_index + 1}.txt"
+                    rounds[side].append(run_side(side, args, work, os.path.join(work, log)))
             all_summaries[vocab] = print_setting(vocab, args, params, rounds, warmup)
         finally:
             if not args.keep:

@@ -81,3 +81,6 @@ def test_rounds_report_each_sides_median_round_and_the_ratio_of_each(capsys):
     output = capsys.readouterr().out
     assert "the median of 3 alternated rounds per side" in output
     assert "ours/TRL tokens/s by round: 4.00x, 4.00x, 1.50x" in output
+    Args.rounds = 2  # an even count: the slower middle round, never the best
+    rounds = {side: results[:2] for side, results in rounds.items()}
+    assert print_setting("char", Args, 1e6, rounds, warmup=1)["ours"]["step_s"] == 1.0
