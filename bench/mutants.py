@@ -163,7 +163,7 @@ MUTANTS = [
     mutant("targets_not_shifted", "model.py",
            "targets[:, :-1] = input_ids[:, 1:]  # position t predicts token t + 1",
            "targets[:, :-1] = input_ids[:, :-1]  # position t predicts token t + 1",
-           [TEMPERATURE]),
+           [MODEL + "test_sequence_logprobs_are_transformers_next_token_log_probs", TEMPERATURE]),
     mutant("generate_ignores_top_k", "sampler.py",
            "sample_next(logits, temperature, top_k, top_p, None, logprobs_mode,",
            "sample_next(logits, temperature, 0, top_p, None, logprobs_mode,",

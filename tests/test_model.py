@@ -59,6 +59,24 @@ def test_logprob_path_matches_transformers_at_a_temperature(tmp_path, temperatur
     assert torch.allclose(entropy[valid], -(expected.exp() * expected).sum(-1)[valid], atol=1e-5)
 
 
+def test_sequence_logprobs_are_transformers_next_token_log_probs(tmp_path):
+    """sequence_logprobs(ids)[:, t] = log p(ids[t] | ids[<t]) from transformers' logits at t - 1 (0 at t = 0), with and
+    without a loss mask: the path GRPO's padded passes, SFT and the reference take."""
+    from model import sequence_logprobs
+
+    hf_model = write_hf_checkpoint(tmp_path, family="qwen2", seed=5)
+    model = Transformer.from_pretrained(tmp_path)
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    expected = torch.log_softmax(hf_logits(hf_model, ids), dim=-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    with torch.no_grad():
+        logprobs, masked = sequence_logprobs(model, ids), sequence_logprobs(model, ids, loss_mask=mask)
+    assert torch.all(logprobs[:, 0] == 0) and torch.allclose(logprobs[:, 1:], expected, atol=1e-5)
+    assert torch.allclose(masked[mask.bool()], logprobs[mask.bool()], atol=1e-6)
+    assert torch.all(masked[~mask.bool()] == 0)
+
+
 def test_round_trip_through_transformers(tmp_path):
     import transformers
 

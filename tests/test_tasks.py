@@ -130,12 +130,16 @@ def test_evaluate_grades_each_completion_against_its_own_problem(tokenizer, monk
         assert all(s["status"] == "correct" for r in records for s in r["samples"]), (rank, world_size)
 
 
-def test_grpo_evaluates_the_first_eval_problems_of_the_held_out_task():
+def test_grpo_evaluates_the_first_eval_problems_of_the_held_out_task(tmp_path):
     _, problems, eval_task, heldout = train_grpo.load_tasks(train_grpo.Config(eval_problems=3), master=False)
     assert eval_task.name == "demo" and len(problems) == tasks.DEMO_TRAIN_SIZE
     assert heldout == DemoTask(test_size=3).test_problems()
     assert train_grpo.load_tasks(train_grpo.Config(eval_problems=0), master=False)[3] == []
     assert len(train_grpo.load_tasks(train_grpo.Config(eval_problems=600), master=False)[3]) == 600  # > the default
+    # a held-out file longer than --eval_problems (the demo task is built at that size): its first ones
+    held = write_jsonl(tmp_path / "held.jsonl", [{"problem": f"What is {i}+1?", "answer": str(i + 1)} for i in range(5)])
+    heldout = train_grpo.load_tasks(train_grpo.Config(eval_data=str(held), eval_problems=3), master=False)[3]
+    assert [problem["answer"] for problem in heldout] == ["1", "2", "3"]
 
 
 def test_grpo_asks_held_out_problems_with_the_training_prompts_instruction(tmp_path, demo_model, monkeypatch):
