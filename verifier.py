@@ -1102,9 +1102,10 @@ def cheap_grade(answer: str, gold: str, gold_is_percent: bool = False, answer_is
         return Verdict("correct", answer, "equal numbers")
     if gold_is_percent != answer_is_percent and (a == g / 100 if gold_is_percent else a / 100 == g):
         return Verdict("correct", answer, "a percentage and its fraction")
+    # a decimal gold is a value rounded at its places: an answer that rounds to it there is right, a more precise
+    # decimal or an exact fraction alike, as on the sympy path (a coarser decimal rounds to itself: never to the gold)
     places = decimal_places(gold)
-    if places is not None and round_half_up(a, places) == g and decimal_places(answer.replace(" ", "")) is not None \
-            and decimal_places(answer.replace(" ", "")) >= places:
+    if places is not None and round_half_up(a, places) == g:
         return Verdict("correct", answer, f"equal at the gold's {places} decimal places")
     return Verdict("incorrect", answer, "different number")
 
@@ -1133,19 +1134,10 @@ def symbolic_grade(answer: str, gold: str) -> Verdict:
     if answer_value[0] == "set" and gold_value[0] not in ("set", "tuple", "interval"):
         return Verdict("incorrect", answer, "a list of answers for a single gold")
     try:
-        equal = values_equal(answer_value, gold_value, _rounding_places(answer, gold))
+        equal = values_equal(answer_value, gold_value, decimal_places(gold))
     except (TypeError, ValueError, ZeroDivisionError, RecursionError, AttributeError, OverflowError) as error:
         return Verdict("incorrect", answer, f"comparison failed: {type(error).__name__}")
     return Verdict("correct" if equal else "incorrect", answer, "equivalent" if equal else "not equivalent")
-
-
-def _rounding_places(answer: str, gold: str):
-    """The places at which a decimal gold is compared, as on the exact path (cheap_grade): only an answer written with
-    decimals at least as precise is rounded there (0.8333 or 1 - 0.1667 for 0.83); an exact answer (5/6, 1 - 1/6,
-    sqrt 2) equals a decimal gold only exactly. None: compare exactly."""
-    places = decimal_places(gold)
-    answer_places = max((len(digits) for digits in re.findall(r"\.(\d+)", answer)), default=-1)
-    return places if places is not None and answer_places >= places else None
 
 
 def _prepare(completion: str, gold: str):

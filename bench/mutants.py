@@ -407,14 +407,10 @@ MUTANTS = [
            "closing[open_braces.pop()] = match.end()",
            "closing[open_braces.pop(0)] = match.end()",
            ["tests/test_verifier.py::test_boxed_spans_match_each_box_by_its_own_brace_scan_on_random_text"]),
-    # the sympy path rounds to a decimal gold's places only an answer written with decimals, as the exact path does
-    mutant("exact_expression_rounded_to_a_decimal_gold", "verifier.py",
-           "return places if places is not None and answer_places >= places else None",
-           "return places",
-           [VERIFIER_CASES]),
-    mutant("decimals_as_precise_as_the_gold_not_rounded", "verifier.py",
-           "return places if places is not None and answer_places >= places else None",
-           "return places if places is not None and answer_places > places else None",
+    # a decimal gold: an answer that rounds to it at its places is right, on the exact path as on the sympy path
+    mutant("answer_not_rounded_to_a_decimal_gold", "verifier.py",
+           "if places is not None and round_half_up(a, places) == g:",
+           "if places is not None and a == g:",
            [VERIFIER_CASES]),
 ]
 
