@@ -137,6 +137,13 @@ class BlockPool:
         for block in blocks:
             self.references[block] += 1
 
+    def move(self, source: int, target: int):
+        """Hands a free block out in place of a held one, which returns to the pool (the caller copies its
+        contents)."""
+        self.free.remove(target)
+        self.references[target], self.references[source] = self.references[source], 0
+        self.free.append(source)
+
     def give_back(self, blocks):
         for block in blocks:
             self.references[block] -= 1
@@ -381,10 +388,29 @@ class _Scheduler:
         self.note_blocks_in_use()
         return steps
 
+    def compact(self):
+        """When every running sequence is one block (then its own: a CPU's layout), the highest move down into the
+        holes that finished sequences left, so that the blocks stay consecutive and decoding reads views of the cache
+        instead of gathering every row's keys and values at every layer of every step. Returns the (source, target)
+        blocks whose contents the cache must copy: one block per finished sequence at most, once."""
+        if any(len(q.blocks) != 1 for q in self.active.values()):
+            return []
+        slot_of = {q.blocks[0]: slot for slot, q in self.active.items()}
+        low = min(slot_of)
+        end = low + len(slot_of)
+        moves = list(zip(sorted(b for b in slot_of if b >= end), [b for b in range(low, end) if b not in slot_of]))
+        for source, target in moves:
+            self.pool.move(source, target)
+            self.active[slot_of[source]].blocks = [target]
+            self.update_table(slot_of[source])
+        return moves
+
     def rows(self, all_slots, keys):
-        """A decode run's rows (every slot for the CUDA graph, else the running ones) and each row's input token,
-        position, sequence keys and block table (idle rows: token 0 at position 0 in block 0)."""
-        rows = list(range(len(self.tables))) if all_slots else sorted(self.active)
+        """A decode run's rows (every slot for the CUDA graph, else the running ones in the order of their first
+        blocks, as compact lays them out) and each row's input token, position, sequence keys and block table (idle
+        rows: token 0 at position 0 in block 0)."""
+        rows = list(range(len(self.tables))) if all_slots else sorted(self.active,
+                                                                       key=lambda slot: self.active[slot].blocks[0])
         running = [self.active.get(slot) for slot in rows]
         table = self.tables if all_slots else \
             self.tables[rows, : max(len(q.blocks) for q in self.active.values())]
@@ -466,6 +492,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         steps = scheduler.next_run()
         if not scheduler.active:
             continue
+        moves = scheduler.compact() if graphed is None else []
+        if moves:
+            cache.copy_blocks(*(torch.tensor(blocks, device=device) for blocks in zip(*moves)))
         rows, *inputs = scheduler.rows(graphed is not None, keys)
         token_history, logprob_history = _decode_run(model, cache, graphed, *inputs, steps, sample)
         scheduler.record_run(rows, steps, token_history, logprob_history)

@@ -53,6 +53,45 @@ def test_cached_decode_equals_full_recomputation(checkpoint, packed, n, block_si
         assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-5)
 
 
+def test_finished_sequences_holes_are_filled_so_decoding_reads_views(checkpoint, monkeypatch):
+    """On a CPU each sequence is one block. As sequences stop at different steps, the highest running ones move into
+    the holes (Scheduler.compact), so every decode run's blocks stay consecutive in row order (the view path, no
+    gather); the moved sequences keep their keys and values: each log-prob is the full recomputation's."""
+    import sampler
+
+    _, model = checkpoint
+    prompts = random_prompts([4, 9, 2, 7, 5, 3])
+    kwargs = dict(max_new_tokens=20, n=2, seed=1, logprobs_mode="raw")
+    free_run = [c.tokens for c in generate(model, prompts, **kwargs)]
+    # the token that stops the most completions part-way, at different steps
+    stop = max({t for tokens in free_run for t in tokens}, key=lambda t: len({tokens.index(t) for tokens in free_run
+                                                                             if t in tokens[1:15]}))
+    tables, moves = [], []
+    decode_eager, compact = sampler._decode_eager, sampler._Scheduler.compact
+    monkeypatch.setattr(sampler, "_decode_eager", lambda m, c, t, p, k, table, *rest:
+                        tables.append(table.clone()) or decode_eager(m, c, t, p, k, table, *rest))
+
+    def recording_compact(scheduler):
+        done = compact(scheduler)
+        moves.extend(done)
+        return done
+
+    monkeypatch.setattr(sampler._Scheduler, "compact", recording_compact)
+    stats = {}
+    completions = generate(model, prompts, stop_token_ids=[stop], stats=stats, **kwargs)
+    assert {c.finish_reason for c in completions} == {"stop", "length"}
+    assert moves and stats["free_blocks_at_end"] == stats["blocks"]
+    for table in tables:
+        assert table.shape[1] == 1 and torch.equal(table[:, 0], table[0, 0] + torch.arange(len(table)))
+    for prompt, completion in zip([p for p in prompts for _ in range(2)], completions, strict=True):
+        sequence = torch.tensor([prompt + completion.tokens])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(sequence)[0], dim=-1)
+        positions = torch.arange(len(prompt) - 1, sequence.shape[1] - 1)
+        assert torch.allclose(torch.tensor(completion.logprobs), logprobs[positions, sequence[0, positions + 1]],
+                              atol=1e-5)
+
+
 def test_stop_ids_and_max_new_tokens_per_sequence(checkpoint):
     _, model = checkpoint
     prompts = random_prompts([6, 3, 8, 5])
