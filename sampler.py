@@ -141,7 +141,8 @@ class BlockPool:
 
     def move(self, source: int, target: int):
         """Hands a free block out in place of a held one, which returns to the pool (the caller copies its
-        contents)."""
+        contents). Only a block of one sequence moves: its sharers would keep pointing at the old one."""
+        assert self.references[source] == 1, f"block {source} is shared"
         self.free.remove(target)
         self.references[target], self.references[source] = self.references[source], 0
         self.free.append(source)
@@ -391,16 +392,18 @@ class _Scheduler:
         return steps
 
     def compact(self):
-        """When every running sequence is one block (then its own: a CPU's layout), the highest move down into the
-        holes that finished sequences left, so that the blocks stay consecutive and decoding reads views of the cache
-        instead of gathering every row's keys and values at every layer of every step. Returns the (source, target)
-        blocks whose contents the cache must copy: one block per finished sequence at most, once."""
+        """When every running sequence is one block (a CPU's layout), the highest move down into the holes that
+        finished sequences left, so that the blocks stay consecutive and decoding reads views of the cache instead of
+        gathering every row's keys and values at every layer of every step. Called after next_run, so that each such
+        block is its sequence's own (a shared full prompt block comes with a block for the run's positions). Returns
+        the (source, target) blocks whose contents the cache must copy: at most one per finished sequence."""
         if any(len(q.blocks) != 1 for q in self.active.values()):
             return []
         slot_of = {q.blocks[0]: slot for slot, q in self.active.items()}
         low = min(slot_of)
         end = low + len(slot_of)
-        moves = list(zip(sorted(b for b in slot_of if b >= end), [b for b in range(low, end) if b not in slot_of]))
+        moves = list(zip(sorted(b for b in slot_of if b >= end), [b for b in range(low, end) if b not in slot_of],
+                         strict=True))
         for source, target in moves:
             self.pool.move(source, target)
             self.active[slot_of[source]].blocks = [target]
@@ -411,8 +414,8 @@ class _Scheduler:
         """A decode run's rows (every slot for the CUDA graph, else the running ones in the order of their first
         blocks, as compact lays them out) and each row's input token, position, sequence keys and block table (idle
         rows: token 0 at position 0 in block 0)."""
-        rows = list(range(len(self.tables))) if all_slots else sorted(self.active,
-                                                                       key=lambda slot: self.active[slot].blocks[0])
+        by_first_block = lambda slot: self.active[slot].blocks[0]
+        rows = list(range(len(self.tables))) if all_slots else sorted(self.active, key=by_first_block)
         running = [self.active.get(slot) for slot in rows]
         table = self.tables if all_slots else \
             self.tables[rows, : max(len(q.blocks) for q in self.active.values())]

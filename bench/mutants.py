@@ -91,7 +91,7 @@ MUTANTS = [
            "            pass\n",
            [SAMPLER + "test_finished_sequences_holes_are_filled_so_decoding_reads_views"]),
     mutant("decode_rows_in_slot_order_after_compaction", "sampler.py",
-           "key=lambda slot: self.active[slot].blocks[0])", ")",
+           "sorted(self.active, key=by_first_block)", "sorted(self.active)",
            [SAMPLER + "test_finished_sequences_holes_are_filled_so_decoding_reads_views"]),
     mutant("one_block_prefix_reads_the_last_table_column", "model.py",
            "blocks = self.block_table[:, 0]", "blocks = self.block_table[:, -1]",

@@ -63,13 +63,17 @@ def test_finished_sequences_holes_are_filled_so_decoding_reads_views(checkpoint,
     prompts = random_prompts([4, 9, 2, 7, 5, 3])
     kwargs = dict(max_new_tokens=20, n=2, seed=1, logprobs_mode="raw")
     free_run = [c.tokens for c in generate(model, prompts, **kwargs)]
-    # the token that stops the most completions part-way, at different steps
+    # the token whose first appearance falls at the most distinct steps: completions stop apart, leaving holes
     stop = max({t for tokens in free_run for t in tokens}, key=lambda t: len({tokens.index(t) for tokens in free_run
-                                                                             if t in tokens[1:15]}))
+                                                                             if t in tokens[:15]}))
     tables, moves = [], []
     decode_eager, compact = sampler._decode_eager, sampler._Scheduler.compact
-    monkeypatch.setattr(sampler, "_decode_eager", lambda m, c, t, p, k, table, *rest:
-                        tables.append(table.clone()) or decode_eager(m, c, t, p, k, table, *rest))
+
+    def recording_decode_eager(model, cache, tokens, positions, keys, block_table, *rest):
+        tables.append(block_table.clone())
+        return decode_eager(model, cache, tokens, positions, keys, block_table, *rest)
+
+    monkeypatch.setattr(sampler, "_decode_eager", recording_decode_eager)
 
     def recording_compact(scheduler):
         done = compact(scheduler)
