@@ -14,7 +14,7 @@ How it works
     fill, listed in its block table, and takes another as it grows; blocks return to the pool (BlockPool) when it
     finishes, so the sequences decoded at once are bounded by the tokens in the cache, not by max_new_tokens.
     On a CPU one block holds a whole sequence, and the running sequence in the highest block moves into the block
-    of one that finished (Scheduler.compact): the rows' blocks stay consecutive and decoding reads views of them.
+    of one that finished (_Scheduler.compact): the rows' blocks stay consecutive and decoding reads views of them.
   - A prompt is admitted when n slots and its blocks are free: it is prefilled once (prompts admitted together are
     packed back to back on a GPU, right-padded on CPU); its n samples share its full blocks and each gets a copy of
     its last, partly filled one.

@@ -1,5 +1,5 @@
 """
-A GRPO rollout on a CPU, with and without Scheduler.compact: all of a step's completions start together and stop at
+A GRPO rollout on a CPU, with and without _Scheduler.compact: all of a step's completions start together and stop at
 different steps, so without compaction the running sequences' blocks get holes after the first stop and every later
 decode step gathers every row's keys and values; with it the highest running sequence moves into each hole and the
 steps read views of the cache. Both sides sample the same completions (checked).

@@ -55,7 +55,7 @@ def test_cached_decode_equals_full_recomputation(checkpoint, packed, n, block_si
 
 def test_finished_sequences_holes_are_filled_so_decoding_reads_views(checkpoint, monkeypatch):
     """On a CPU each sequence is one block. As sequences stop at different steps, the highest running ones move into
-    the holes (Scheduler.compact), so every decode run's blocks stay consecutive in row order (the view path, no
+    the holes (_Scheduler.compact), so every decode run's blocks stay consecutive in row order (the view path, no
     gather); the moved sequences keep their keys and values: each log-prob is the full recomputation's."""
     import sampler
 
