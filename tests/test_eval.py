@@ -1,7 +1,11 @@
 # python -m pytest tests/test_eval.py -q
+import itertools
 import json
 import math
 import os
+import random
+import sys
+import types
 
 import pytest
 
@@ -226,3 +230,199 @@ def test_completions_that_cover_part_of_a_benchmark_are_marked_and_left_out_of_t
                                f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}"])
     assert results["math500"]["partial"] is True and results["math500"]["problems"] == 1
     assert "covers 1 of the 2 math500 problems" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# the reported numbers against independent computations (mutation audit)
+
+
+def brute_force_metrics(records, n):
+    """What metrics() must report, computed another way: pass@k as the share of all k-subsets of a problem's samples
+    that hold a correct one, maj@n by counting votes by hand (a tie to the answer seen first), and the length and
+    truncation shares over samples."""
+    result = {"problems": len(records), "n": n}
+    for k in (1, 2, 4, 8, 16):
+        if k <= n:
+            shares = []
+            for r in records:
+                subsets = list(itertools.combinations(r["samples"], k))
+                shares.append(sum(any(s["status"] == "correct" for s in subset) for subset in subsets) / len(subsets))
+            result[f"pass@{k}"] = 100 * sum(shares) / len(records)
+    wins = 0
+    for r in records:
+        votes = {}  # answer -> its samples, in the order answers were first seen
+        for s in r["samples"]:
+            if s["extracted"] is not None:
+                votes.setdefault(s["extracted"], []).append(s)
+        if votes:
+            top = max(len(v) for v in votes.values())
+            wins += next(v for v in votes.values() if len(v) == top)[0]["status"] == "correct"
+    result[f"maj@{n}"] = 100 * wins / len(records)
+    samples = [s for r in records for s in r["samples"]]
+    result["mean_length"] = sum(s["length"] for s in samples) / len(samples)
+    result["truncated"] = sum(s["finish"] == "length" for s in samples) / len(samples)
+    return result
+
+
+def test_metrics_equal_a_brute_force_count_on_random_records():
+    rng = random.Random(0)
+    for n in (1, 2, 3, 4, 5, 8):
+        records = []
+        for _ in range(25):
+            samples = []
+            for _ in range(n):
+                answer = rng.choice(["7", "7", "8", "8", "9", None])  # "7" is right
+                status = "no_answer" if answer is None else "correct" if answer == "7" else "incorrect"
+                samples.append({"extracted": answer, "status": status, "length": rng.randint(1, 60),
+                                "finish": "length" if rng.random() < 0.3 else "stop"})
+            records.append({"samples": samples})
+        got, expected = benchmark_metrics(records, n), brute_force_metrics(records, n)
+        assert set(got) == set(expected), n
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value), (n, key)
+
+
+PATTERNS = {  # per problem, its 4 samples: c right answer, w and v two wrong ones, - no answer (cut by the budget)
+    "gsm8k": ["cwwv", "ccw-", "cccc", "wvw-", "wccc"],
+    "math500": ["cccc", "cccw", "wwcc", "-c--", "vwvw"],
+    "aime24": ["wwwc", "c---", "wwcc", "vvvv", "cwcw"],
+}
+
+
+def pattern_records(problems, patterns):
+    words = {"c": ("right", "correct"), "w": ("wrong", "incorrect"), "v": ("other", "incorrect"),
+             "-": (None, "no_answer")}
+    return [dict(p, samples=[{"text": f"sample {j}", "extracted": words[c][0], "status": words[c][1], "reason": "",
+                              "length": 10 * (j + 1) + i, "finish": "length" if c == "-" else "stop"}
+                             for j, c in enumerate(pattern)])
+            for i, (p, pattern) in enumerate(zip(problems, patterns))]
+
+
+def test_eval_reports_every_metric_of_every_benchmark_in_each_output(tmp_path, random_model, monkeypatch, capsys):
+    """eval.py's main over three benchmarks with the sampling replaced by known samples: results, results.json,
+    metrics.jsonl and the printed table carry each benchmark's numbers, and the combined score is of pass@1."""
+    write_fixtures(tmp_path / "data")
+
+    def fake_evaluate(model, tokenizer, task, problems, n, *args, **kwargs):
+        assert n == 4
+        return pattern_records(problems, PATTERNS[task.name])
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    out = tmp_path / "out"
+    results = evaluation.main([f"--model={random_model}", "--benchmarks=gsm8k,math500,aime24", "--n=4",
+                               f"--data_dir={tmp_path / 'data'}", f"--out_dir={out}"])
+    printed = capsys.readouterr().out
+    expected = {name: brute_force_metrics(pattern_records(load_benchmark(name, tmp_path / "data"), patterns), 4)
+                for name, patterns in PATTERNS.items()}
+    combined = sum(expected[name]["pass@1"] - reference for name, reference in
+                   {"gsm8k": 89.3, "math500": 90.2, "aime24": 39.2}.items()) / 3
+    assert any(e["maj@4"] != e["pass@1"] for e in expected.values())  # the combined score is of pass@1, not maj@n
+    saved = json.loads((out / "results.json").read_text())
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 1 and logged[0]["step"] == 0
+    assert saved["combined_score"] == pytest.approx(combined) and logged[0]["combined_score"] == pytest.approx(combined)
+    assert f"{combined:+.2f} points" in printed
+    for name, values in expected.items():
+        for key, value in values.items():
+            assert results[name][key] == pytest.approx(value), (name, key)
+            assert saved["results"][name][key] == pytest.approx(value), (name, key)
+            assert logged[0][f"{name}/{key}"] == pytest.approx(value), (name, key)
+        row = next(line.split() for line in printed.splitlines() if line.startswith(name + " "))
+        assert row[-1] == f"{values['pass@1'] - DEEPSEEK_V3[name]:+.1f}"  # the "vs DeepSeek-V3" column
+        assert row[2:-1] == [f"{values[c]:.1f}" for c in ("pass@1", "maj@4", "pass@2", "pass@4", "mean_length")] + \
+            [f"{values['truncated']:.3f}"]
+    header = next(line.split() for line in printed.splitlines() if line.startswith("benchmark"))
+    assert header[:8] == ["benchmark", "problems", "pass@1", "maj@4", "pass@2", "pass@4", "mean_length", "truncated"]
+
+
+def write_completions(path, rows):
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_completions_of_every_problem_enter_the_combined_score_and_a_partial_benchmark_does_not(tmp_path, capsys):
+    write_fixtures(tmp_path / "data")
+    patterns = {"gsm8k": ["cc", "cw", "ww", "wc", "cc"], "math500": ["cw", "cc", "cc", "ww", "cc"],
+                "aime24": ["ww", "ww", "cw", "ww", "wc"]}
+    rows = []
+    for name, marks in patterns.items():
+        for problem, mark in zip(load_benchmark(name, tmp_path / "data"), marks):
+            rows.append({"id": problem["id"], "benchmark": name,
+                         "completions": [f"So the answer is \\boxed{{{problem['answer'] if c == 'c' else 999}}}."
+                                         for c in mark]})
+    pass1 = {name: 100 * sum(mark.count("c") / 2 for mark in marks) / 5 for name, marks in patterns.items()}
+    combined = sum(pass1[name] - DEEPSEEK_V3[name] for name in DEEPSEEK_V3) / 3
+    args = ["--benchmarks=gsm8k,math500,aime24", f"--data_dir={tmp_path / 'data'}"]
+
+    write_completions(tmp_path / "all.jsonl", rows)
+    results = evaluation.main([f"--completions={tmp_path / 'all.jsonl'}", f"--out_dir={tmp_path / 'all'}"] + args)
+    printed = capsys.readouterr().out
+    assert not any(m.get("partial") for m in results.values())
+    assert {name: m["pass@1"] for name, m in results.items()} == pytest.approx(pass1)
+    assert json.loads((tmp_path / "all" / "results.json").read_text())["combined_score"] == pytest.approx(combined)
+    assert f"{combined:+.2f} points" in printed
+    try:
+        import math_verify  # noqa: F401
+        for name, value in pass1.items():  # boxed integers and fractions: the two verifiers agree
+            assert f"{name}: pass@1 {value:.1f} by our verifier, {value:.1f} by Math-Verify" in printed
+    except ImportError:
+        pass
+
+    write_completions(tmp_path / "part.jsonl", rows[:4] + rows[5:])  # gsm8k's last problem has no completions
+    results = evaluation.main([f"--completions={tmp_path / 'part.jsonl'}", f"--out_dir={tmp_path / 'part'}"] + args)
+    assert results["gsm8k"]["partial"] is True and results["gsm8k"]["problems"] == 4
+    assert not results["math500"].get("partial") and not results["aime24"].get("partial")
+    assert json.loads((tmp_path / "part" / "results.json").read_text())["combined_score"] is None
+    assert "combined score" not in capsys.readouterr().out
+
+    uneven = [dict(rows[0], completions=rows[0]["completions"] + ["\\boxed{1}"])] + rows[1:]
+    write_completions(tmp_path / "uneven.jsonl", uneven)
+    with pytest.raises(SystemExit, match="gsm8k has 2 to 3 completions per problem"):
+        evaluation.main([f"--completions={tmp_path / 'uneven.jsonl'}", f"--out_dir={tmp_path / 'uneven'}"] + args)
+
+
+def test_accuracy_vs_length_plots_the_share_of_correct_samples_per_length_bin(tmp_path):
+    def s(length, status, extracted):
+        return {"length": length, "status": status, "extracted": extracted, "finish": "stop"}
+
+    records = {"math500": [{"samples": [s(10, "correct", "1"), s(10, "incorrect", "2")]},
+                           {"samples": [s(20, "no_answer", None), s(20, "incorrect", "3")]},
+                           {"samples": [s(40, "correct", "1"), s(40, "correct", "1")]}]}
+    path = tmp_path / "plot.svg"
+    evaluation.accuracy_vs_length_svg(records, str(path), bins=3)
+    # width 560, height 320, margin 48: x = 48 + 464 * length / 40, y = 272 - 224 * accuracy
+    assert 'points="164.0,160.0 280.0,272.0 512.0,48.0"' in path.read_text()
+
+
+def test_completions_keep_their_length_finish_and_benchmark_and_follow_the_limit(tmp_path):
+    """--completions: a row's own "length" (tokens) and "finish" make mean_length and truncated, its "benchmark"
+    picks between problems that share an id, and --limit cuts the problems a file must cover to be complete."""
+    for name, answers in (("a", ["1", "2", "3"]), ("b", ["4", "5", "6"])):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps({"id": f"q{i}", "problem": f"{name}: question {i}?", "answer": answer}) + "\n"
+                         for i, answer in enumerate(answers))
+    rows = [{"id": "q0", "benchmark": "a.jsonl", "completion": "\\boxed{1}", "length": 30, "finish": "length"},
+            {"id": "q1", "benchmark": "a.jsonl", "completion": "\\boxed{7}", "length": 10},
+            {"id": "q0", "benchmark": "b.jsonl", "completion": "\\boxed{4}", "length": 50, "finish": "stop"},
+            {"id": "q1", "benchmark": "b.jsonl", "completions": ["\\boxed{5}"], "length": 70}]
+    write_completions(tmp_path / "c.jsonl", rows)
+    results = evaluation.main([f"--completions={tmp_path / 'c.jsonl'}", "--limit=2", f"--out_dir={tmp_path / 'out'}",
+                               f"--benchmarks={tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}"])
+    assert not any(m.get("partial") for m in results.values())  # the first 2 problems of each: all there
+    assert (results["a.jsonl"]["pass@1"], results["a.jsonl"]["mean_length"], results["a.jsonl"]["truncated"]) == \
+        (50.0, 20.0, 0.5)
+    assert (results["b.jsonl"]["pass@1"], results["b.jsonl"]["mean_length"], results["b.jsonl"]["truncated"]) == \
+        (100.0, 60.0, 0.0)
+
+
+def test_math_verify_pass_at_1_is_the_mean_share_of_verified_samples_in_percent(monkeypatch):
+    """The peer's number, with a stand-in Math-Verify (exact match of the last box), so it is checked whether or
+    not the real one is installed."""
+    fake = types.ModuleType("math_verify")
+    fake.parse = lambda text: text.strip("$").split("\\boxed{")[-1].rstrip("}.")
+    fake.verify = lambda gold, answer: gold == answer
+    monkeypatch.setitem(sys.modules, "math_verify", fake)
+    records = [{"answer": "1", "samples": [{"text": "\\boxed{1}"}, {"text": "\\boxed{2}"}]},
+               {"answer": "3", "samples": [{"text": "\\boxed{3}"}, {"text": "\\boxed{3}"}]},
+               {"answer": "5", "samples": [{"text": "\\boxed{4}"}, {"text": "\\boxed{6}"}]}]
+    assert evaluation.math_verify_pass_at_1(records) == pytest.approx(100 * (1 / 2 + 1 + 0) / 3)

@@ -207,3 +207,14 @@ def test_eval_logs_to_wandb(tmp_path, monkeypatch):
                       "--wandb_project=r1-eval"])
     assert calls[0][0] == "init" and calls[0][1]["project"] == "r1-eval" and calls[0][1]["config"]["demo_problems"] == 2
     assert calls[1][0] == "log" and calls[1][1]["demo/problems"] == 2 and "demo/pass@1" in calls[1][1]
+
+
+def test_plot_series_reads_every_line_keeps_a_steps_last_value_and_orders_by_step(tmp_path):
+    rows = [{"step": 2, "loss": 3.0}, {"step": 1, "loss": 4.0}, {"step": 2, "loss": 2.5},
+            {"step": 3, "loss": float("nan")}, {"step": 4, "loss": 1.0}, {"step": 0, "combined_score": -12.5}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # whole lines only: the last one too
+    records = plot.read_metrics(str(path))
+    assert len(records) == len(rows)
+    assert plot.series(records, "loss") == [(1, 4.0), (2, 2.5), (4, 1.0)]  # by step, step 2's last value, no NaN
+    assert plot.series(records, "combined_score") == [(0, -12.5)]  # an eval's one line, last in the file

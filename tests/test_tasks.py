@@ -258,3 +258,26 @@ def test_a_jsonl_training_file_has_no_held_out_eval_unless_one_is_named(tmp_path
     assert "heldout_accuracy" in metrics
     with pytest.raises(SystemExit, match="name the problems once"):
         train_grpo.main(base + ["--task=demo2.jsonl"])
+
+
+def test_evaluate_keeps_each_problems_own_samples_in_order(tokenizer, monkeypatch):
+    """With n > 1 over several chunks, a record holds its own problem's n samples in the order they were drawn
+    (a window into the wrong completions would mix problems: grading stays right, the records do not)."""
+    from sampler import Completion
+
+    task = DemoTask(test_size=5)
+    problems = task.test_problems()
+    answers = {tuple(task.prompt(tokenizer, p)): p["answer"] for p in problems}
+
+    def generate(model, prompts, max_new_tokens, n=1, **kwargs):  # sample s of each prompt: right for s = 0 only
+        return [Completion(i, tokenizer.encode(f"\\boxed{{{answers[tuple(prompt)] if s == 0 else 100 + s}}}"),
+                           finish_reason="length" if s == n - 1 else "stop")
+                for i, prompt in enumerate(prompts) for s in range(n)]
+
+    monkeypatch.setattr(tasks, "generate", generate)
+    records = tasks.evaluate(None, tokenizer, task, problems, n=3, chunk=2, show_progress=False)
+    assert [r["id"] for r in records] == [p["id"] for p in problems]
+    for record in records:
+        assert [s["status"] for s in record["samples"]] == ["correct", "incorrect", "incorrect"]
+        assert [s["extracted"] for s in record["samples"]][1:] == ["101", "102"]
+        assert [s["finish"] for s in record["samples"]] == ["stop", "stop", "length"]
