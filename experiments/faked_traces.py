@@ -2,7 +2,7 @@
 Question 4, faked traces: is SFT data from the teacher, from a weak model filtered by the verifier, or rationalized
 from known answers better for the RL that follows? Three trace sets for the same 300 training problems, each taught
 to the same student (the shared SFT checkpoint of that seed) by the same short SFT (50 steps of 32 at lr 3e-4, the
-README's rejection-sampling fine-tuning recipe), each followed by the same GRPO (20 steps):
+README's rejection-sampling fine-tuning recipe), each followed by the same GRPO (40 steps):
  - teacher: the demo teacher's own traces (tasks.demo_trace: one arithmetic slip, and a wrong answer, in 25%), not
    filtered;
  - distilled: make_traces.py --hint=never with a weak model as the teacher: 4 samples per problem, the verifier keeps
@@ -17,8 +17,8 @@ kept traces with a wrong `a op b = c` line (process errors the outcome check let
 
     python experiments/faked_traces.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun]
 
-Budget (experiments/harness.py): the small model (0.6M parameters), the shared SFT, 300 problems, GRPO 20 steps of
-8 prompts x 8 samples at lr 1e-4, 200 held-out problems.
+Budget (experiments/harness.py): the small model (0.6M parameters), the shared SFT, 300 problems, GRPO 40 steps of
+8 prompts x 8 samples at lr 5e-5, 200 held-out problems.
 """
 
 import json
@@ -56,7 +56,7 @@ def main(argv=None):
                      __doc__.split("\n\n")[0])
     quick = exp.args.quick
     count = 8 if quick else 300
-    sft_steps, weak_steps, grpo_steps = (2, 2, 1) if quick else (50, 100, 20)
+    sft_steps, weak_steps, grpo_steps = (2, 2, 1) if quick else (50, 100, 40)
     hint = make_traces.HINT_TEMPLATE
     for seed in exp.seeds:
         base = exp.base_sft(seed)

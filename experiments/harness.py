@@ -10,11 +10,16 @@ Every script takes the same flags:
                       its numbers are not results, and it writes into a separate folder by default
     --out=DIR         where results go (default experiments/results/<question>, quick: out/experiments_quick/<question>)
     --rerun           ignore the cache of finished runs in DIR/runs and run everything again
+    --sft_steps=N     another length of the shared SFT than the budget's 1200 steps: its own SFT and GRPO runs,
+                      and by default its own folder (<question>_sft<N>), so no run of another budget is reused
+    --jobs=N          seeds run at once, each in its own one-thread process (default: all of them; 1: one after
+                      another in this process)
 
-Budget. The experiments shrink the demo so that a question with its 3 seeds fits in about 20 minutes of 2 shared CPU
-cores: SMALL_MODEL (hidden 128, 4 layers, ~0.6M parameters against the demo's 2.4M), a shorter SFT (BUDGET), short
-GRPO runs, and 200 held-out problems instead of 500. The absolute accuracies are therefore lower than the README's
-demo table; the comparisons between settings are what each question is about.
+Budget. The experiments shrink the demo so that a question with its 3 seeds fits in 20 minutes of 2 CPU cores:
+SMALL_MODEL (hidden 128, 4 layers, ~0.6M parameters against the demo's 2.4M), the seeds side by side (--jobs), a
+shorter SFT (BUDGET: 1200 steps of 32, which takes the small model to about 50% held-out; after 400 it was at 13-27%
+and GRPO could not raise it), short GRPO runs, and 200 held-out problems instead of 500. The absolute accuracies are
+therefore not the README's demo table's; the comparisons between settings are what each question is about.
 """
 
 import contextlib
@@ -26,6 +31,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
 
@@ -47,10 +53,10 @@ SMALL_MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, 
                    num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, rope_theta=10000.0)
 
 # the budget of a real run and of --quick (which only checks that the script runs)
-BUDGET = dict(sft_steps=400, sft_examples=6000, grpo_steps=40, prompts_per_step=8, group_size=8, eval_problems=200,
-              eval_every=20, measure_problems=64)
-QUICK = dict(sft_steps=4, sft_examples=64, grpo_steps=2, prompts_per_step=2, group_size=4, eval_problems=8,
-             eval_every=1, measure_problems=4)
+BUDGET = dict(sft_steps=1200, sft_examples=6000, grpo_steps=80, grpo_lr=5e-5, prompts_per_step=8, group_size=8,
+              eval_problems=200, eval_every=20, measure_problems=64)
+QUICK = dict(sft_steps=4, sft_examples=64, grpo_steps=2, grpo_lr=5e-5, prompts_per_step=2, group_size=4,
+             eval_problems=8, eval_every=1, measure_problems=4)
 
 MACHINE = "2-core CPU"
 
@@ -62,11 +68,14 @@ class Args:
     out: str
     rerun: bool
     budget: dict
+    sft_tag: str  # "" on the default budget, else "_sft<N>": keeps the runs of another SFT length apart
+    jobs: int
+    fill_cache: bool  # a --jobs child: make this seed's runs, write no results
 
 
 def parse_args(question, argv=None) -> Args:
     argv = sys.argv[1:] if argv is None else argv
-    seeds, quick, out, rerun = [0, 1, 2], False, "", False
+    seeds, quick, out, rerun, sft_steps, jobs, fill_cache = [0, 1, 2], False, "", False, None, None, False
     for arg in argv:
         key, _, value = arg[2:].partition("=") if arg.startswith("--") else (arg, "", "")
         if key == "seeds" and value:
@@ -77,13 +86,28 @@ def parse_args(question, argv=None) -> Args:
             out = value
         elif key == "rerun":
             rerun = value.lower() not in ("0", "false", "no")
+        elif key == "sft_steps":
+            if not value.isdigit() or int(value) < 1:
+                raise SystemExit(f"--sft_steps: a positive number of steps, not {value!r}")
+            sft_steps = int(value)
+        elif key == "jobs":
+            if not value.isdigit() or int(value) < 1:
+                raise SystemExit(f"--jobs: a positive number of processes, not {value!r}")
+            jobs = int(value)
+        elif key == "fill_cache":
+            fill_cache = True
         else:
-            raise SystemExit(f"unknown argument {arg!r}; known: --seeds=0,1,2 --quick --out=DIR --rerun")
+            raise SystemExit(f"unknown argument {arg!r}; known: --seeds=0,1,2 --quick --out=DIR --rerun --sft_steps=N "
+                             f"--jobs=N")
     if not seeds:
         raise SystemExit("--seeds: give at least one seed")
-    default_out = os.path.join(ROOT, "out", "experiments_quick", question) if quick else \
-        os.path.join(ROOT, "experiments", "results", question)
-    return Args(seeds, quick, out or default_out, rerun, dict(QUICK if quick else BUDGET))
+    budget = dict(QUICK if quick else BUDGET)
+    sft_tag = ""
+    if sft_steps is not None and sft_steps != budget["sft_steps"]:
+        budget["sft_steps"], sft_tag = sft_steps, f"_sft{sft_steps}"
+    default_out = os.path.join(ROOT, "out", "experiments_quick", question + sft_tag) if quick else \
+        os.path.join(ROOT, "experiments", "results", question + sft_tag)
+    return Args(seeds, quick, out or default_out, rerun, budget, sft_tag, jobs or len(seeds), fill_cache)
 
 
 def build_small_init(path, seed=0) -> str:
@@ -133,6 +157,35 @@ class Experiment:
         self.started = time.time()
         os.makedirs(self.out, exist_ok=True)
         torch.set_num_threads(1)
+        if self.args.jobs > 1 and len(self.seeds) > 1:
+            self.run_seeds_side_by_side()
+
+    def run_seeds_side_by_side(self):
+        """Makes every seed's runs in child processes, --jobs at a time, each on one thread (the demo machine's 2
+        cores both work); the loop over seeds that follows in this process then reads them all from the cache. A
+        child's output goes to <out>/runs/seed<k>.log."""
+        script = os.path.join(ROOT, "experiments", f"{self.question}.py")
+        flags = [f"--out={self.out}", "--jobs=1", "--fill_cache", f"--sft_steps={self.budget['sft_steps']}"]
+        flags += ["--quick"] * self.args.quick + ["--rerun"] * self.args.rerun
+        waiting, running = list(self.seeds), {}
+        os.makedirs(os.path.join(self.out, "runs"), exist_ok=True)
+        while waiting or running:
+            while waiting and len(running) < self.args.jobs:
+                seed = waiting.pop(0)
+                log = open(os.path.join(self.out, "runs", f"seed{seed}.log"), "w")
+                print(f"[{self.question}] seed {seed}: in a child process, log {log.name}", flush=True)
+                running[seed] = (subprocess.Popen([sys.executable, script, f"--seeds={seed}"] + flags, stdout=log,
+                                                  stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1")),
+                                 log)
+            time.sleep(1)
+            for seed, (child, log) in list(running.items()):
+                if child.poll() is not None:
+                    log.close()
+                    del running[seed]
+                    if child.returncode:
+                        raise SystemExit(f"[{self.question}] seed {seed} failed (exit {child.returncode}): "
+                                         f"see {log.name}")
+        self.args.rerun = False  # what the children made is this invocation's
 
     def run_dir(self, setting, seed):
         return os.path.join(self.out, "runs", setting.replace(" ", "_").replace("/", "-"), f"seed{seed}")
@@ -203,21 +256,21 @@ class Experiment:
         an SFT checkpoint (cached in <out>/../_sft/seed<k>: run once per seed for all of them)."""
         shared = Experiment.__new__(Experiment)
         shared.__dict__.update(self.__dict__, out=os.path.join(os.path.dirname(self.out), "_sft"))
-        return shared.sft("sft", seed)
+        return shared.sft("sft" + self.args.sft_tag, seed)
 
     def base_grpo(self, seed) -> dict:
         """GRPO with the experiments' default flags (beta=0) from base_sft, shared the same way (recipe 3 of the
         recipes question, the beta=0 arm of kl_removal, the SFT+RL model of extrapolation)."""
         shared = Experiment.__new__(Experiment)
         shared.__dict__.update(self.__dict__, out=os.path.join(os.path.dirname(self.out), "_sft"))
-        return shared.grpo("grpo", seed, self.base_sft(seed)["final"])
+        return shared.grpo("grpo" + self.args.sft_tag, seed, self.base_sft(seed)["final"])
 
     def grpo(self, setting, seed, model, steps=None, extra=()) -> dict:
         """GRPO from `model` with the experiments' budget; extra flags override it (later flags win)."""
         b = self.budget
         flags = [f"--model={model}", f"--max_steps={steps or b['grpo_steps']}",
                  f"--prompts_per_step={b['prompts_per_step']}", f"--group_size={b['group_size']}",
-                 f"--eval_problems={b['eval_problems']}", f"--eval_every={b['eval_every']}", "--lr=1e-4",
+                 f"--eval_problems={b['eval_problems']}", f"--eval_every={b['eval_every']}", f"--lr={b['grpo_lr']}",
                  "--warmup_steps=2", f"--log_every={max(1, b['grpo_steps'] // 4)}", "--sample_every=100000"]
         return self.train(train_grpo, setting, seed, flags + list(extra))
 
@@ -258,7 +311,10 @@ class Experiment:
 
     def finish(self, columns, notes="", plots=None):
         """results.json (every row, the summary, the budget), results.md (mean ± std per setting) and the SVGs:
-        plots maps a file name to (the settings it shows, None for all; the metrics it plots)."""
+        plots maps a file name to (the settings it shows, None for all; the metrics it plots). A --jobs child
+        writes none of them: its parent does, for all the seeds."""
+        if self.args.fill_cache:
+            return {}
         settings = list(dict.fromkeys(r["setting"] for r in self.rows))
         summary = {}
         for setting in settings:
@@ -269,7 +325,8 @@ class Experiment:
         header = dict(question=self.question, title=self.title, date=time.strftime("%Y-%m-%d"), machine=MACHINE,
                       quick=self.args.quick, seeds=self.seeds, budget=self.budget, small_model=SMALL_MODEL,
                       elapsed_s=elapsed, runs_wall_s=sum(self.run_walls.values()), host=platform.node(),
-                      load_15min=os.getloadavg()[2], torch=torch.__version__)
+                      load_15min=os.getloadavg()[2], torch=torch.__version__,
+                      jobs=min(self.args.jobs, len(self.seeds)))
         with open(os.path.join(self.out, "results.json"), "w") as f:
             json.dump(dict(header, summary=summary, rows=self.rows), f, indent=1)
         svgs = []
@@ -281,11 +338,11 @@ class Experiment:
                                            title=f"{self.question}: mean over seeds {self.seeds} (thin: each seed)"))
         lines = [f"# {self.title}", "",
                  f"{header['date']}, {MACHINE} (load average at the end {header['load_15min']:.1f} over 15 minutes, "
-                 f"of which this script's one thread is 1: more means other jobs slowed it), torch "
-                 f"{torch.__version__}, seeds {', '.join(map(str, self.seeds))}; the runs and measurements this "
-                 f"question "
-                 f"uses took {header['runs_wall_s'] / 60:.1f} min of wall time in all (one after another; the SFT and "
-                 f"GRPO runs shared between questions count in each), this invocation {elapsed / 60:.1f} min. "
+                 f"of which this script's seeds run side by side are {header['jobs']}, one thread each: more means "
+                 f"other jobs slowed it), torch {torch.__version__}, seeds {', '.join(map(str, self.seeds))}; the runs "
+                 f"and measurements this question uses took {header['runs_wall_s'] / 60:.1f} min of wall time summed "
+                 f"over them ({header['jobs']} at a time; the SFT and GRPO runs shared between questions count in "
+                 f"each), this invocation {elapsed / 60:.1f} min. "
                  + ("**QUICK RUN: a smoke test of the script, not a result.**" if self.args.quick else ""), "",
                  f"Command: `python experiments/{self.question}.py`. Budget: {json.dumps(self.budget)}; model: "
                  f"{SMALL_MODEL['num_hidden_layers']} layers, hidden {SMALL_MODEL['hidden_size']} "

@@ -1,7 +1,7 @@
 """
 Question 1, the three recipes on the demo: (1) GRPO from the untrained model, (2) SFT only, (3) SFT then GRPO.
 Recipe 2 is run twice: the shared SFT checkpoint itself (the start of recipe 3), and that checkpoint taught as many
-more teacher examples as recipe 3's GRPO samples completions (40 steps x 8 prompts x 8 = 2,560, i.e. 80 more SFT
+more teacher examples as recipe 3's GRPO samples completions (80 steps x 8 prompts x 8 = 5,120, i.e. 160 more SFT
 steps of 32 at a constant lr 3e-4), so that SFT and SFT+RL see the same number of sequences. Recipe 1 gets the
 same GRPO steps as recipe 3, not also the SFT's compute: it samples 64-token completions that rarely hold the right
 number, so most groups have equal (zero) rewards and teach nothing (train_reward and the curves show how rarely it
@@ -9,8 +9,8 @@ is rewarded).
 
     python experiments/recipes.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun]
 
-Budget (experiments/harness.py): the small model (0.6M parameters), SFT 400 steps of 32 examples, GRPO 40 steps of
-8 prompts x 8 samples at lr 1e-4, 200 held-out problems.
+Budget (experiments/harness.py): the small model (0.6M parameters), SFT 1200 steps of 32 examples, GRPO 80 steps of
+8 prompts x 8 samples at lr 5e-5, 200 held-out problems; the seeds side by side.
 """
 
 import os

@@ -169,6 +169,64 @@ def test_question_runs_quick(question, quick_root):
     assert any(name.endswith(".svg") for name in os.listdir(out))
 
 
+def test_sft_steps_flag_keeps_its_runs_apart():
+    """--sft_steps=N: the budget's SFT length, and a tag that names its own shared SFT and GRPO runs and its default
+    folder, so that no run trained from the default SFT is read back as one from another length."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    from harness import BUDGET, QUICK, parse_args
+
+    default = parse_args("kl_removal", [])
+    assert default.budget == BUDGET and default.sft_tag == ""
+    assert default.out.endswith(os.path.join("results", "kl_removal"))
+    assert parse_args("kl_removal", [f"--sft_steps={BUDGET['sft_steps']}"]).sft_tag == ""  # the default, named
+    shorter = parse_args("kl_removal", ["--sft_steps=600"])
+    assert shorter.budget == dict(BUDGET, sft_steps=600) and shorter.sft_tag == "_sft600"
+    assert shorter.out.endswith(os.path.join("results", "kl_removal_sft600"))
+    quick = parse_args("recipes", ["--quick", "--sft_steps=6"])
+    assert quick.budget == dict(QUICK, sft_steps=6) and quick.out.endswith("recipes_sft6")
+    for bad in ("0", "-3", "x", ""):
+        with pytest.raises(SystemExit, match="sft_steps"):
+            parse_args("kl_removal", [f"--sft_steps={bad}"])
+        with pytest.raises(SystemExit, match="jobs"):
+            parse_args("kl_removal", [f"--jobs={bad}"])
+    assert default.jobs == 3 and parse_args("recipes", ["--seeds=4", "--jobs=2"]).jobs == 2
+
+
+@pytest.mark.slow
+def test_sft_steps_runs_its_own_shared_sft(tmp_path):
+    """A question with --sft_steps beside the default in one folder tree: the longer SFT is trained for its own
+    steps (not read back from the default's cache), and the shared GRPO starts from it."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import kl_removal
+
+    kl_removal.main(["--quick", "--seeds=0", f"--out={tmp_path / 'kl_removal'}"])
+    kl_removal.main(["--quick", "--seeds=0", "--sft_steps=6", f"--out={tmp_path / 'kl_removal_sft6'}"])
+    shared = tmp_path / "_sft" / "runs"
+    steps = lambda run: max(r["step"] for r in plot.read_metrics(str(shared / run / "seed0" / "metrics.jsonl")))
+    assert steps("sft") == 4 and steps("sft_sft6") == 6
+    flags = json.loads((shared / "grpo_sft6" / "seed0" / "done.json").read_text())["flags"]
+    assert f"--model={shared / 'sft_sft6' / 'seed0' / 'final'}" in flags
+
+
+@pytest.mark.slow
+def test_seeds_side_by_side_give_the_rows_of_one_after_another(tmp_path):
+    """--jobs=2: each seed's runs are made in a child process (its log in runs/seed<k>.log); the parent reads them
+    back and writes the same rows as a run of the seeds one after another in one process."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import kl_removal
+
+    kl_removal.main(["--quick", "--seeds=0,1", "--jobs=2", f"--out={tmp_path / 'side' / 'kl_removal'}"])
+    kl_removal.main(["--quick", "--seeds=0,1", "--jobs=1", f"--out={tmp_path / 'serial' / 'kl_removal'}"])
+    side, serial = (json.loads((tmp_path / name / "kl_removal" / "results.json").read_text())
+                    for name in ("side", "serial"))
+    assert (side["jobs"], serial["jobs"]) == (2, 1)
+    drop_walls = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
+    assert drop_walls(side["rows"]) == drop_walls(serial["rows"]) and {r["seed"] for r in side["rows"]} == {0, 1}
+    for seed in (0, 1):
+        assert "train_grpo" in (tmp_path / "side" / "kl_removal" / "runs" / f"seed{seed}.log").read_text()
+    assert not (tmp_path / "serial" / "kl_removal" / "runs" / "seed0.log").exists()
+
+
 @pytest.mark.slow
 def test_headline_runs_quick(tmp_path):
     """experiments/headline.py: the README's two commands and eval.py per seed, on a tiny budget; a second call reads
