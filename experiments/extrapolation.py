@@ -38,6 +38,8 @@ def main(argv=None):
                                                                   for c in columns})
                  for i, seed in enumerate(exp.seeds)]
     summary = exp.finish(columns, notes=NOTES, plots={})
+    if exp.args.fill_cache:  # a --jobs child: its parent draws the plot of all the seeds
+        return summary
     curves = {s: [[{"step": i, "accuracy": r[c]} for i, c in enumerate(columns)] for r in exp.rows
                   if r["setting"] == s] for s in ("SFT", "SFT then GRPO")}
     plot.plot_runs(curves, ["accuracy"], os.path.join(exp.out, "accuracy_by_level.svg"),
