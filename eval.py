@@ -136,7 +136,8 @@ def print_table(results):
     print(f"{'benchmark':<10} {'problems':>8} " + " ".join(f"{c:>11}" for c in columns)
           + f" {'vs DeepSeek-V3':>15}")
     for name, scores in results.items():
-        reference = f"{scores['pass@1'] - DEEPSEEK_V3[name]:+.1f}" if name in DEEPSEEK_V3 else ""
+        reference = "" if name not in DEEPSEEK_V3 else "partial" if scores.get("partial") else \
+            f"{scores['pass@1'] - DEEPSEEK_V3[name]:+.1f}"  # a part of a benchmark is not its score
         print(f"{name:<10} {scores['problems']:>8} " + " ".join(
             f"{scores.get(c, float('nan')):>11.3f}" if c == "truncated" else f"{scores.get(c, float('nan')):>11.1f}"
             for c in columns) + f" {reference:>15}")

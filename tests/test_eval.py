@@ -373,7 +373,12 @@ def test_completions_of_every_problem_enter_the_combined_score_and_a_partial_ben
     assert results["gsm8k"]["partial"] is True and results["gsm8k"]["problems"] == 4
     assert not results["math500"].get("partial") and not results["aime24"].get("partial")
     assert json.loads((tmp_path / "part" / "results.json").read_text())["combined_score"] is None
-    assert "combined score" not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "combined score" not in printed
+    table = {line.split()[0]: line.split() for line in printed.splitlines() if line.split()[:1] in (["gsm8k"],
+                                                                                                  ["math500"])}
+    assert table["gsm8k"][-1] == "partial"  # a part of gsm8k is no score against DeepSeek-V3's
+    assert table["math500"][-1] == f"{pass1['math500'] - DEEPSEEK_V3['math500']:+.1f}"
 
     uneven = [dict(rows[0], completions=rows[0]["completions"] + ["\\boxed{1}"])] + rows[1:]
     write_completions(tmp_path / "uneven.jsonl", uneven)
