@@ -293,7 +293,9 @@ def pass_at_k(n, c, k) -> float:
 
 def majority_vote(samples) -> dict | None:
     """The most frequent answer among samples that have one. Answers are compared after normalisation, numbers by
-    value ("5" and "5.0" are one vote). A tie goes to the answer seen first, never to dictionary order."""
+    value ("5" and "5.0" are one vote). A tie goes to the answer seen first, never to dictionary order. Forms the
+    verifier accepts as one answer but that normalise differently ("-2, 2", "2, -2", "\\pm 2") are separate votes:
+    merging them would cost a verifier call per pair of answers."""
     def key(answer):
         text = normalize(answer)
         number = plain_number(text)

@@ -41,6 +41,7 @@ EVAL_REPORTS = EVAL_TESTS + "test_eval_reports_every_metric_of_every_benchmark_i
 EVAL_COMBINED = (EVAL_TESTS +
                  "test_completions_of_every_problem_enter_the_combined_score_and_a_partial_benchmark_does_not")
 EVAL_COMPLETIONS = EVAL_TESTS + "test_completions_keep_their_length_finish_and_benchmark_and_follow_the_limit"
+EXPERIMENT_CACHE = "tests/test_experiments.py::test_cache_reads_a_run_back_only_while_its_inputs_are_the_same"
 PLOT_SERIES = "tests/test_experiments.py::test_plot_series_reads_every_line_keeps_a_steps_last_value_and_orders_by_step"
 
 
@@ -463,6 +464,12 @@ MUTANTS = [
     mutant("combined_score_includes_partial_benchmarks", "eval.py",
            'for name, m in results.items() if not m.get("partial")})', "for name, m in results.items()})",
            [EVAL_COMBINED]),
+    mutant("experiment_cache_ignores_its_inputs", "experiments/harness.py",
+           'if cached.get("key") != json.loads(json.dumps(key)):', "if False:",
+           [EXPERIMENT_CACHE]),
+    mutant("rerun_remakes_a_run_twice_in_one_invocation", "experiments/harness.py",
+           "if (self.args.rerun and run_dir not in self.made) or", "if self.args.rerun or",
+           [EXPERIMENT_CACHE]),
     mutant("partial_benchmark_compared_to_deepseek", "eval.py",
            'else "partial" if scores.get("partial") else', "else",
            [EVAL_COMBINED]),

@@ -6,7 +6,7 @@ numbers)? Does RL's gain carry over to problems harder than it trained on? The m
 runs of the other questions (one per seed); this script only evaluates them, level by level, with 96 new tokens
 (a 6-step trace needs about 60).
 
-    python experiments/extrapolation.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun]
+    python experiments/extrapolation.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun] [--jobs=N] [--sft_steps=N]
 
 Budget (experiments/harness.py): the small model (0.6M parameters), SFT 1200 steps of 32 examples, GRPO 80 steps of
 8 prompts x 8 samples at lr 5e-5 (beta 0), 200 held-out problems per level, one sample each at temperature 1.
@@ -30,7 +30,7 @@ def main(argv=None):
         for setting, run in models.items():
             measured = exp.cached_step(setting + " levels", seed, lambda _: {
                 name: accuracy(run["final"], level, problems, max_new_tokens=96, seed=seed)
-                for name, level in LEVELS.items()})
+                for name, level in LEVELS.items()}, key=[run, problems])
             exp.add(setting, seed, **{f"level {name}": measured[name] for name in LEVELS})
     columns = [f"level {name}" for name in LEVELS]
     rows = {s: {c: [r[c] for r in exp.rows if r["setting"] == s] for c in columns} for s in ("SFT", "SFT then GRPO")}

@@ -15,7 +15,7 @@ of the prompts carrying the hint (their traces without slips, so they reach the 
 instruction-following teacher; the distilled set comes from the same weak model without hints. "slips" counts the
 kept traces with a wrong `a op b = c` line (process errors the outcome check lets through).
 
-    python experiments/faked_traces.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun]
+    python experiments/faked_traces.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun] [--jobs=N] [--sft_steps=N]
 
 Budget (experiments/harness.py): the small model (0.6M parameters), the shared SFT, 300 problems, GRPO 40 steps of
 8 prompts x 8 samples at lr 5e-5, 200 held-out problems.
@@ -73,7 +73,7 @@ def main(argv=None):
             write_jsonl(os.path.join(run_dir, "weak.jsonl"), weak)
             return dict(traces=os.path.join(run_dir, "traces.jsonl"), weak=os.path.join(run_dir, "weak.jsonl"))
 
-        data = exp.cached_step("data", seed, teacher_rows)
+        data = exp.cached_step("data", seed, teacher_rows, key=[count, weak_steps])
         weak = exp.sft("weak model (hint-aware)", seed, model=base["final"], data=data["weak"], steps=weak_steps,
                        extra=["--lr=3e-4", "--warmup_steps=5", "--min_lr_ratio=1.0"])
         sets = {"teacher": dict(path=data["traces"])}
@@ -85,7 +85,7 @@ def main(argv=None):
                 return dict(path=os.path.join(run_dir, "traces", "traces.jsonl"),
                             pass1=summary["teacher_pass@1"], hinted_pass1=summary["hinted_pass@1"],
                             rejected=summary["rejected"])
-            sets[name] = exp.cached_step(f"{name} traces", seed, make)
+            sets[name] = exp.cached_step(f"{name} traces", seed, make, key=[weak, count])
         for name, info in sets.items():
             rows = read_rows(info["path"])
             values = dict(traces=len(rows), traces_slipped=100 * sum(slipped(r["completion"]) for r in rows)
@@ -98,7 +98,8 @@ def main(argv=None):
             student = exp.sft(f"{name}: SFT", seed, model=base["final"], data=info["path"], steps=sft_steps,
                               extra=["--lr=3e-4", "--warmup_steps=5", "--min_lr_ratio=1.0"])
             sft_accuracy = exp.cached_step(f"{name}: SFT eval", seed, lambda _: dict(
-                accuracy=accuracy(student["final"], None, exp.budget["eval_problems"], seed=seed)))["accuracy"]
+                accuracy=accuracy(student["final"], None, exp.budget["eval_problems"], seed=seed)),
+                key=student)["accuracy"]
             rl = exp.grpo(f"{name}: SFT then GRPO", seed, student["final"], steps=grpo_steps,
                           extra=[f"--eval_every={max(1, grpo_steps // 2)}"])
             exp.add(f"{name} traces", seed, rl, sft_accuracy=sft_accuracy, **values)

@@ -9,7 +9,8 @@ Every script takes the same flags:
     --quick           a tiny budget that only checks the script runs end to end (tests/test_experiments.py);
                       its numbers are not results, and it writes into a separate folder by default
     --out=DIR         where results go (default experiments/results/<question>, quick: out/experiments_quick/<question>)
-    --rerun           ignore the cache of finished runs in DIR/runs and run everything again
+    --rerun           ignore the cache of finished runs in DIR/runs and run everything again (once: a run this
+                      invocation made is read back when another part of it asks again)
     --sft_steps=N     another length of the shared SFT than the budget's 1200 steps: its own SFT and GRPO runs,
                       and by default its own folder (<question>_sft<N>), so no run of another budget is reused
     --jobs=N          seeds run at once, each in its own one-thread process (default: all of them; 1: one after
@@ -17,7 +18,7 @@ Every script takes the same flags:
 
 Budget. The experiments shrink the demo so that a question with its 3 seeds fits in 20 minutes of 2 CPU cores:
 SMALL_MODEL (hidden 128, 4 layers, ~0.6M parameters against the demo's 2.4M), the seeds side by side (--jobs), a
-shorter SFT (BUDGET: 1200 steps of 32, which takes the small model to about 50% held-out; after 400 it was at 13-27%
+shorter SFT (BUDGET: 1200 steps of 32, which takes the small model to 55-66% held-out; after 400 it was at 13-28%
 and GRPO could not raise it), short GRPO runs, and 200 held-out problems instead of 500. The absolute accuracies are
 therefore not the README's demo table's; the comparisons between settings are what each question is about.
 """
@@ -71,6 +72,7 @@ class Args:
     sft_tag: str  # "" on the default budget, else "_sft<N>": keeps the runs of another SFT length apart
     jobs: int
     fill_cache: bool  # a --jobs child: make this seed's runs, write no results
+    argv: list  # as given, for the results' command line
 
 
 def parse_args(question, argv=None) -> Args:
@@ -95,7 +97,7 @@ def parse_args(question, argv=None) -> Args:
                 raise SystemExit(f"--jobs: a positive number of processes, not {value!r}")
             jobs = int(value)
         elif key == "fill_cache":
-            fill_cache = True
+            fill_cache = value.lower() not in ("0", "false", "no")
         else:
             raise SystemExit(f"unknown argument {arg!r}; known: --seeds=0,1,2 --quick --out=DIR --rerun --sft_steps=N "
                              f"--jobs=N")
@@ -107,7 +109,7 @@ def parse_args(question, argv=None) -> Args:
         budget["sft_steps"], sft_tag = sft_steps, f"_sft{sft_steps}"
     default_out = os.path.join(ROOT, "out", "experiments_quick", question + sft_tag) if quick else \
         os.path.join(ROOT, "experiments", "results", question + sft_tag)
-    return Args(seeds, quick, out or default_out, rerun, budget, sft_tag, jobs or len(seeds), fill_cache)
+    return Args(seeds, quick, out or default_out, rerun, budget, sft_tag, jobs or len(seeds), fill_cache, list(argv))
 
 
 def build_small_init(path, seed=0) -> str:
@@ -154,6 +156,8 @@ class Experiment:
         self.rows = []
         self.curves = {}  # setting -> [metrics.jsonl paths]
         self.run_walls = {}  # run folder -> its wall time (s), for the runs this question used (made or cached)
+        self.made = set()  # run folders made by this invocation: read back even with --rerun (base_grpo asks for
+        # base_sft again, and the shared copies see the same set)
         self.started = time.time()
         os.makedirs(self.out, exist_ok=True)
         torch.set_num_threads(1)
@@ -169,33 +173,45 @@ class Experiment:
         flags += ["--quick"] * self.args.quick + ["--rerun"] * self.args.rerun
         waiting, running = list(self.seeds), {}
         os.makedirs(os.path.join(self.out, "runs"), exist_ok=True)
-        while waiting or running:
-            while waiting and len(running) < self.args.jobs:
-                seed = waiting.pop(0)
-                log = open(os.path.join(self.out, "runs", f"seed{seed}.log"), "w")
-                print(f"[{self.question}] seed {seed}: in a child process, log {log.name}", flush=True)
-                running[seed] = (subprocess.Popen([sys.executable, script, f"--seeds={seed}"] + flags, stdout=log,
-                                                  stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1")),
-                                 log)
-            time.sleep(1)
-            for seed, (child, log) in list(running.items()):
-                if child.poll() is not None:
-                    log.close()
-                    del running[seed]
-                    if child.returncode:
-                        raise SystemExit(f"[{self.question}] seed {seed} failed (exit {child.returncode}): "
-                                         f"see {log.name}")
+        try:
+            while waiting or running:
+                while waiting and len(running) < self.args.jobs:
+                    seed = waiting.pop(0)
+                    log = open(os.path.join(self.out, "runs", f"seed{seed}.log"), "w")
+                    print(f"[{self.question}] seed {seed}: in a child process, log {log.name}", flush=True)
+                    running[seed] = (subprocess.Popen([sys.executable, script, f"--seeds={seed}"] + flags, stdout=log,
+                                                      stderr=subprocess.STDOUT,
+                                                      env=dict(os.environ, OMP_NUM_THREADS="1")), log)
+                time.sleep(1)
+                for seed, (child, log) in list(running.items()):
+                    if child.poll() is not None:
+                        log.close()
+                        del running[seed]
+                        if child.returncode:
+                            raise SystemExit(f"[{self.question}] seed {seed} failed (exit {child.returncode}): "
+                                             f"see {log.name}")
+        finally:  # a failed seed (or an interrupt) stops the others rather than leaving them running unseen
+            for child, log in running.values():
+                child.terminate()
+                child.wait()
+                log.close()
         self.args.rerun = False  # what the children made is this invocation's
 
     def run_dir(self, setting, seed):
         return os.path.join(self.out, "runs", setting.replace(" ", "_").replace("/", "-"), f"seed{seed}")
 
-    def _cached(self, run_dir):
+    def _cached(self, run_dir, key):
+        """The run's done.json if it was made from the same inputs (key), else None: a run of another budget or
+        from another make of its starting checkpoint is made again, not read back under the new labels."""
         done = os.path.join(run_dir, "done.json")
-        if not self.args.rerun and os.path.exists(done):
-            with open(done) as f:
-                return json.load(f)
-        return None
+        if (self.args.rerun and run_dir not in self.made) or not os.path.exists(done):
+            return None
+        with open(done) as f:
+            cached = json.load(f)
+        if cached.get("key") != json.loads(json.dumps(key)):
+            print(f"[{self.question}] {run_dir}: made from other inputs than asked now; making it again", flush=True)
+            return None
+        return cached
 
     @contextlib.contextmanager
     def _claim(self, run_dir):
@@ -216,22 +232,40 @@ class Experiment:
             return dict(final=os.path.join(run_dir, "final"), metrics=os.path.join(run_dir, "metrics.jsonl"),
                         flags=list(flags))
 
-        return self.cached_step(setting, seed, run)
+        return self.cached_step(setting, seed, run, key=dict(flags=list(flags), inputs=self._made_stamps(flags)))
 
-    def cached_step(self, setting, seed, compute) -> dict:
-        """compute(run_dir) -> a JSON dict, cached in the run folder like a training run (measurements, traces)."""
+    @staticmethod
+    def _made_stamps(flags):
+        """When each run whose output a flag names (--model=<run>/final, --data=<run>/traces.jsonl) was made: a run
+        started from it is read back only while that is the same make."""
+        stamps = []
+        for flag in flags:
+            folder = os.path.dirname(flag.partition("=")[2])
+            for run_dir in (folder, os.path.dirname(folder)):  # <run>/final, <run>/traces/traces.jsonl
+                if folder and os.path.exists(os.path.join(run_dir, "done.json")):
+                    with open(os.path.join(run_dir, "done.json")) as f:
+                        stamps.append(json.load(f).get("made"))
+                    break
+        return stamps
+
+    def cached_step(self, setting, seed, compute, key=None) -> dict:
+        """compute(run_dir) -> a JSON dict, cached in the run folder like a training run (measurements, traces).
+        key: what the result depends on beyond setting and seed (the flags; the runs it measures, as returned
+        here, whose "made" stamps change when they are made again); a cached result with another key is made
+        again."""
         run_dir = self.run_dir(setting, seed)
         with self._claim(run_dir):
-            cached = self._cached(run_dir)
+            cached = self._cached(run_dir, key)
             if cached is not None:
                 self.run_walls[run_dir] = cached["wall_s"]
                 return cached
             os.makedirs(run_dir, exist_ok=True)
             start = time.time()
-            result = dict(compute(run_dir), wall_s=time.time() - start)
+            result = dict(compute(run_dir), wall_s=time.time() - start, made=time.time(), key=key)
             with open(os.path.join(run_dir, "done.json"), "w") as f:
                 json.dump(result, f)
             self.run_walls[run_dir] = result["wall_s"]
+            self.made.add(run_dir)
             return result
 
     def init(self, seed) -> str:
@@ -344,7 +378,8 @@ class Experiment:
                  f"over them ({header['jobs']} at a time; the SFT and GRPO runs shared between questions count in "
                  f"each), this invocation {elapsed / 60:.1f} min. "
                  + ("**QUICK RUN: a smoke test of the script, not a result.**" if self.args.quick else ""), "",
-                 f"Command: `python experiments/{self.question}.py`. Budget: {json.dumps(self.budget)}; model: "
+                 f"Command: `python experiments/{self.question}.py{''.join(' ' + a for a in self.args.argv)}`. "
+                 f"Budget: {json.dumps(self.budget)} (the question's own changes to it are in its text below); model: "
                  f"{SMALL_MODEL['num_hidden_layers']} layers, hidden {SMALL_MODEL['hidden_size']} "
                  f"(experiments/harness.py). Mean ± sample std over seeds; accuracies in %.", ""]
         if self.doc:

@@ -8,7 +8,7 @@ gradient each follows): reverse k1 in the reward (the classic RLHF penalty), rev
 DeepSeekMath), forward k3 in the loss, reverse and forward exact (full) in the loss. FOUR_FORMS=1 runs only the four
 that cover each axis once (without reverse k2 and forward k3), for a shorter run.
 
-    python experiments/kl_form.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun]
+    python experiments/kl_form.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun] [--jobs=N] [--sft_steps=N]
 
 Budget (experiments/harness.py): the small model (0.6M parameters), the shared SFT, GRPO 30 steps of G=8 at lr 1.5e-4,
 one held-out eval at the end (200 problems; the start is the SFT checkpoint's), KL measured on 64 held-out prompts.
@@ -46,7 +46,8 @@ def main(argv=None):
                     f"--lr={3 * exp.budget['grpo_lr']:g}"])
                 measured = exp.cached_step(setting + " measured", seed, lambda _: dict(drift(
                     run["final"], sft["final"], problems=exp.budget["measure_problems"], seed=seed),
-                    heldout_accuracy=accuracy(run["final"], None, exp.budget["eval_problems"], seed=seed)))
+                    heldout_accuracy=accuracy(run["final"], None, exp.budget["eval_problems"], seed=seed)),
+                    key=[run, sft])
                 exp.add(setting, seed, run, **{k: measured[k] for k in ("kl_reverse", "kl_forward", "entropy",
                                                                         "length", "heldout_accuracy")})
     small = [f"{form}, {batches['small']} prompts/step" for form in RUN]

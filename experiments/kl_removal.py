@@ -5,7 +5,7 @@ loss at beta 0.04 (its value) and 0.4. For every run: held-out accuracy, and, me
 them (experiments/harness.drift), the exact KL of the final policy to the SFT start both ways, its entropy and its
 completion length.
 
-    python experiments/kl_removal.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun]
+    python experiments/kl_removal.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun] [--jobs=N] [--sft_steps=N]
 
 Budget (experiments/harness.py): the small model (0.6M parameters), SFT 1200 steps of 32 examples (shared with the
 other questions), GRPO 80 steps of 8 prompts x 8 samples at lr 5e-5, 200 held-out problems; the seeds side by side.
@@ -29,7 +29,7 @@ def main(argv=None):
         for setting, flags in ARMS.items():
             run = exp.base_grpo(seed) if flags == ["--beta=0"] else exp.grpo(setting, seed, sft["final"], extra=flags)
             measured = exp.cached_step(setting + " drift", seed, lambda _: drift(
-                run["final"], sft["final"], problems=exp.budget["measure_problems"], seed=seed))
+                run["final"], sft["final"], problems=exp.budget["measure_problems"], seed=seed), key=[run, sft])
             exp.add(setting, seed, run, **{k: measured[k] for k in ("kl_reverse", "kl_forward", "entropy", "length")})
     for setting in list(ARMS)[1:]:
         exp.paired(f"{setting.split(', ')[1]} minus beta=0 (paired)", setting, "beta=0 (no reference)",

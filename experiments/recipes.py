@@ -7,7 +7,7 @@ same GRPO steps as recipe 3, not also the SFT's compute: it samples 64-token com
 number, so most groups have equal (zero) rewards and teach nothing (train_reward and the curves show how rarely it
 is rewarded).
 
-    python experiments/recipes.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun]
+    python experiments/recipes.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun] [--jobs=N] [--sft_steps=N]
 
 Budget (experiments/harness.py): the small model (0.6M parameters), SFT 1200 steps of 32 examples, GRPO 80 steps of
 8 prompts x 8 samples at lr 5e-5, 200 held-out problems; the seeds side by side.

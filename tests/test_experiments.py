@@ -192,6 +192,32 @@ def test_sft_steps_flag_keeps_its_runs_apart():
     assert default.jobs == 3 and parse_args("recipes", ["--seeds=4", "--jobs=2"]).jobs == 2
 
 
+def test_cache_reads_a_run_back_only_while_its_inputs_are_the_same(tmp_path):
+    """A finished step is read back when asked again with the same key (across invocations too); another key, or a
+    remade run it measured, makes it again; --rerun remakes each step once per invocation, not each time a script
+    asks for it (base_grpo asks for base_sft again); a trainer's flags carry the make of the run they start from."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    from harness import Experiment
+
+    made = []
+    step = lambda tag: lambda run_dir: made.append(tag) or dict(tag=tag, final=os.path.join(run_dir, "final"))
+    exp = Experiment("kl_removal", "t", ["--quick", "--seeds=0", f"--out={tmp_path}"])
+    sft = exp.cached_step("sft", 0, step("sft 1"), key=["flags"])
+    measured = exp.cached_step("measured", 0, step("measured 1"), key=[sft])
+    assert exp.cached_step("sft", 0, step("sft 2"), key=["flags"]) == sft
+    again = Experiment("kl_removal", "t", ["--quick", "--seeds=0", f"--out={tmp_path}"])
+    assert again.cached_step("measured", 0, step("measured 2"), key=[sft]) == measured
+    assert again.cached_step("sft", 0, step("sft 3"), key=["other flags"])["tag"] == "sft 3" and made[-1] == "sft 3"
+    rerun = Experiment("kl_removal", "t", ["--quick", "--seeds=0", f"--out={tmp_path}", "--rerun"])
+    new_sft = rerun.cached_step("sft", 0, step("sft 4"), key=["other flags"])
+    assert rerun.cached_step("sft", 0, step("sft 5"), key=["other flags"]) == new_sft  # once per invocation
+    later = Experiment("kl_removal", "t", ["--quick", "--seeds=0", f"--out={tmp_path}"])
+    assert later.cached_step("measured", 0, step("measured 3"), key=[new_sft])["tag"] == "measured 3"
+    assert made == ["sft 1", "measured 1", "sft 3", "sft 4", "measured 3"]
+    stamps = Experiment._made_stamps([f"--model={new_sft['final']}", f"--data={tmp_path}/elsewhere.jsonl", "--lr=1"])
+    assert stamps == [new_sft["made"]]
+
+
 @pytest.mark.slow
 def test_sft_steps_runs_its_own_shared_sft(tmp_path):
     """A question with --sft_steps beside the default in one folder tree: the longer SFT is trained for its own
