@@ -13,8 +13,8 @@ Every script takes the same flags:
                       invocation made is read back when another part of it asks again)
     --sft_steps=N     another length of the shared SFT than the budget's 1200 steps: its own SFT and GRPO runs,
                       and by default its own folder (<question>_sft<N>), so no run of another budget is reused
-    --jobs=N          seeds run at once, each in its own one-thread process (default: all of them; 1: one after
-                      another in this process)
+    --jobs=N          seeds run at once, each in its own one-thread process (default: all of them, at most one more
+                      than the cores, which kept 2 cores busy with 3 seeds; 1: one after another in this process)
 
 Budget. The experiments shrink the demo so that a question with its 3 seeds fits in 20 minutes of 2 CPU cores:
 SMALL_MODEL (hidden 128, 4 layers, ~0.6M parameters against the demo's 2.4M), the seeds side by side (--jobs), a
@@ -109,7 +109,8 @@ def parse_args(question, argv=None) -> Args:
         budget["sft_steps"], sft_tag = sft_steps, f"_sft{sft_steps}"
     default_out = os.path.join(ROOT, "out", "experiments_quick", question + sft_tag) if quick else \
         os.path.join(ROOT, "experiments", "results", question + sft_tag)
-    return Args(seeds, quick, out or default_out, rerun, budget, sft_tag, jobs or len(seeds), fill_cache, list(argv))
+    jobs = jobs or min(len(seeds), (os.cpu_count() or 1) + 1)
+    return Args(seeds, quick, out or default_out, rerun, budget, sft_tag, jobs, fill_cache, list(argv))
 
 
 def build_small_init(path, seed=0) -> str:

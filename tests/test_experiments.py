@@ -189,7 +189,8 @@ def test_sft_steps_flag_keeps_its_runs_apart():
             parse_args("kl_removal", [f"--sft_steps={bad}"])
         with pytest.raises(SystemExit, match="jobs"):
             parse_args("kl_removal", [f"--jobs={bad}"])
-    assert default.jobs == 3 and parse_args("recipes", ["--seeds=4", "--jobs=2"]).jobs == 2
+    assert default.jobs == min(3, os.cpu_count() + 1) and parse_args("recipes", ["--seeds=4", "--jobs=2"]).jobs == 2
+    assert parse_args("recipes", [f"--seeds={','.join(map(str, range(20)))}"]).jobs == min(20, os.cpu_count() + 1)
 
 
 def test_cache_reads_a_run_back_only_while_its_inputs_are_the_same(tmp_path):
