@@ -370,7 +370,7 @@ DEMO_HELDOUT_SEED = 1234
 
 
 class DemoTask(Task):
-    """The demo: 2-4 step word problems on small integers, answered by a 2.5M-parameter model in 64 tokens.
+    """The demo: 2-4 step word problems on small integers, answered by a 0.6M-parameter model in 64 tokens.
     level=None is that distribution (the held-out set and training stream every test and result rests on); another
     level (demo_level: "3", "2-3", "5:19", ...) draws problems of that many steps and operands up to that size, from
     the same seeds, held out by the same hash."""
@@ -501,13 +501,13 @@ def build_demo_tokenizer(path, seed=0) -> Tokenizer:
     return Tokenizer.from_pretrained(path)
 
 
-DEMO_MODEL = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6,
+DEMO_MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, rope_theta=10000.0)
 
 
 def build_demo_model(path, seed=0):
     """The demo's untrained starting point as a normal Hugging Face folder: the demo tokenizer and a Qwen2-shaped
-    model of ~2.5M parameters with random weights. Everything downstream loads it as it would a real model."""
+    model of ~0.6M parameters with random weights. Everything downstream loads it as it would a real model."""
     tokenizer = build_demo_tokenizer(path, seed=seed)
     vocab_size = (tokenizer.vocab_size + 63) // 64 * 64
     config = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=vocab_size, qkv_bias=True,

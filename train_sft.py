@@ -2,7 +2,7 @@
 Supervised fine-tuning on reasoning traces (recipe 2 of the mission): a model learns to write
 <think> reasoning </think> then the answer, from (prompt, chain of thought, answer) examples.
 
-    python train_sft.py                                   # the built-in demo: a ~2.5M-parameter model from scratch
+    python train_sft.py                                   # the built-in demo: a ~0.6M-parameter model from scratch
                                                           # on the demo task, 2 CPU cores, about 5 minutes
     python train_sft.py --preset=r1-1.5b --model=path/to/Qwen2.5-Math-1.5B --data=traces.jsonl
     torchrun --standalone --nproc_per_node=8 train_sft.py --preset=r1-1.5b --model=... --data=...
@@ -46,9 +46,9 @@ class Config:
     # model
     model: str = ""  # Hugging Face folder; "" = the demo model from scratch (built in out_dir/init)
     # optimisation
-    max_steps: int = 400
-    batch_size: int = 64  # examples per optimizer step, over all ranks and micro-steps
-    micro_batch_size: int = 64  # examples per forward/backward on one rank
+    max_steps: int = 1200
+    batch_size: int = 32  # examples per optimizer step, over all ranks and micro-steps
+    micro_batch_size: int = 32  # examples per forward/backward on one rank
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 30

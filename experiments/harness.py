@@ -16,11 +16,12 @@ Every script takes the same flags:
     --jobs=N          seeds run at once, each in its own one-thread process (default: all of them, at most one more
                       than the cores, which kept 2 cores busy with 3 seeds; 1: one after another in this process)
 
-Budget. The experiments shrink the demo so that a question with its 3 seeds fits in 20 minutes of 2 CPU cores:
-SMALL_MODEL (hidden 128, 4 layers, ~0.6M parameters against the demo's 2.4M), the seeds side by side (--jobs), a
-shorter SFT (BUDGET: 1200 steps of 32, which takes the small model to 55-66% held-out; after 400 it was at 13-28%
-and GRPO could not raise it), short GRPO runs, and 200 held-out problems instead of 500. The absolute accuracies are
-therefore not the README's demo table's; the comparisons between settings are what each question is about.
+Budget. The experiments shrink the demo's runs so that a question with its 3 seeds fits in 20 minutes of 2 CPU cores:
+the demo's model (tasks.DEMO_MODEL: hidden 128, 4 layers, ~0.6M parameters) and SFT (1200 steps of 32, which takes
+it to 55-66% held-out; after 400 it was at 13-28% and GRPO could not raise it) on fewer teacher traces (6,000), the
+seeds side by side (--jobs), short GRPO runs of 8 prompts per step, and 200 held-out problems instead of 500. The
+absolute accuracies are therefore not the README's demo table's; the comparisons between settings are what each
+question is about.
 """
 
 import contextlib
@@ -46,12 +47,9 @@ import plot  # noqa: E402
 import train_grpo  # noqa: E402
 import train_sft  # noqa: E402
 from data import Tokenizer  # noqa: E402
-from model import ModelConfig, Transformer, init_weights  # noqa: E402
+from model import Transformer  # noqa: E402
 from sampler import generate  # noqa: E402
-from tasks import DemoTask, build_demo_tokenizer, demo_problems, demo_trace, evaluate, metrics  # noqa: E402
-
-SMALL_MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, rope_theta=10000.0)
+from tasks import DEMO_MODEL, DemoTask, build_demo_model, demo_problems, demo_trace, evaluate, metrics  # noqa: E402
 
 # the budget of a real run and of --quick (which only checks that the script runs)
 BUDGET = dict(sft_steps=1200, sft_examples=6000, grpo_steps=80, grpo_lr=5e-5, prompts_per_step=8, group_size=8,
@@ -111,17 +109,6 @@ def parse_args(question, argv=None) -> Args:
         os.path.join(ROOT, "experiments", "results", question + sft_tag)
     jobs = jobs or min(len(seeds), (os.cpu_count() or 1) + 1)
     return Args(seeds, quick, out or default_out, rerun, budget, sft_tag, jobs, fill_cache, list(argv))
-
-
-def build_small_init(path, seed=0) -> str:
-    """The demo tokenizer and a SMALL_MODEL-shaped untrained model, as a Hugging Face folder (kept if present)."""
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        return path
-    tokenizer = build_demo_tokenizer(path, seed=seed)
-    config = ModelConfig(architecture="Qwen2ForCausalLM", vocab_size=(tokenizer.vocab_size + 63) // 64 * 64,
-                         qkv_bias=True, torch_dtype="float32", eos_token_id=tokenizer.eos_token_ids[0], **SMALL_MODEL)
-    init_weights(Transformer(config), seed=seed).save_pretrained(path)
-    return path
 
 
 def write_jsonl(path, rows):
@@ -272,7 +259,9 @@ class Experiment:
     def init(self, seed) -> str:
         path = os.path.join(self.out, "runs", "init", f"seed{seed}")
         with self._claim(path):
-            return build_small_init(path, seed=seed)
+            if not os.path.exists(os.path.join(path, "model.safetensors")):
+                build_demo_model(path, seed=seed)
+            return path
 
     def sft(self, setting, seed, model=None, data="", steps=None, extra=()) -> dict:
         """SFT of the small model (from its untrained init unless model=) on the demo teacher's traces (or data=)."""
@@ -358,7 +347,7 @@ class Experiment:
             summary[setting]["runs"] = len(rows)
         elapsed = time.time() - self.started
         header = dict(question=self.question, title=self.title, date=time.strftime("%Y-%m-%d"), machine=MACHINE,
-                      quick=self.args.quick, seeds=self.seeds, budget=self.budget, small_model=SMALL_MODEL,
+                      quick=self.args.quick, seeds=self.seeds, budget=self.budget, model=DEMO_MODEL,
                       elapsed_s=elapsed, runs_wall_s=sum(self.run_walls.values()), host=platform.node(),
                       load_15min=os.getloadavg()[2], torch=torch.__version__,
                       jobs=min(self.args.jobs, len(self.seeds)))
@@ -381,8 +370,8 @@ class Experiment:
                  + ("**QUICK RUN: a smoke test of the script, not a result.**" if self.args.quick else ""), "",
                  f"Command: `python experiments/{self.question}.py{''.join(' ' + a for a in self.args.argv)}`. "
                  f"Budget: {json.dumps(self.budget)} (the question's own changes to it are in its text below); model: "
-                 f"{SMALL_MODEL['num_hidden_layers']} layers, hidden {SMALL_MODEL['hidden_size']} "
-                 f"(experiments/harness.py). Mean ± sample std over seeds; accuracies in %.", ""]
+                 f"the demo's, {DEMO_MODEL['num_hidden_layers']} layers, hidden {DEMO_MODEL['hidden_size']} "
+                 f"(tasks.DEMO_MODEL). Mean ± sample std over seeds; accuracies in %.", ""]
         if self.doc:
             lines += [self.doc.strip(), ""]
         lines += ["| setting | runs | " + " | ".join(columns) + " |",

@@ -17,7 +17,7 @@ sys.path.insert(0, ROOT)
 
 import plot  # noqa: E402
 from common import MetricsLog  # noqa: E402
-from tasks import DemoTask, demo_level, demo_problem, demo_problems  # noqa: E402
+from tasks import DemoTask, build_demo_model, demo_level, demo_problem, demo_problems  # noqa: E402
 
 QUESTIONS = ["kl_removal", "recipes", "extrapolation", "kl_form", "faked_traces"]
 
@@ -284,10 +284,7 @@ def test_eval_logs_to_wandb(tmp_path, monkeypatch):
     fake.init = lambda **kwargs: calls.append(("init", kwargs)) or types.SimpleNamespace(
         log=lambda values, step=None: calls.append(("log", values, step)), finish=lambda: None)
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    from harness import build_small_init
-
-    model = build_small_init(str(tmp_path / "init"))
+    model = build_demo_model(str(tmp_path / "init"))
     eval_script.main([f"--model={model}", "--demo_problems=2", "--max_new_tokens=4", f"--out_dir={tmp_path / 'eval'}",
                       "--wandb_project=r1-eval"])
     assert calls[0][0] == "init" and calls[0][1]["project"] == "r1-eval" and calls[0][1]["config"]["demo_problems"] == 2
