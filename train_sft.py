@@ -3,7 +3,7 @@ Supervised fine-tuning on reasoning traces (recipe 2 of the mission): a model le
 <think> reasoning </think> then the answer, from (prompt, chain of thought, answer) examples.
 
     python train_sft.py                                   # the built-in demo: a ~0.6M-parameter model from scratch
-                                                          # on the demo task, 2 CPU cores, about 5 minutes
+                                                          # on the demo task, 2 CPU cores, about 4 minutes
     python train_sft.py --preset=r1-1.5b --model=path/to/Qwen2.5-Math-1.5B --data=traces.jsonl
     torchrun --standalone --nproc_per_node=8 train_sft.py --preset=r1-1.5b --model=... --data=...
     torchrun ... train_sft.py ... --parallel=fsdp         # shard a model that does not fit one card per block

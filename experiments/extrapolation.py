@@ -8,7 +8,7 @@ runs of the other questions (one per seed); this script only evaluates them, lev
 
     python experiments/extrapolation.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun] [--jobs=N] [--sft_steps=N]
 
-Budget (experiments/harness.py): the small model (0.6M parameters), SFT 1200 steps of 32 examples, GRPO 80 steps of
+Budget (experiments/harness.py): the demo model (0.6M parameters), SFT 1200 steps of 32 examples, GRPO 80 steps of
 8 prompts x 8 samples at lr 5e-5 (beta 0), 200 held-out problems per level, one sample each at temperature 1.
 """
 

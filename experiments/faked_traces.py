@@ -17,7 +17,7 @@ kept traces with a wrong `a op b = c` line (process errors the outcome check let
 
     python experiments/faked_traces.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun] [--jobs=N] [--sft_steps=N]
 
-Budget (experiments/harness.py): the small model (0.6M parameters), the shared SFT, 300 problems, GRPO 40 steps of
+Budget (experiments/harness.py): the demo model (0.6M parameters), the shared SFT, 300 problems, GRPO 40 steps of
 8 prompts x 8 samples at lr 5e-5, 200 held-out problems.
 """
 

@@ -1,8 +1,8 @@
 """
-Plumbing shared by the experiment scripts: flags, a smaller demo model, running the trainers' main(argv) per
-setting and seed (with a cache of finished runs), measuring a checkpoint (held-out accuracy per difficulty level,
-KL to the start, entropy, length), and the outputs: results.md, results.json and SVG curves per question in
-experiments/results/<question>/.
+Plumbing shared by the experiment scripts: flags, the demo model's untrained inits, running the trainers'
+main(argv) per setting and seed (with a cache of finished runs), measuring a checkpoint (held-out accuracy per
+difficulty level, KL to the start, entropy, length), and the outputs: results.md, results.json and SVG curves per
+question in experiments/results/<question>/.
 
 Every script takes the same flags:
     --seeds=0,1,2     the seeds (each setting runs once per seed)
@@ -224,13 +224,14 @@ class Experiment:
 
     @staticmethod
     def _made_stamps(flags):
-        """When each run whose output a flag names (--model=<run>/final, --data=<run>/traces.jsonl) was made: a run
-        started from it is read back only while that is the same make."""
+        """When each run whose output a flag names (--model=<run> or <run>/final, --data=<run>/traces.jsonl) was
+        made: a run started from it is read back only while that is the same make."""
         stamps = []
         for flag in flags:
-            folder = os.path.dirname(flag.partition("=")[2])
-            for run_dir in (folder, os.path.dirname(folder)):  # <run>/final, <run>/traces/traces.jsonl
-                if folder and os.path.exists(os.path.join(run_dir, "done.json")):
+            value = flag.partition("=")[2]
+            folder = os.path.dirname(value)
+            for run_dir in (value, folder, os.path.dirname(folder)):  # <run>, <run>/final, <run>/traces/traces.jsonl
+                if run_dir and os.path.exists(os.path.join(run_dir, "done.json")):
                     with open(os.path.join(run_dir, "done.json")) as f:
                         stamps.append(json.load(f).get("made"))
                     break
@@ -257,14 +258,17 @@ class Experiment:
             return result
 
     def init(self, seed) -> str:
-        path = os.path.join(self.out, "runs", "init", f"seed{seed}")
-        with self._claim(path):
-            if not os.path.exists(os.path.join(path, "model.safetensors")):
-                build_demo_model(path, seed=seed)
-            return path
+        """The demo model's untrained weights for a seed, made again (and so every run from them) when
+        tasks.DEMO_MODEL changes."""
+        def build(path):
+            build_demo_model(path, seed=seed)
+            return dict(model=DEMO_MODEL)
+
+        self.cached_step("init", seed, build, key=dict(model=DEMO_MODEL))
+        return self.run_dir("init", seed)
 
     def sft(self, setting, seed, model=None, data="", steps=None, extra=()) -> dict:
-        """SFT of the small model (from its untrained init unless model=) on the demo teacher's traces (or data=)."""
+        """SFT of the demo model (from its untrained init unless model=) on the demo teacher's traces (or data=)."""
         b = self.budget
         steps = steps or b["sft_steps"]
         flags = [f"--model={model or self.init(seed)}", f"--max_steps={steps}", "--batch_size=32",
@@ -276,7 +280,7 @@ class Experiment:
         return self.train(train_sft, setting, seed, flags + list(extra))
 
     def base_sft(self, seed) -> dict:
-        """The demo SFT of the small model on the teacher's traces, shared by every question that starts GRPO from
+        """The demo SFT (on 6,000 of the teacher's traces) shared by every question that starts GRPO from
         an SFT checkpoint (cached in <out>/../_sft/seed<k>: run once per seed for all of them)."""
         shared = Experiment.__new__(Experiment)
         shared.__dict__.update(self.__dict__, out=os.path.join(os.path.dirname(self.out), "_sft"))

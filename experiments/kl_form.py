@@ -10,7 +10,7 @@ that cover each axis once (without reverse k2 and forward k3), for a shorter run
 
     python experiments/kl_form.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun] [--jobs=N] [--sft_steps=N]
 
-Budget (experiments/harness.py): the small model (0.6M parameters), the shared SFT, GRPO 30 steps of G=8 at lr 1.5e-4,
+Budget (experiments/harness.py): the demo model (0.6M parameters), the shared SFT, GRPO 30 steps of G=8 at lr 1.5e-4,
 one held-out eval at the end (200 problems; the start is the SFT checkpoint's), KL measured on 64 held-out prompts.
 """
 

@@ -7,7 +7,7 @@ completion length.
 
     python experiments/kl_removal.py [--seeds=0,1,2] [--quick] [--out=DIR] [--rerun] [--jobs=N] [--sft_steps=N]
 
-Budget (experiments/harness.py): the small model (0.6M parameters), SFT 1200 steps of 32 examples (shared with the
+Budget (experiments/harness.py): the demo model (0.6M parameters), SFT 1200 steps of 32 examples (shared with the
 other questions), GRPO 80 steps of 8 prompts x 8 samples at lr 5e-5, 200 held-out problems; the seeds side by side.
 """
 

@@ -16,7 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import plot  # noqa: E402
+import tasks  # noqa: E402
 from common import MetricsLog  # noqa: E402
+from model import Transformer  # noqa: E402
 from tasks import DemoTask, build_demo_model, demo_level, demo_problem, demo_problems  # noqa: E402
 
 QUESTIONS = ["kl_removal", "recipes", "extrapolation", "kl_form", "faked_traces"]
@@ -219,6 +221,25 @@ def test_cache_reads_a_run_back_only_while_its_inputs_are_the_same(tmp_path):
     assert stamps == [new_sft["made"]]
 
 
+def test_another_demo_model_makes_the_inits_and_the_runs_from_them_again(tmp_path, monkeypatch):
+    """The untrained init is a cached step keyed on tasks.DEMO_MODEL, and an SFT's flags carry its make: retuning the
+    demo model remakes the init and every run started from it instead of reading back runs of the old model."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import harness
+
+    exp = harness.Experiment("kl_removal", "t", ["--quick", "--seeds=0", f"--out={tmp_path}"])
+    init = exp.init(0)
+    first = Transformer.from_pretrained(init).config
+    stamps = harness.Experiment._made_stamps([f"--model={init}"])
+    assert first.hidden_size == harness.DEMO_MODEL["hidden_size"] and len(stamps) == 1
+    assert exp.init(0) == init and harness.Experiment._made_stamps([f"--model={init}"]) == stamps
+    monkeypatch.setattr(harness, "DEMO_MODEL", dict(harness.DEMO_MODEL, hidden_size=64, intermediate_size=128))
+    monkeypatch.setattr(tasks, "DEMO_MODEL", harness.DEMO_MODEL)
+    later = harness.Experiment("kl_removal", "t", ["--quick", "--seeds=0", f"--out={tmp_path}"])
+    assert later.init(0) == init and Transformer.from_pretrained(init).config.hidden_size == 64
+    assert harness.Experiment._made_stamps([f"--model={init}"]) != stamps
+
+
 @pytest.mark.slow
 def test_sft_steps_runs_its_own_shared_sft(tmp_path):
     """A question with --sft_steps beside the default in one folder tree: the longer SFT is trained for its own
@@ -257,7 +278,7 @@ def test_seeds_side_by_side_give_the_rows_of_one_after_another(tmp_path):
 @pytest.mark.slow
 def test_headline_runs_quick(tmp_path):
     """experiments/headline.py: the README's two commands and eval.py per seed, on a tiny budget; a second call reads
-    the finished seed back instead of training again."""
+    the finished seed back instead of training again, unless it was made from other inputs (another demo model)."""
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import headline
 
@@ -270,9 +291,14 @@ def test_headline_runs_quick(tmp_path):
         assert scores["results"]["demo"]["n"] == run["eval_samples"] == 4
     assert "QUICK RUN" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "runs" / "seed_3" / "grpo" / "final" / "config.json").exists()
+    assert run["commit"] in (tmp_path / "results.md").read_text() and run["started"] <= run["finished"]
     os.remove(tmp_path / "runs" / "seed_3" / "sft.log")
     headline.main(["--quick", "--seeds=3", f"--out={tmp_path}"])
     assert not (tmp_path / "runs" / "seed_3" / "sft.log").exists()  # not trained again
+    run["inputs"]["demo_model"]["hidden_size"] += 64  # as if made with another demo model: trained again
+    (tmp_path / "runs" / "seed_3" / "result.json").write_text(json.dumps(run))
+    headline.main(["--quick", "--seeds=3", f"--out={tmp_path}"])
+    assert (tmp_path / "runs" / "seed_3" / "sft.log").exists()
 
 
 def test_eval_logs_to_wandb(tmp_path, monkeypatch):
