@@ -42,6 +42,8 @@ EVAL_COMBINED = (EVAL_TESTS +
                  "test_completions_of_every_problem_enter_the_combined_score_and_a_partial_benchmark_does_not")
 EVAL_COMPLETIONS = EVAL_TESTS + "test_completions_keep_their_length_finish_and_benchmark_and_follow_the_limit"
 EXPERIMENT_CACHE = "tests/test_experiments.py::test_cache_reads_a_run_back_only_while_its_inputs_are_the_same"
+EXPERIMENT_INIT = "tests/test_experiments.py::test_another_demo_model_makes_the_inits_and_the_runs_from_them_again"
+HEADLINE = "tests/test_experiments.py::test_headline_runs_quick"
 PLOT_SERIES = "tests/test_experiments.py::test_plot_series_reads_every_line_keeps_a_steps_last_value_and_orders_by_step"
 
 
@@ -470,6 +472,17 @@ MUTANTS = [
     mutant("rerun_remakes_a_run_twice_in_one_invocation", "experiments/harness.py",
            "if (self.args.rerun and run_dir not in self.made) or", "if self.args.rerun or",
            [EXPERIMENT_CACHE]),
+    mutant("experiment_init_kept_whatever_the_demo_model", "experiments/harness.py",
+           'self.cached_step("init", seed, build, key=dict(model=DEMO_MODEL))',
+           'self.cached_step("init", seed, build, key=None)',
+           [EXPERIMENT_INIT]),
+    mutant("made_stamps_miss_a_run_named_by_its_own_folder", "experiments/harness.py",
+           "for run_dir in (value, folder, os.path.dirname(folder)):",
+           "for run_dir in (folder, os.path.dirname(folder)):",
+           [EXPERIMENT_INIT]),
+    mutant("headline_reads_back_a_seed_of_other_inputs", "experiments/headline.py",
+           'if result.get("inputs") == inputs(quick):', 'if "inputs" in result:',
+           [HEADLINE]),
     mutant("partial_benchmark_compared_to_deepseek", "eval.py",
            'else "partial" if scores.get("partial") else', "else",
            [EVAL_COMBINED]),
