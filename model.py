@@ -265,9 +265,11 @@ class KVCache:
     and the rows of idle slots, point at it, so the writes nobody reads land there."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, max_len: int, device, dtype):
-        shape = (num_blocks, config.num_key_value_heads, block_size, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        # keys and values of every layer in one tensor (2, layers, num_blocks, kv_heads, block_size, head_dim), so
+        # that copy_blocks moves blocks of every layer in two ops; self.k and self.v are per-layer views of it
+        layer_shape = (num_blocks, config.num_key_value_heads, block_size, config.head_dim)
+        self.keys_values = torch.zeros((2, config.num_hidden_layers, *layer_shape), device=device, dtype=dtype)
+        self.k, self.v = list(self.keys_values[0].unbind(0)), list(self.keys_values[1].unbind(0))
         self.num_blocks, self.block_size, self.max_len = num_blocks, block_size, max_len
         self.rope = None  # (cos, signed_sin), each (max_len, head_dim): rope_table's, made on first use
 
@@ -285,10 +287,9 @@ class KVCache:
         return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
 
     def copy_blocks(self, sources: torch.Tensor, targets: torch.Tensor):
-        """Copies whole blocks, every layer: a prompt's last, partly filled block for each of its other samples."""
-        for k, v in zip(self.k, self.v):
-            k[targets] = k[sources]
-            v[targets] = v[sources]
+        """Copies whole blocks, every layer: a prompt's last, partly filled block for each of its other samples, or
+        a running sequence's block into the hole a finished one left (the sampler's compact)."""
+        self.keys_values.index_copy_(2, targets, self.keys_values.index_select(2, sources))
 
 
 @dataclass

@@ -16,12 +16,15 @@ steps at the largest batch: where the step time goes.
 Timing: after one untimed call of each, --repeat rounds (default 3 on CPU, 1 on CUDA) each time transformers once
 and then ours, interleaved, so that a noisy machine slows both alike; the table gives the best of the rounds and
 the per-round ratios (min/median/max). --threads sets torch's intra-op threads for both (on a CPU shared with other
-jobs, 1 thread gives steadier figures than threads waiting for a busy core).
+jobs, 1 thread gives steadier figures than threads waiting for a busy core). On a CPU --layout both times ours
+twice: with generate's column-major projection weights (sampler.column_major_projections) and with the row-major
+ones it would otherwise read.
 
     python bench/sampler.py --batches 1,16 --threads 1 --repeat 5
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -31,6 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import KVCache, Transformer  # noqa: E402
+import sampler  # noqa: E402
 from sampler import _decode_eager, _prefill, allocate_cache, generate, sample_next  # noqa: E402
 
 QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -82,6 +86,17 @@ def roofline_tokens_per_s(model, batch, prompt_len, new_tokens, bandwidth):
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_bytes = KVCache.bytes_per_token(config, torch.bfloat16) * batch * (prompt_len + new_tokens // 2)
     return batch * bandwidth / (weight_bytes + kv_bytes)
+
+
+@contextlib.contextmanager
+def swapped(module, name, value):
+    """module.name = value inside the block (the row-major side of --layout: generate without its weight layout)."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
 
 
 DECODE_SWITCHES = ("DECODE_ATTENTION_BACKEND", "ROPE_CACHE_BACKEND", "SILU_MUL_BACKEND", "ADD_RMS_NORM_BACKEND")
@@ -138,6 +153,9 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--repeat", type=int, default=None, help="timed rounds (default 3 on CPU, 1 on CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads, for both")
+    parser.add_argument("--layout", default="column", choices=["column", "row", "both"],
+                        help="CPU: ours with generate's column-major projection weights (sampler."
+                             "column_major_projections, the default), with the row-major weights as stored, or both")
     parser.add_argument("--block_size", type=int, default=None,
                         help="ours: tokens per KV-cache block (default generate's: 16 on a GPU, one sequence on CPU)")
     args = parser.parse_args(argv)
@@ -151,14 +169,16 @@ def main(argv=None):
     new_tokens = args.new_tokens or new_tokens
     hf_tokens = args.hf_tokens or (64 if on_gpu else new_tokens)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else ([1, 64, 256] if on_gpu else [1, 32])
-    backends = (["torch", "triton"] if args.decode_backend == "both" else [args.decode_backend]) if on_gpu else ["-"]
+    backends = (["torch", "triton"] if args.decode_backend == "both" else [args.decode_backend]) if on_gpu else \
+        (["column", "row"] if args.layout == "both" else [args.layout])
     hf_model, ours = build_pair(shape, device, dtype)
     bandwidth = copy_bandwidth(device) if on_gpu else None
     print(f"device {torch.cuda.get_device_name() if on_gpu else 'cpu'} | {ours.num_parameters() / 1e6:.1f}M params | "
           f"{dtype} | prompt {prompt_len} | new {new_tokens} (transformers {hf_tokens}) | threads "
           f"{torch.get_num_threads()} | block size {args.block_size or 'default'} | best of {repeat} interleaved rounds"
           + (f" | copy bandwidth {bandwidth / 1e9:.0f} GB/s" if bandwidth else ""))
-    print(f"{'batch':>6} {'decode attn':>11} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'rounds min/med/max':>19}"
+    variant = "decode attn" if on_gpu else "weights"  # the GPU's decode backend, the CPU's weight layout
+    print(f"{'batch':>6} {variant:>11} {'ours tok/s':>11} {'hf tok/s':>10} {'ratio':>6} {'rounds min/med/max':>19}"
           + (f" {'roofline tok/s':>15} {'share':>6}" if on_gpu else ""))
     rows = []
     for batch in batches:
@@ -171,8 +191,11 @@ def main(argv=None):
         def ours_run(backend):
             if on_gpu:
                 set_decode_backend(backend)
-            generate(ours, prompts.tolist(), max_new_tokens=new_tokens, seed=0, cuda_graph=on_gpu,
-                     block_size=args.block_size)
+            row_major = not on_gpu and backend == "row"
+            with swapped(sampler, "column_major_projections", lambda model: contextlib.nullcontext()) \
+                    if row_major else contextlib.nullcontext():
+                generate(ours, prompts.tolist(), max_new_tokens=new_tokens, seed=0, cuda_graph=on_gpu,
+                         block_size=args.block_size)
 
         runs = ([("hf", hf_run)] if hf_run else []) + [(b, lambda b=b: ours_run(b)) for b in backends]
         for _, run in runs:  # warm-up, untimed
@@ -186,7 +209,8 @@ def main(argv=None):
             ours_rate = batch * new_tokens / min(seconds[backend])
             round_ratios = [(new_tokens / o) / (hf_tokens / h) for o, h in zip(seconds[backend], seconds["hf"])] \
                 if hf_run else [float("nan")]
-            row = dict(batch=batch, decode_attention=backend, ours_tokens_per_s=ours_rate, hf_tokens_per_s=hf_rate,
+            row = {"batch": batch, "decode_attention" if on_gpu else "weights": backend}
+            row.update(ours_tokens_per_s=ours_rate, hf_tokens_per_s=hf_rate,
                        ratio=ours_rate / hf_rate if hf_rate else None, round_ratios=round_ratios if hf_run else None)
             median = sorted(round_ratios)[len(round_ratios) // 2]
             spread = f"{min(round_ratios):.2f}/{median:.2f}/{max(round_ratios):.2f}x" if hf_run else "-"

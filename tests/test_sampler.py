@@ -53,6 +53,37 @@ def test_cached_decode_equals_full_recomputation(checkpoint, packed, n, block_si
         assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-5)
 
 
+def test_projection_weights_are_column_major_while_sampling_and_restored_after(checkpoint):
+    """sampler.column_major_projections: inside a CPU float32 generate call every projection weight and the LM head
+    are (out, in) tensors with strides (1, out) (the layout MKL's batch-1 GEMV reads faster); after the call, also
+    one that fails midway, the model holds what it held: row-major weights of the same values, no inference tensors
+    (a training step runs backward through them). In bfloat16 nothing moves."""
+    _, model = checkpoint
+    model = copy.deepcopy(model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    projections = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head_weight]
+    layouts, failures = [], [RuntimeError("a failure mid-call")]
+
+    def progress(completion):  # called inside the call, when a completion finishes
+        layouts.append([w.stride() == (1, w.shape[0]) for w in projections])
+        if failures:
+            raise failures.pop()
+
+    with pytest.raises(RuntimeError, match="mid-call"):
+        generate(model, random_prompts([3, 5]), max_new_tokens=4, seed=0, progress=progress)
+    generate(model, random_prompts([3, 5]), max_new_tokens=4, seed=0, progress=progress)
+    assert len(layouts) == 3 and all(all(layout) for layout in layouts)
+    for name, parameter in model.named_parameters():
+        assert parameter.is_contiguous() and not parameter.is_inference(), name
+        assert torch.equal(parameter, before[name]), name
+    model(torch.tensor([[1, 2, 3]])).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in projections)
+
+    layouts.clear()
+    generate(model.to(torch.bfloat16), random_prompts([3]), max_new_tokens=2, seed=0, progress=progress)
+    assert layouts == [[False] * len(projections)]
+
+
 def test_finished_sequences_holes_are_filled_so_decoding_reads_views(checkpoint, monkeypatch):
     """On a CPU each sequence is one block. As sequences stop at different steps, the highest running ones move into
     the holes (_Scheduler.compact), so every decode run's blocks stay consecutive in row order (the view path, no
