@@ -18,7 +18,8 @@ and then ours, interleaved, so that a noisy machine slows both alike; the table 
 the per-round ratios (min/median/max). --threads sets torch's intra-op threads for both (on a CPU shared with other
 jobs, 1 thread gives steadier figures than threads waiting for a busy core). On a CPU --layout both times ours
 twice: with generate's column-major projection weights (sampler.column_major_projections) and with the row-major
-ones it would otherwise read.
+ones it would otherwise read. Below each batch's rows, each side's decode step split into its GEMMs (from the
+profiler, gemm_ms_per_token) and the rest.
 
     python bench/sampler.py --batches 1,16 --threads 1 --repeat 5
 """
@@ -135,6 +136,18 @@ def profile_decode(model, batch, prompt_len, new_tokens, steps=8, block_size=16)
     return trace
 
 
+def gemm_ms_per_token(run, tokens):
+    """CPU milliseconds that one call of `run` spends in GEMMs (aten::mm and aten::addmm, self time, from
+    torch.profiler; the prefill's included) per new token of a row. The profiler inflates small ops, not GEMMs: the
+    rest of a step is its timed total minus this."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as trace:
+        run()
+    gemm_us = sum(event.self_cpu_time_total for event in trace.key_averages() if event.key in ("aten::mm", "aten::addmm"))
+    return gemm_us / 1e3 / tokens
+
+
 def kernels_per_step(trace, steps=8):
     """GPU launches (kernels, copies, fills) per decode step in a profile_decode trace."""
     from torch.autograd import DeviceType
@@ -222,6 +235,15 @@ def main(argv=None):
                 line += f" {roofline:>15,.0f} {ours_rate / roofline:>6.0%}"
             print(line, flush=True)
             rows.append(row)
+        if not on_gpu:  # where each side's step goes: the GEMMs (both pay them) and the rest
+            tokens = {name: hf_tokens if name == "hf" else new_tokens for name, _ in runs}
+            split = {name: (min(seconds[name]) / tokens[name] * 1e3, gemm_ms_per_token(run, tokens[name]))
+                     for name, run in runs}
+            print(f"{'':>6} ms per decode step, GEMMs + rest: " + ", ".join(
+                f"{name} {step:.2f} = {gemm:.2f} + {step - gemm:.2f}" for name, (step, gemm) in split.items()),
+                flush=True)
+            rows.append(dict(batch=batch, step_ms={name: step for name, (step, _) in split.items()},
+                             gemm_ms={name: gemm for name, (_, gemm) in split.items()}))
     if on_gpu:
         for backend in backends:
             set_decode_backend(backend)
