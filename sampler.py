@@ -179,11 +179,11 @@ def _cache_dtype(weight):
 def column_major_projections(model: Transformer):
     """On a CPU in float32, while sampling, every projection weight (the nn.Linear ones and the LM head) is held
     transposed in memory: the same (out, in) tensor with strides (1, out), so that MKL multiplies x by a row-major
-    (in, out) matrix. At batch 1, which reads every weight once per token, that GEMV runs ~30% faster on this
-    machine's CPUs than over the (out, in) rows, and at batch 16 a few percent (bench/sampler.py --layout both);
-    a GEMM over many tokens (prefill, training) is as fast either way. The values are the same; only their float
-    sums' order (in the last bits at batch 1, as a different batch size changes them too). Each weight is laid
-    back out row-major on leaving, one at a time (the extra memory is the largest weight), in normal mode, so the
+    (in, out) matrix. In decoding at batch 1 the GEMMs then take about a third less time on this project's CPU
+    machine, at batch 16 less by an amount that varies from run to run (bench/sampler.py --layout both); a GEMM
+    over many tokens (prefill, training) is as fast either way. The values are the same; at batch 1 the order of
+    their float sums differs in the last bits, as a different batch size changes it too. Each weight is laid back
+    out row-major on leaving, one at a time (the extra memory is the largest weight), in normal mode, so that the
     trainer's parameters are never inference tensors. Elsewhere (a GPU, other dtypes) nothing changes."""
     weights = [module.weight for module in model.modules() if isinstance(module, torch.nn.Linear)]
     weights = list({id(w): w for w in weights + [model.lm_head_weight]}.values())
