@@ -15,8 +15,8 @@ How it works
     finishes, so the sequences decoded at once are bounded by the tokens in the cache, not by max_new_tokens.
     On a CPU one block holds a whole sequence, and the running sequence in the highest block moves into the block
     of one that finished (_Scheduler.compact): the rows' blocks stay consecutive and decoding reads views of them.
-    There, in float32, the projection weights are held column-major while sampling (column_major_projections):
-    the layout MKL's GEMV reads fastest at batch 1.
+    There, in float32, a call of a few sequences holds the projection weights column-major while it samples
+    (column_major_projections): the layout MKL's GEMV reads fastest at batch 1.
   - A prompt is admitted when n slots and its blocks are free: it is prefilled once (prompts admitted together are
     packed back to back on a GPU, right-padded on CPU); its n samples share its full blocks and each gets a copy of
     its last, partly filled one.
@@ -41,7 +41,7 @@ choice: the policy gradient is taken w.r.t. the full softmax) and uses these onl
 
 import gc
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -175,24 +175,38 @@ def _cache_dtype(weight):
     return weight.dtype
 
 
+# On a CPU in float32, generate holds the projection weights column-major for calls with at most this many
+# sequences at once (GEMV-like decoding, where the layout saves time; at 64 rows the GEMMs are bound by arithmetic and
+# it saves nothing measurable) and at least this many new tokens (the two relayouts of a call cost about what 25-30
+# decode steps save at batch 1 in bench/sampler.py)
+COLUMN_MAJOR_MAX_SEQUENCES = 16
+COLUMN_MAJOR_MIN_NEW_TOKENS = 64
+
+
 @contextmanager
 def column_major_projections(model: Transformer):
-    """On a CPU in float32, while sampling, every projection weight (the nn.Linear ones and the LM head) is held
-    transposed in memory: the same (out, in) tensor with strides (1, out), so that MKL multiplies x by a row-major
-    (in, out) matrix. In decoding at batch 1 the GEMMs then take about a third less time on this project's CPU
-    machine, at batch 16 less by an amount that varies from run to run (bench/sampler.py --layout both); a GEMM
-    over many tokens (prefill, training) is as fast either way. The values are the same; at batch 1 the order of
-    their float sums differs in the last bits, as a different batch size changes it too. Each weight is laid back
-    out row-major on leaving, one at a time (the extra memory is the largest weight), in normal mode, so that the
-    trainer's parameters are never inference tensors. Elsewhere (a GPU, other dtypes) nothing changes."""
+    """Every projection weight (the nn.Linear ones and the LM head) held transposed in memory inside the block: the
+    same (out, in) tensor with strides (1, out), so that MKL multiplies x by a row-major (in, out) matrix. In
+    decoding at batch 1 the GEMMs then take about a third less time on this project's CPU machine, at batch 16 less
+    by an amount that varies from run to run (bench/sampler.py --layout both); a GEMM over many tokens (prefill,
+    training) is as fast either way. The values are the same; at batches of 1-2 rows the order of their float sums
+    differs in the last bits, as a different batch size changes it too. Each weight is laid back out row-major on
+    leaving, also after an error, one at a time (the extra memory is the largest weight; more if the weights were
+    memory-mapped from a checkpoint, whose pages become private copies), in normal mode, so that the trainer's
+    parameters never become inference tensors. Only CPU float32 weights outside autocast move (elsewhere the
+    layout is not what the GEMM reads); a nested call (from a progress callback) finds them column-major and leaves
+    them alone. Not for two threads sampling one model at once: one's restore would free what the other reads."""
     weights = [module.weight for module in model.modules() if isinstance(module, torch.nn.Linear)]
     weights = list({id(w): w for w in weights + [model.lm_head_weight]}.values())
-    moved = [w for w in weights if w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
-             and type(w.data) is torch.Tensor]
-    with torch.inference_mode(False), torch.no_grad():
-        for weight in moved:
-            weight.data = weight.data.t().contiguous().t()
+    moved = []
     try:
+        with torch.inference_mode(False), torch.no_grad():
+            for weight in weights:
+                # is_contiguous: not already moved (a nested call); type: plain tensors (not DTensor shards)
+                if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous() \
+                        and type(weight.data) is torch.Tensor and not torch.is_autocast_enabled("cpu"):
+                    weight.data = weight.data.t().contiguous().t()
+                    moved.append(weight)
         yield
     finally:
         with torch.inference_mode(False), torch.no_grad():
@@ -516,7 +530,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
                            set(int(t) for t in stop_token_ids), progress)
     keys = [sequence_keys(seed, i) for i in range(len(scheduler.results))]
 
-    with column_major_projections(model):
+    decodes_like_gemv = slots <= COLUMN_MAJOR_MAX_SEQUENCES and max_new_tokens >= COLUMN_MAJOR_MIN_NEW_TOKENS
+    with column_major_projections(model) if decodes_like_gemv else nullcontext():
         while scheduler.pending or scheduler.active:
             groups = scheduler.admit()
             if groups:

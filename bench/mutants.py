@@ -30,6 +30,7 @@ GRPO_FSDP = GRPO + "test_fsdp_two_processes_with_eval_rollouts_reference_refresh
 WIRING = GRPO + "test_main_passes_the_right_tensors_to_the_loss_and_the_kl"
 TEMPERATURE = GRPO + "test_sampler_and_trainer_log_probs_agree_at_temperature_0_7"
 FREQUENCIES = SAMPLER + "test_generate_first_token_frequencies"
+COLUMN_MAJOR = SAMPLER + "test_projection_weights_are_column_major_while_sampling_and_restored_after"
 TRACES = "tests/test_make_traces.py::"
 TASKS = "tests/test_tasks.py::"
 PROMPT = TASKS + "test_training_and_evaluation_send_the_same_prompt_for_every_kind_of_task"
@@ -96,9 +97,26 @@ MUTANTS = [
            "                if k:\n                    self.pool.share(shared)\n", "",
            [SAMPLER + "test_preempted_sequences_resume_with_the_same_stream"]),
     mutant("compacted_sequence_moves_without_its_cache", "sampler.py",
-           "            cache.copy_blocks(*(torch.tensor(blocks, device=device) for blocks in zip(*moves)))\n",
-           "            pass\n",
+           "                cache.copy_blocks(*(torch.tensor(blocks, device=device) for blocks in zip(*moves)))\n",
+           "                pass\n",
            [SAMPLER + "test_finished_sequences_holes_are_filled_so_decoding_reads_views"]),
+    mutant("kv_cache_copies_keys_only", "model.py",
+           "self.keys_values.index_copy_(2, targets, self.keys_values.index_select(2, sources))",
+           "self.keys_values[:1].index_copy_(2, targets, self.keys_values[:1].index_select(2, sources))",
+           [SAMPLER + "test_cached_decode_equals_full_recomputation"]),
+    mutant("tied_lm_head_left_row_major_while_sampling", "sampler.py",
+           "list({id(w): w for w in weights + [model.lm_head_weight]}.values())", "weights",
+           [COLUMN_MAJOR]),
+    mutant("projections_left_column_major_after_a_failure", "sampler.py",
+           "        yield\n    finally:\n", "        yield\n    except BaseException:\n        raise\n    else:\n",
+           [COLUMN_MAJOR]),
+    mutant("projections_restored_as_inference_tensors", "sampler.py",
+           "    finally:\n        with torch.inference_mode(False), torch.no_grad():",
+           "    finally:\n        with torch.no_grad():",
+           [COLUMN_MAJOR]),
+    mutant("column_major_projections_at_any_batch", "sampler.py",
+           "slots <= COLUMN_MAJOR_MAX_SEQUENCES", "slots > 0",
+           [COLUMN_MAJOR]),
     mutant("decode_rows_in_slot_order_after_compaction", "sampler.py",
            "sorted(self.active, key=by_first_block)", "sorted(self.active)",
            [SAMPLER + "test_finished_sequences_holes_are_filled_so_decoding_reads_views"]),

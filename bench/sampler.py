@@ -17,9 +17,10 @@ Timing: after one untimed call of each, --repeat rounds (default 3 on CPU, 1 on 
 and then ours, interleaved, so that a noisy machine slows both alike; the table gives the best of the rounds and
 the per-round ratios (min/median/max). --threads sets torch's intra-op threads for both (on a CPU shared with other
 jobs, 1 thread gives steadier figures than threads waiting for a busy core). On a CPU --layout both times ours
-twice: with generate's column-major projection weights (sampler.column_major_projections) and with the row-major
-ones it would otherwise read. Below each batch's rows, each side's decode step split into its GEMMs (from the
-profiler, gemm_ms_per_token) and the rest.
+twice: with generate's column-major projection weights (sampler.column_major_projections, which generate uses for
+calls of up to 16 sequences and at least 64 new tokens, as these are) and with the row-major ones it would
+otherwise read. Below each batch's rows, each side's decode step split into its GEMMs (from the profiler,
+gemm_ms_per_token) and the rest, and what the column-major side's relayout costs per call.
 
     python bench/sampler.py --batches 1,16 --threads 1 --repeat 5
 """
@@ -30,6 +31,7 @@ import os
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
@@ -89,17 +91,6 @@ def roofline_tokens_per_s(model, batch, prompt_len, new_tokens, bandwidth):
     return batch * bandwidth / (weight_bytes + kv_bytes)
 
 
-@contextlib.contextmanager
-def swapped(module, name, value):
-    """module.name = value inside the block (the row-major side of --layout: generate without its weight layout)."""
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
-
-
 DECODE_SWITCHES = ("DECODE_ATTENTION_BACKEND", "ROPE_CACHE_BACKEND", "SILU_MUL_BACKEND", "ADD_RMS_NORM_BACKEND")
 
 
@@ -146,6 +137,16 @@ def gemm_ms_per_token(run, tokens):
         run()
     gemm_us = sum(event.self_cpu_time_total for event in trace.key_averages() if event.key in ("aten::mm", "aten::addmm"))
     return gemm_us / 1e3 / tokens
+
+
+def relayout_ms_per_call(model, repeat=5):
+    """Milliseconds that sampler.column_major_projections takes to lay the weights out column-major and back: what
+    each generate call that uses it pays once."""
+    def relayout():
+        with sampler.column_major_projections(model):
+            pass
+
+    return min(timed(relayout, torch.device("cpu")) for _ in range(repeat)) * 1e3
 
 
 def kernels_per_step(trace, steps=8):
@@ -205,7 +206,7 @@ def main(argv=None):
             if on_gpu:
                 set_decode_backend(backend)
             row_major = not on_gpu and backend == "row"
-            with swapped(sampler, "column_major_projections", lambda model: contextlib.nullcontext()) \
+            with mock.patch.object(sampler, "column_major_projections", lambda model: contextlib.nullcontext()) \
                     if row_major else contextlib.nullcontext():
                 generate(ours, prompts.tolist(), max_new_tokens=new_tokens, seed=0, cuda_graph=on_gpu,
                          block_size=args.block_size)
@@ -239,11 +240,13 @@ def main(argv=None):
             tokens = {name: hf_tokens if name == "hf" else new_tokens for name, _ in runs}
             split = {name: (min(seconds[name]) / tokens[name] * 1e3, gemm_ms_per_token(run, tokens[name]))
                      for name, run in runs}
+            relayout_ms = relayout_ms_per_call(ours) if "column" in backends else None
             print(f"{'':>6} ms per decode step, GEMMs + rest: " + ", ".join(
-                f"{name} {step:.2f} = {gemm:.2f} + {step - gemm:.2f}" for name, (step, gemm) in split.items()),
-                flush=True)
+                f"{name} {step:.2f} = {gemm:.2f} + {step - gemm:.2f}" for name, (step, gemm) in split.items())
+                + (f" (column's rest holds its call's relayout, {relayout_ms:.1f} ms, over {new_tokens} steps)"
+                   if relayout_ms is not None else ""), flush=True)
             rows.append(dict(batch=batch, step_ms={name: step for name, (step, _) in split.items()},
-                             gemm_ms={name: gemm for name, (_, gemm) in split.items()}))
+                             gemm_ms={name: gemm for name, (_, gemm) in split.items()}, relayout_ms=relayout_ms))
     if on_gpu:
         for backend in backends:
             set_decode_backend(backend)

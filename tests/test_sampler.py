@@ -53,14 +53,20 @@ def test_cached_decode_equals_full_recomputation(checkpoint, packed, n, block_si
         assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-5)
 
 
-def test_projection_weights_are_column_major_while_sampling_and_restored_after(checkpoint):
-    """sampler.column_major_projections: inside a CPU float32 generate call every projection weight and the LM head
-    are (out, in) tensors with strides (1, out) (the layout MKL's batch-1 GEMV reads faster); after the call, also
-    one that fails midway, the model holds what it held: row-major weights of the same values, no inference tensors
-    (a training step runs backward through them). In bfloat16 nothing moves."""
-    _, model = checkpoint
-    model = copy.deepcopy(model)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+@pytest.mark.parametrize("tied", [False, True])
+def test_projection_weights_are_column_major_while_sampling_and_restored_after(tmp_path, tied):
+    """sampler.column_major_projections: inside a CPU float32 generate call of at most COLUMN_MAJOR_MAX_SEQUENCES
+    sequences and at least COLUMN_MAJOR_MIN_NEW_TOKENS new tokens, every projection weight and the LM head (the
+    embedding, when tied) are (out, in) tensors with strides (1, out); after the call, also one that fails midway,
+    the model holds what it held: the same Parameter objects, row-major, the same values, no inference tensors (a
+    training step runs backward through them). Larger batches, shorter calls and bfloat16 leave the layout alone."""
+    import sampler
+
+    write_hf_checkpoint(tmp_path, seed=3, tie_word_embeddings=tied)
+    model = Transformer.from_pretrained(tmp_path)
+    assert (model.lm_head_weight is model.model.embed_tokens.weight) == tied
+    parameters = dict(model.named_parameters())
+    before = {name: p.detach().clone() for name, p in parameters.items()}
     projections = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head_weight]
     layouts, failures = [], [RuntimeError("a failure mid-call")]
 
@@ -69,10 +75,12 @@ def test_projection_weights_are_column_major_while_sampling_and_restored_after(c
         if failures:
             raise failures.pop()
 
+    long_enough = sampler.COLUMN_MAJOR_MIN_NEW_TOKENS
     with pytest.raises(RuntimeError, match="mid-call"):
-        generate(model, random_prompts([3, 5]), max_new_tokens=4, seed=0, progress=progress)
-    generate(model, random_prompts([3, 5]), max_new_tokens=4, seed=0, progress=progress)
+        generate(model, random_prompts([3, 5]), max_new_tokens=long_enough, seed=0, progress=progress)
+    generate(model, random_prompts([3, 5]), max_new_tokens=long_enough, seed=0, progress=progress)
     assert len(layouts) == 3 and all(all(layout) for layout in layouts)
+    assert dict(model.named_parameters()) == parameters  # the same objects: the optimizer's
     for name, parameter in model.named_parameters():
         assert parameter.is_contiguous() and not parameter.is_inference(), name
         assert torch.equal(parameter, before[name]), name
@@ -80,8 +88,11 @@ def test_projection_weights_are_column_major_while_sampling_and_restored_after(c
     assert all(p.grad is not None for p in projections)
 
     layouts.clear()
-    generate(model.to(torch.bfloat16), random_prompts([3]), max_new_tokens=2, seed=0, progress=progress)
-    assert layouts == [[False] * len(projections)]
+    generate(model, random_prompts([3]), max_new_tokens=long_enough - 1, seed=0, progress=progress)
+    generate(model, random_prompts([3]), max_new_tokens=long_enough, n=sampler.COLUMN_MAJOR_MAX_SEQUENCES + 1, seed=0,
+             progress=progress)
+    generate(model.to(torch.bfloat16), random_prompts([3]), max_new_tokens=long_enough, seed=0, progress=progress)
+    assert layouts == [[False] * len(projections)] * (2 + sampler.COLUMN_MAJOR_MAX_SEQUENCES + 1)
 
 
 def test_finished_sequences_holes_are_filled_so_decoding_reads_views(checkpoint, monkeypatch):
