@@ -15,8 +15,9 @@ How it works
     finishes, so the sequences decoded at once are bounded by the tokens in the cache, not by max_new_tokens.
     On a CPU one block holds a whole sequence, and the running sequence in the highest block moves into the block
     of one that finished (_Scheduler.compact): the rows' blocks stay consecutive and decoding reads views of them.
-    There, in float32, a call of a few sequences holds the projection weights column-major while it samples
-    (column_major_projections): the layout MKL's GEMV reads fastest at batch 1.
+    There, in float32, a call that decodes at most 16 sequences at once for at least 64 new tokens holds the
+    projection weights column-major while it samples (column_major_projections): the layout MKL's GEMV reads
+    fastest at batch 1.
   - A prompt is admitted when n slots and its blocks are free: it is prefilled once (prompts admitted together are
     packed back to back on a GPU, right-padded on CPU); its n samples share its full blocks and each gets a copy of
     its last, partly filled one.
@@ -175,10 +176,10 @@ def _cache_dtype(weight):
     return weight.dtype
 
 
-# On a CPU in float32, generate holds the projection weights column-major for calls with at most this many
-# sequences at once (GEMV-like decoding, where the layout saves time; at 64 rows the GEMMs are bound by arithmetic and
-# it saves nothing measurable) and at least this many new tokens (the two relayouts of a call cost about what 25-30
-# decode steps save at batch 1 in bench/sampler.py)
+# On a CPU in float32, generate holds the projection weights column-major for calls that decode at most this many
+# sequences at once (measured faster at 1 and 16 in bench/sampler.py; at GRPO's 64 no gain showed in whole steps in
+# bench/grpo_step.py, larger batches are untried) and at least this many new tokens (the two relayouts of a call cost
+# about what 20 decode steps save at batch 1 in bench/sampler.py: 11 ms against ~0.6 ms per step)
 COLUMN_MAJOR_MAX_SEQUENCES = 16
 COLUMN_MAJOR_MIN_NEW_TOKENS = 64
 
@@ -189,8 +190,8 @@ def column_major_projections(model: Transformer):
     same (out, in) tensor with strides (1, out), so that MKL multiplies x by a row-major (in, out) matrix. In
     decoding at batch 1 the GEMMs then take about a third less time on this project's CPU machine, at batch 16 less
     by an amount that varies from run to run (bench/sampler.py --layout both); a GEMM over many tokens (prefill,
-    training) is as fast either way. The values are the same; at batches of 1-2 rows the order of their float sums
-    differs in the last bits, as a different batch size changes it too. Each weight is laid back out row-major on
+    training) is as fast either way. The values are the same; at the smallest batches (1-3 rows where tried) the
+    order of their float sums differs in the last bits, as a different batch size changes it too. Each weight is laid back out row-major on
     leaving, also after an error, one at a time (the extra memory is the largest weight; more if the weights were
     memory-mapped from a checkpoint, whose pages become private copies), in normal mode, so that the trainer's
     parameters never become inference tensors. Only CPU float32 weights outside autocast move (elsewhere the
@@ -530,8 +531,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
                            set(int(t) for t in stop_token_ids), progress)
     keys = [sequence_keys(seed, i) for i in range(len(scheduler.results))]
 
-    decodes_like_gemv = slots <= COLUMN_MAJOR_MAX_SEQUENCES and max_new_tokens >= COLUMN_MAJOR_MIN_NEW_TOKENS
-    with column_major_projections(model) if decodes_like_gemv else nullcontext():
+    column_major_pays = slots <= COLUMN_MAJOR_MAX_SEQUENCES and max_new_tokens >= COLUMN_MAJOR_MIN_NEW_TOKENS
+    with column_major_projections(model) if column_major_pays else nullcontext():
         while scheduler.pending or scheduler.active:
             groups = scheduler.admit()
             if groups:

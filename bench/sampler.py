@@ -17,9 +17,9 @@ Timing: after one untimed call of each, --repeat rounds (default 3 on CPU, 1 on 
 and then ours, interleaved, so that a noisy machine slows both alike; the table gives the best of the rounds and
 the per-round ratios (min/median/max). --threads sets torch's intra-op threads for both (on a CPU shared with other
 jobs, 1 thread gives steadier figures than threads waiting for a busy core). On a CPU --layout both times ours
-twice: with generate's column-major projection weights (sampler.column_major_projections, which generate uses for
-calls of up to 16 sequences and at least 64 new tokens, as these are) and with the row-major ones it would
-otherwise read. Below each batch's rows, each side's decode step split into its GEMMs (from the profiler,
+twice: with generate's column-major projection weights (sampler.column_major_projections, which generate uses when
+it decodes at most 16 sequences at once for at least 64 new tokens; outside those gates only the row-major side
+runs) and with the row-major ones it would otherwise read. Below each batch's rows, each side's decode step split into its GEMMs (from the profiler,
 gemm_ms_per_token) and the rest, and what the column-major side's relayout costs per call.
 
     python bench/sampler.py --batches 1,16 --threads 1 --repeat 5
@@ -211,7 +211,12 @@ def main(argv=None):
                 generate(ours, prompts.tolist(), max_new_tokens=new_tokens, seed=0, cuda_graph=on_gpu,
                          block_size=args.block_size)
 
-        runs = ([("hf", hf_run)] if hf_run else []) + [(b, lambda b=b: ours_run(b)) for b in backends]
+        batch_backends = backends
+        if not on_gpu and not (batch <= sampler.COLUMN_MAJOR_MAX_SEQUENCES
+                               and new_tokens >= sampler.COLUMN_MAJOR_MIN_NEW_TOKENS):
+            batch_backends = ["row"]  # outside generate's gates the weights stay row-major: one side only
+            print(f"{batch:>6} (generate keeps the weights row-major at this batch and length: row-major only)")
+        runs = ([("hf", hf_run)] if hf_run else []) + [(b, lambda b=b: ours_run(b)) for b in batch_backends]
         for _, run in runs:  # warm-up, untimed
             run()
         seconds = {name: [] for name, _ in runs}
@@ -219,7 +224,7 @@ def main(argv=None):
             for name, run in runs:
                 seconds[name].append(timed(run, device))
         hf_rate = batch * hf_tokens / min(seconds["hf"]) if hf_run else None
-        for backend in backends:
+        for backend in batch_backends:
             ours_rate = batch * new_tokens / min(seconds[backend])
             round_ratios = [(new_tokens / o) / (hf_tokens / h) for o, h in zip(seconds[backend], seconds["hf"])] \
                 if hf_run else [float("nan")]
@@ -240,7 +245,7 @@ def main(argv=None):
             tokens = {name: hf_tokens if name == "hf" else new_tokens for name, _ in runs}
             split = {name: (min(seconds[name]) / tokens[name] * 1e3, gemm_ms_per_token(run, tokens[name]))
                      for name, run in runs}
-            relayout_ms = relayout_ms_per_call(ours) if "column" in backends else None
+            relayout_ms = relayout_ms_per_call(ours) if "column" in batch_backends else None
             print(f"{'':>6} ms per decode step, GEMMs + rest: " + ", ".join(
                 f"{name} {step:.2f} = {gemm:.2f} + {step - gemm:.2f}" for name, (step, gemm) in split.items())
                 + (f" (column's rest holds its call's relayout, {relayout_ms:.1f} ms, over {new_tokens} steps)"

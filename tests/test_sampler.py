@@ -7,7 +7,7 @@ import torch
 
 from conftest import write_hf_checkpoint
 from model import Transformer
-from sampler import generate, sample_next
+from sampler import COLUMN_MAJOR_MIN_NEW_TOKENS, generate, sample_next
 
 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
@@ -35,14 +35,16 @@ def test_greedy_matches_transformers_generate(checkpoint, packed):
         assert completion.finish_reason == "length" and len(completion.tokens) == 70
 
 
-@pytest.mark.parametrize("packed, n, block_size", [(False, 1, None), (True, 1, None), (False, 3, None),
-                                                   (True, 3, None), (False, 3, 3), (True, 3, 4), (True, 1, 1)])
-def test_cached_decode_equals_full_recomputation(checkpoint, packed, n, block_size):
+@pytest.mark.parametrize("packed, n, block_size, new_tokens", [
+    (False, 1, None, 20), (True, 1, None, 20), (False, 3, None, 20), (True, 3, None, 20), (False, 3, 3, 20),
+    (True, 3, 4, 20), (True, 1, 1, 20), (False, 1, None, COLUMN_MAJOR_MIN_NEW_TOKENS)])
+def test_cached_decode_equals_full_recomputation(checkpoint, packed, n, block_size, new_tokens):
     """n > 1: the siblings of a prompt decode from its prefilled cache, every position of it: a copy of its one
-    block, or (small blocks) its full blocks shared and its last one copied."""
+    block, or (small blocks) its full blocks shared and its last one copied. The long call decodes with the
+    column-major weights (sampler.column_major_projections)."""
     _, model = checkpoint
     prompts = random_prompts([4, 9, 2])
-    completions = generate(model, prompts, max_new_tokens=20, temperature=1.0, seed=1, logprobs_mode="raw",
+    completions = generate(model, prompts, max_new_tokens=new_tokens, temperature=1.0, seed=1, logprobs_mode="raw",
                            packed_prefill=packed, n=n, block_size=block_size)
     for prompt, completion in zip([p for p in prompts for _ in range(n)], completions, strict=True):
         sequence = torch.tensor([prompt + completion.tokens])
@@ -80,7 +82,7 @@ def test_projection_weights_are_column_major_while_sampling_and_restored_after(t
         generate(model, random_prompts([3, 5]), max_new_tokens=long_enough, seed=0, progress=progress)
     generate(model, random_prompts([3, 5]), max_new_tokens=long_enough, seed=0, progress=progress)
     assert len(layouts) == 3 and all(all(layout) for layout in layouts)
-    assert dict(model.named_parameters()) == parameters  # the same objects: the optimizer's
+    assert all(model.get_parameter(name) is p for name, p in parameters.items())  # the optimizer's objects
     for name, parameter in model.named_parameters():
         assert parameter.is_contiguous() and not parameter.is_inference(), name
         assert torch.equal(parameter, before[name]), name
