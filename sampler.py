@@ -191,21 +191,22 @@ def column_major_projections(model: Transformer):
     decoding at batch 1 the GEMMs then take about a third less time on this project's CPU machine, at batch 16 less
     by an amount that varies from run to run (bench/sampler.py --layout both); a GEMM over many tokens (prefill,
     training) is as fast either way. The values are the same; at the smallest batches (1-3 rows where tried) the
-    order of their float sums differs in the last bits, as a different batch size changes it too. Each weight is laid back out row-major on
-    leaving, also after an error, one at a time (the extra memory is the largest weight; more if the weights were
-    memory-mapped from a checkpoint, whose pages become private copies), in normal mode, so that the trainer's
-    parameters never become inference tensors. Only CPU float32 weights outside autocast move (elsewhere the
-    layout is not what the GEMM reads); a nested call (from a progress callback) finds them column-major and leaves
-    them alone. Not for two threads sampling one model at once: one's restore would free what the other reads."""
+    order of their float sums differs in the last bits, as a different batch size changes it too. Each weight is
+    laid back out row-major on leaving, also after an error, one at a time (the extra memory is the largest weight;
+    more if the weights were memory-mapped from a checkpoint, whose pages become private copies), in normal mode, so
+    that the trainer's parameters never become inference tensors. Only CPU float32 weights outside autocast move
+    (elsewhere the layout is not what the GEMM reads); a nested call (from a progress callback) finds them
+    column-major and leaves them alone. Not for two threads sampling one model at once: one's restore would free
+    what the other reads."""
     weights = [module.weight for module in model.modules() if isinstance(module, torch.nn.Linear)]
     weights = list({id(w): w for w in weights + [model.lm_head_weight]}.values())
-    moved = []
+    moved, autocast = [], torch.is_autocast_enabled("cpu")
     try:
         with torch.inference_mode(False), torch.no_grad():
             for weight in weights:
                 # is_contiguous: not already moved (a nested call); type: plain tensors (not DTensor shards)
                 if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous() \
-                        and type(weight.data) is torch.Tensor and not torch.is_autocast_enabled("cpu"):
+                        and type(weight.data) is torch.Tensor and not autocast:
                     weight.data = weight.data.t().contiguous().t()
                     moved.append(weight)
         yield

@@ -19,8 +19,9 @@ the per-round ratios (min/median/max). --threads sets torch's intra-op threads f
 jobs, 1 thread gives steadier figures than threads waiting for a busy core). On a CPU --layout both times ours
 twice: with generate's column-major projection weights (sampler.column_major_projections, which generate uses when
 it decodes at most 16 sequences at once for at least 64 new tokens; outside those gates only the row-major side
-runs) and with the row-major ones it would otherwise read. Below each batch's rows, each side's decode step split into its GEMMs (from the profiler,
-gemm_ms_per_token) and the rest, and what the column-major side's relayout costs per call.
+runs) and with the row-major ones it would otherwise read. Below each batch's rows, each side's decode step split
+into its GEMMs (from the profiler, gemm_ms_per_token) and the rest, and what the column-major side's relayout costs
+per call.
 
     python bench/sampler.py --batches 1,16 --threads 1 --repeat 5
 """
@@ -135,7 +136,8 @@ def gemm_ms_per_token(run, tokens):
 
     with profile(activities=[ProfilerActivity.CPU]) as trace:
         run()
-    gemm_us = sum(event.self_cpu_time_total for event in trace.key_averages() if event.key in ("aten::mm", "aten::addmm"))
+    gemm_us = sum(event.self_cpu_time_total for event in trace.key_averages()
+                  if event.key in ("aten::mm", "aten::addmm"))
     return gemm_us / 1e3 / tokens
 
 
