@@ -1,16 +1,19 @@
 # python -m pytest tests/test_common.py -q
 """common.py: the --key=value config every script reads, and the checkpoint helpers under every resume."""
 import json
+import os
+import random
+import shutil
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import pytest
 import torch
 
 import common
-from common import (checkpoint_is_complete, latest_checkpoint, load_run_state, lr_at, make_optimizer, parse_config,
-                    sampling_copy,
-                    save_checkpoint)
+from common import (checkpoint_is_complete, claim_out_dir, latest_checkpoint, load_run_state, lr_at, make_optimizer,
+                    parse_config, resume_checkpoint, sampling_copy, save_checkpoint)
 
 
 @dataclass
@@ -88,6 +91,12 @@ def test_learning_rate_schedule():
     assert lr_at(9, 100, 1.0, warmup_steps=10) == pytest.approx(1.0)
     assert lr_at(99, 100, 1.0, warmup_steps=10, min_lr_ratio=0.1) == pytest.approx(0.1, abs=1e-3)
     assert lr_at(50, 100, 1.0, warmup_steps=0, min_lr_ratio=1.0) == 1.0
+    # the cosine spans steps warmup..max_steps: the peak right after warmup, half way at its middle, and the floor
+    # only after the last step (which still trains above it)
+    assert lr_at(10, 100, 1.0, warmup_steps=10, min_lr_ratio=0.0) == 1.0
+    assert lr_at(55, 100, 1.0, warmup_steps=10, min_lr_ratio=0.0) == pytest.approx(0.5, abs=1e-12)
+    assert lr_at(100, 100, 1.0, warmup_steps=10, min_lr_ratio=0.1) == pytest.approx(0.1, abs=1e-12)
+    assert lr_at(99, 100, 1.0, warmup_steps=10, min_lr_ratio=0.1) > 0.1 + 1e-4
 
 
 class FakeTokenizer:
@@ -111,8 +120,10 @@ def test_a_checkpoint_round_trips_weights_optimizer_and_rng(tmp_path):
     model(torch.tensor([[1, 2, 3]])).sum().backward()
     optimizer.step()
     torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
     path = save_checkpoint(str(tmp_path), model, FakeTokenizer(), optimizer, 7, Demo(), {"loss": 1.5}, 0, 1)
-    expected_draw = torch.rand(3)
+    expected_draw = (torch.rand(3), random.random(), np.random.rand())
     assert path.endswith("step_000007") and checkpoint_is_complete(path)
     assert latest_checkpoint(str(tmp_path)) == path
     assert json.load(open(f"{path}/run.json"))["config"]["steps"] == 10
@@ -123,8 +134,11 @@ def test_a_checkpoint_round_trips_weights_optimizer_and_rng(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), restored.state_dict().values()))
     fresh_optimizer = make_optimizer(restored, lr=1e-2, weight_decay=0.0)
     torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
     assert load_run_state(path, restored, fresh_optimizer, rank=0) == (7, {"loss": 1.5})
-    assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues where the run saved it
+    draw = (torch.rand(3), random.random(), np.random.rand())  # every RNG continues where the run saved it
+    assert torch.equal(draw[0], expected_draw[0]) and draw[1:] == expected_draw[1:]
     saved_state, loaded_state = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
     assert all(torch.equal(saved_state[k]["exp_avg"], loaded_state[k]["exp_avg"]) for k in saved_state)
 
@@ -135,6 +149,70 @@ def test_a_checkpoint_without_its_run_file_is_not_complete(tmp_path):
     path = save_checkpoint(str(tmp_path), model, FakeTokenizer(), optimizer, 1, Demo(), {}, 0, 1)
     (tmp_path / "step_000001" / "run.json").unlink()
     assert not checkpoint_is_complete(path)
+
+
+def test_a_checkpoint_is_complete_only_with_every_ranks_state(tmp_path):
+    """A two-process run whose second rank died before writing its state is not resumable: the fallback must skip
+    it rather than hand rank 1 a file that is not there."""
+    model = tiny_model()
+    optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.0)
+    path = save_checkpoint(str(tmp_path), model, FakeTokenizer(), optimizer, 3, Demo(), {}, 0, 2)
+    assert os.path.exists(os.path.join(path, "state_rank0.pt")) and not checkpoint_is_complete(path)
+    shutil.copy(os.path.join(path, "state_rank0.pt"), os.path.join(path, "state_rank1.pt"))
+    assert checkpoint_is_complete(path)
+
+
+@dataclass
+class Resumable:
+    out_dir: str = ""
+    resume: bool = True
+    steps: int = 10
+
+
+def test_resume_refuses_another_number_of_processes(tmp_path):
+    """Rollout seeds and data shards follow the rank: a run saved by 2 processes and resumed by 1 would silently
+    see other data."""
+    config = Resumable(out_dir=str(tmp_path))
+    model = tiny_model()
+    path = save_checkpoint(str(tmp_path), model, FakeTokenizer(), make_optimizer(model, 1e-2, 0.0), 3, config, {}, 0, 2)
+    shutil.copy(os.path.join(path, "state_rank0.pt"), os.path.join(path, "state_rank1.pt"))
+    assert resume_checkpoint(config, rank=0, world_size=2) == path
+    with pytest.raises(SystemExit, match=r"2 processes there, 1 here"):
+        resume_checkpoint(config, rank=0, world_size=1)
+
+
+def test_the_latest_marker_never_leads_out_of_out_dir(tmp_path, capsys):
+    model = tiny_model()
+    optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.0)
+    other = save_checkpoint(str(tmp_path / "other"), model, FakeTokenizer(), optimizer, 5, Demo(), {}, 0, 1)
+    mine = save_checkpoint(str(tmp_path / "mine"), model, FakeTokenizer(), optimizer, 2, Demo(), {}, 0, 1)
+    assert checkpoint_is_complete(other)
+    (tmp_path / "mine" / "latest").write_text(os.path.join("..", "other", "step_000005"))
+    assert latest_checkpoint(str(tmp_path / "mine")) == mine
+    assert "not a folder of" in capsys.readouterr().out
+
+
+def test_resume_with_overwrite_keeps_the_run_and_drops_only_half_saves(tmp_path):
+    """--resume=true wins over --overwrite=true: the checkpoints stay, a save killed before its rename goes."""
+    for name in ("step_000002", "final.tmp"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "latest").write_text("step_000002")
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    claim_out_dir(str(tmp_path), resume=True, overwrite=True).close()
+    assert sorted(os.listdir(tmp_path)) == [".lock", "latest", "metrics.jsonl", "step_000002"]
+    claim_out_dir(str(tmp_path), resume=False, overwrite=True).close()
+    assert os.listdir(tmp_path) == [".lock"]
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """On the second node of a two-node run, global rank 8 is local rank 0: it must take cuda:0, not cuda:8."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "8")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert common.init_distributed("cuda") == (8, 1, torch.device("cuda:0"))
+    assert chosen == [torch.device("cuda:0")]
 
 
 def test_sampling_copy_casts_to_a_separate_model_and_leaves_the_policy_alone(tmp_path):

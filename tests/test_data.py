@@ -6,7 +6,7 @@ import types
 import pytest
 
 from conftest import SHARED, requires_shared
-from data import Tokenizer
+from data import Tokenizer, read_jsonl, sft_example
 from tasks import build_demo_tokenizer
 
 TOKENIZERS = ["qwen2.5-instruct", "deepseek-r1-distill-qwen", "qwen3", "llama-3.2-instruct"]
@@ -14,7 +14,7 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
           "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
-def build_tiny_tokenizer(path):
+def build_tiny_tokenizer(path, chat_template=CHATML, eos_token="<|im_end|>", eos_token_ids=(2, 0)):
     """A byte-level BPE tokenizer trained in-test with a ChatML template: the real tokenizers' code path, offline."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -27,9 +27,9 @@ def build_tiny_tokenizer(path):
     os.makedirs(path, exist_ok=True)
     tk.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}, f)
+        json.dump({"eos_token": eos_token, "pad_token": "<|endoftext|>", "chat_template": chat_template}, f)
     with open(os.path.join(path, "generation_config.json"), "w") as f:
-        json.dump({"eos_token_id": [2, 0]}, f)
+        json.dump({"eos_token_id": list(eos_token_ids)}, f)
     return Tokenizer.from_pretrained(path)
 
 
@@ -53,6 +53,74 @@ def test_loss_mask_covers_completion_and_end_of_turn_only(tmp_path):
     assert tok.decode(completion) == "The answer is 2.<|im_end|>"
     assert ids[-1] == tok.token_to_id("<|im_end|>") and mask[-1] == 1
     assert len(ids) == len(mask)
+
+
+def test_a_stop_token_is_appended_when_the_end_of_turn_has_none(tmp_path):
+    """A base model's ChatML (Qwen2.5-Math: end of turn <|im_end|>, its only stop token <|endoftext|>): without the
+    appended stop token the model would never learn to end its answer."""
+    tok = build_tiny_tokenizer(tmp_path, eos_token="<|endoftext|>", eos_token_ids=[0])
+    assert tok.eos_token_ids == [0] and tok.end_of_turn() == "<|im_end|>\n"
+    ids, mask = tok.encode_chat([{"role": "user", "content": "What is 1+1?"}], "The answer is 2.")
+    assert ids[-1] == 0 and mask[-1] == 1
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == "The answer is 2.<|im_end|>\n<|endoftext|>"
+
+
+@pytest.mark.parametrize("completion", ["<think>\n1+1=2\n</think>\n\n\\boxed{2}",
+                                        "<think>1+1=2\n</think>\n\n\\boxed{2}"])
+def test_a_template_that_opens_the_think_block_gets_it_once(tmp_path, completion):
+    """R1-distill templates end the generation prompt with <think>\\n, and traces carry <think> too: the tokens
+    trained on are the prompt's, then the trace after its <think> and the newline behind it, exactly what a sampler
+    continuing the prompt would write."""
+    tok = build_tiny_tokenizer(tmp_path, chat_template=CHATML.replace("assistant\n' }}", "assistant\n<think>\n' }}"))
+    prompt = [{"role": "user", "content": "What is 1+1?"}]
+    rendered = tok.apply_chat_template(prompt)
+    assert rendered.endswith("assistant\n<think>\n")
+    ids, mask = tok.encode_chat(prompt, completion)
+    assert tok.decode(ids) == rendered + "1+1=2\n</think>\n\n\\boxed{2}<|im_end|>"
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == "1+1=2\n</think>\n\n\\boxed{2}<|im_end|>"
+
+
+def test_template_arguments_reach_the_sft_prompt(tmp_path):
+    """encode_chat passes its keyword arguments to the template (Llama-3's date_string, Qwen3's enable_thinking):
+    the trained prompt is the one evaluation renders with the same arguments."""
+    dated = CHATML.replace("{% for message", "{% if date_string is defined %}{{ 'Date: ' + date_string + '\n' }}"
+                                             "{% endif %}{% for message")
+    tok = build_tiny_tokenizer(tmp_path, chat_template=dated)
+    prompt = [{"role": "user", "content": "What is 1+1?"}]
+    ids, mask = tok.encode_chat(prompt, "2", date_string="26 Jul 2024")
+    rendered = tok.apply_chat_template(prompt, date_string="26 Jul 2024")
+    assert rendered.startswith("Date: 26 Jul 2024\n")
+    assert tok.decode([t for t, m in zip(ids, mask) if not m]) == rendered
+
+
+def test_templates_render_with_trim_and_lstrip_blocks_as_transformers_does(tmp_path):
+    """Indented block tags and the newline after each vanish (transformers compiles templates with trim_blocks
+    and lstrip_blocks); the stored real templates happen not to need lstrip, a custom one may."""
+    template = ("{%- for message in messages %}\n    {% if message['role'] == 'user' %}\nU:{{ message['content'] }}\n"
+                "    {% endif %}\n{% endfor %}")
+    tok = build_tiny_tokenizer(tmp_path, chat_template=template)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=False) == "U:hi\n"
+
+
+def test_sft_records_become_the_prompt_messages_and_the_completion():
+    user = {"role": "user", "content": "Ben has 2 eggs."}
+    answer = {"role": "assistant", "content": "2"}
+    assert sft_example({"messages": [user, answer]}) == ([user], "2")  # the answer never leaks into the prompt
+    system = {"role": "system", "content": "Be brief."}
+    assert sft_example({"messages": [system, user, answer]}) == ([system, user], "2")
+    assert sft_example({"prompt": "Ben has 2 eggs.", "completion": "2"}, system_prompt="Be brief.") == \
+        ([system, user], "2")
+    assert sft_example({"prompt": "Ben has 2 eggs.", "completion": "2"}) == ([user], "2")
+    messages, completion = sft_example({"problem": "Ben has 2 eggs.", "reasoning": "  he has 2\n", "answer": "2"},
+                                       system_prompt="Be brief.")
+    assert messages == [system, user] and completion == "<think>\nhe has 2\n</think>\n\n\\boxed{2}"
+
+
+def test_blank_lines_are_skipped_and_every_record_keeps_its_line(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"a": 1}\n\n  \n{"a": 2}\n{"a": 3}\n\n')
+    records = read_jsonl(data)
+    assert [(r["a"], r["_source"]) for r in records] == [(1, f"{data}:1"), (2, f"{data}:4"), (3, f"{data}:5")]
 
 
 def test_tokenizer_save_and_reload(tmp_path):

@@ -47,6 +47,8 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(demo_folder)
     for pack in (True, False):
         model = Transformer.from_pretrained(demo_folder)
         batch = train_sft.make_batch(examples, pack, tokenizer.pad_token_id, torch.device("cpu"))
+        if pack:  # positions restart with each document, as in its own row
+            assert batch["position_ids"][0].tolist() == [i for ids, _ in examples for i in range(len(ids))]
         logprobs = sequence_logprobs(model, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"])
         loss = -(logprobs * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
         loss.backward()
@@ -75,6 +77,68 @@ def test_tiny_run_loss_falls_and_matches_golden_losses(tmp_path):
     final, init = weights(tmp_path / "final"), weights(tmp_path / "init")  # the trained model, every tensor
     assert final.keys() == init.keys() and all(final[k].shape == init[k].shape for k in init)
     assert all(not torch.equal(final[k], init[k]) for k in init)
+
+
+def test_each_epoch_visits_every_example_once_in_a_new_order():
+    steps = [train_sft.step_examples(step, 4, 8, seed=0) for step in range(4)]  # two epochs of two steps
+    first, second = steps[0] + steps[1], steps[2] + steps[3]
+    assert sorted(first) == sorted(second) == list(range(8)) and first != second
+    # a step across an epoch's end takes its last examples, then the next epoch's first: one stream of examples,
+    # whatever the batch size
+    one_at_a_time = [train_sft.step_examples(position, 1, 6, seed=0)[0] for position in range(12)]
+    assert train_sft.step_examples(1, 4, 6, seed=0) == one_at_a_time[4:8]
+    assert sorted(one_at_a_time[:6]) == sorted(one_at_a_time[6:]) == list(range(6))
+
+
+def test_max_seq_len_keeps_an_example_of_exactly_that_length(demo_folder):
+    tokenizer = Tokenizer.from_pretrained(demo_folder)
+    config = train_sft.parse_config(train_sft.Config, {}, ["--demo_examples=4"])
+    examples = train_sft.load_examples(config, tokenizer, rank=0)
+    longest = max(len(ids) for ids, _ in examples)
+    config.max_seq_len = longest
+    assert len(train_sft.load_examples(config, tokenizer, rank=0)) == 4
+    config.max_seq_len = longest - 1
+    kept = train_sft.load_examples(config, tokenizer, rank=0)
+    assert len(kept) == sum(len(ids) < longest for ids, _ in examples) and len(kept) < 4
+
+
+def test_the_update_sees_gradients_clipped_to_grad_clip(tmp_path, monkeypatch):
+    """The logged grad norm is the one before clipping; the optimizer must step on the clipped gradients."""
+    seen = []
+    real_make_optimizer = train_sft.make_optimizer
+
+    def recording_optimizer(model, *args, **kwargs):
+        optimizer = real_make_optimizer(model, *args, **kwargs)
+        real_step = optimizer.step
+        grads = lambda: torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        optimizer.step = lambda *a, **k: seen.append(float(grads().norm())) or real_step(*a, **k)
+        return optimizer
+
+    monkeypatch.setattr(train_sft, "make_optimizer", recording_optimizer)
+    run(tmp_path, "--max_steps=3", "--grad_clip=0.5")
+    logged = [json.loads(line)["grad_norm"] for line in open(tmp_path / "metrics.jsonl")]
+    assert len(seen) == 3 and all(norm > 0.5 for norm in logged)  # every step clips at this setting
+    assert seen == pytest.approx([0.5] * 3, rel=1e-3)
+
+
+def test_a_non_finite_gradient_stops_before_the_update_and_saves_nothing(tmp_path, monkeypatch):
+    real_accumulate = train_sft.accumulate_gradients
+
+    def accumulate_then_overflow(wrapped, *args):
+        result = real_accumulate(wrapped, *args)
+        next(wrapped.parameters()).grad[0, 0] = float("inf")  # the loss stays finite, one gradient does not
+        return result
+
+    monkeypatch.setattr(train_sft, "accumulate_gradients", accumulate_then_overflow)
+    with pytest.raises(SystemExit, match=r"step 0: .*grad norm inf is not finite"):
+        run(tmp_path, "--max_steps=1")
+    assert not (tmp_path / "final").exists() and not list(tmp_path.glob("step_*"))
+
+
+def test_the_last_step_evaluates_when_eval_every_is_off(tmp_path):
+    metrics = run(tmp_path, "--max_steps=2", "--eval_problems=4", "--eval_every=0", "--eval_max_new_tokens=8")
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert "heldout_accuracy" not in lines[0] and "heldout_accuracy" in lines[-1] and "heldout_accuracy" in metrics
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT, SHARED, requires_shared
 from verifier import extract_answer, format_reward, grade, math_reward, normalize_gold, verify, verify_batch
-from verifier_cases import CASES
+from verifier_cases import B, CASES
 
 
 def test_there_are_at_least_300_cases_each_with_a_reason():
@@ -95,6 +95,17 @@ def test_rewards():
     assert format_reward("\\boxed{3}") == 0.0
     assert format_reward("<think>a</think><think>b</think>\\boxed{3}") == 0.0
     assert format_reward("<think></think>\\boxed{3}") == 0.0
+    assert format_reward("\n<think>\nreason\n</think>\n\n\\boxed{3}") == 1.0  # a newline before the block
+    assert format_reward("reason <think> more </think>\n\\boxed{3}") == 0.0  # a block opened midway
+
+
+def test_grading_in_process_follows_the_same_rules_as_the_pool():
+    """grade(timeout=None) runs in the caller's process (tests, debugging); training and evaluation go through the
+    worker pool. Answers that need the gold-fitting steps before the symbolic check must agree on both paths."""
+    pairs = [(B("\\dfrac{\\sqrt{12}}{4}"), "\\frac{\\sqrt{3}}{2}"), (B("2\\sqrt{3} \\text{ cm}"), "\\sqrt{12}"),
+             (B("\\dfrac{\\sqrt{12}}{4}"), "\\frac{\\sqrt{2}}{2}")]
+    inline = [grade(completion, gold, timeout=None).status for completion, gold in pairs]
+    assert inline == [verdict.status for verdict in verify_batch(pairs)] == ["correct", "correct", "incorrect"]
 
 
 def test_verifier_never_calls_eval_or_sympify():
