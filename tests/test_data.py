@@ -43,8 +43,9 @@ def test_tiny_tokenizer_round_trip_and_template(tmp_path):
     assert tok.end_of_turn() == "<|im_end|>\n"
 
 
-def test_loss_mask_covers_completion_and_end_of_turn_only(tmp_path):
-    tok = build_tiny_tokenizer(tmp_path)
+@pytest.mark.parametrize("eos_token_ids", [(2, 0), (0, 2)])  # the turn's stop token first, or not (Llama-3's list)
+def test_loss_mask_covers_completion_and_end_of_turn_only(tmp_path, eos_token_ids):
+    tok = build_tiny_tokenizer(tmp_path, eos_token_ids=eos_token_ids)
     prompt = [{"role": "user", "content": "What is 1+1?"}]
     ids, mask = tok.encode_chat(prompt, "The answer is 2.")
     prompt_ids = tok.encode(tok.apply_chat_template(prompt))
