@@ -6,7 +6,7 @@ import torch
 
 from aot import assert_fits, run_compile_script
 from conftest import ROOT, write_hf_checkpoint
-from kernels.add_rms_norm import add_rms_norm
+from kernels.add_rms_norm import add_rms_norm, rms_norm
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
@@ -39,6 +39,13 @@ def test_reference_is_the_textbook_formula_and_keeps_the_dtypes():
     x, delta, weight = inputs((2, 8), torch.float32, torch.bfloat16, torch.float32)  # autocast: fp32 stream
     h, y = add_rms_norm(x, delta, weight, 1e-6, backend="torch")
     assert h.dtype == y.dtype == torch.float32
+    # Qwen3's q_norm/k_norm under autocast: bf16 heads, fp32 weight; eps matters for a row of tiny values
+    heads = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(0)).mul_(1e-4).to(torch.bfloat16)
+    weight = torch.rand(32, generator=torch.Generator().manual_seed(1)) + 0.5
+    y = rms_norm(heads, weight, 1e-6)
+    assert y.dtype == torch.float32
+    expected = heads.double() / torch.sqrt(heads.double().pow(2).mean(-1, keepdim=True) + 1e-6) * weight.double()
+    assert torch.allclose(y.double(), expected, rtol=1e-2, atol=1e-3)
 
 
 @needs_triton

@@ -122,6 +122,17 @@ def test_triton_matches_naive(dtype, tolerance, N, D, V):
     check(fn, N, D, V, dtype, temperature=0.8, tolerance=tolerance, device=DEVICE)
 
 
+@needs_triton_run
+def test_triton_backward_in_chunks_of_a_few_rows_matches_naive(monkeypatch):
+    """The backward recomputes the logits a chunk of rows at a time; at real sizes a chunk is 2^27 logits, more than
+    a test's whole batch, so here a chunk is 4 rows and the last one partial (70 = 17 x 4 + 2)."""
+    real_backward = logprob_module.logprob_backward
+    monkeypatch.setattr(logprob_module, "logprob_backward",
+                        lambda *args: real_backward(*args, chunk_elements=4 * 300))
+    fn = lambda h, w, t, temp: token_logprobs(h, w, t, temp, return_entropy=True, backend="triton")
+    check(fn, 70, 32, 300, torch.float32, temperature=0.8, tolerance=1e-4, device=DEVICE)
+
+
 def test_dispatcher_uses_reference_on_cpu():
     hidden, weight, targets = inputs(9, 8, 20, torch.float32)
     assert torch.equal(token_logprobs(hidden, weight, targets), token_logprobs_ref(hidden, weight, targets))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import SHARED, requires_shared, write_hf_checkpoint
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, sequence_logprobs
 
 FAMILIES = {
     "llama": dict(family="llama"),
@@ -19,6 +19,9 @@ FAMILIES = {
     "qwen3": dict(family="qwen3", head_dim=32),
     "qwen3-untied": dict(family="qwen3", tie_word_embeddings=False),
     "mistral": dict(family="mistral"),
+    # settings the other families leave at their defaults (Qwen2.5's theta, a norm eps far from 1e-6)
+    "qwen2-theta-eps": dict(family="qwen2", rope_theta=1e6, rms_norm_eps=1e-2),
+    "llama-eps": dict(family="llama", rms_norm_eps=1e-2),
 }
 
 
@@ -62,7 +65,6 @@ def test_logprob_path_matches_transformers_at_a_temperature(tmp_path, temperatur
 def test_sequence_logprobs_are_transformers_next_token_log_probs(tmp_path):
     """sequence_logprobs(ids)[:, t] = log p(ids[t] | ids[<t]) from transformers' logits at t - 1 (0 at t = 0), with and
     without a loss mask: the path GRPO's padded passes, SFT and the reference take."""
-    from model import sequence_logprobs
 
     hf_model = write_hf_checkpoint(tmp_path, family="qwen2", seed=5)
     model = Transformer.from_pretrained(tmp_path)
@@ -77,15 +79,57 @@ def test_sequence_logprobs_are_transformers_next_token_log_probs(tmp_path):
     assert torch.all(masked[~mask.bool()] == 0)
 
 
-def test_round_trip_through_transformers(tmp_path):
+@pytest.mark.parametrize("name", ["qwen2", "qwen2-theta-eps", "llama-attention-bias", "qwen3"])
+def test_round_trip_through_transformers(tmp_path, name):
     import transformers
 
-    hf_model = write_hf_checkpoint(tmp_path / "src", family="qwen2")
+    hf_model = write_hf_checkpoint(tmp_path / "src", **FAMILIES[name])
     model = Transformer.from_pretrained(tmp_path / "src")
     model.save_pretrained(tmp_path / "ours")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
     ids = torch.randint(0, 300, (2, 70))
     assert (hf_logits(reloaded, ids) - hf_logits(hf_model, ids)).abs().max() < 1e-5
+
+
+def test_a_save_into_a_folder_replaces_an_earlier_sharded_save(tmp_path):
+    """A stale index from an earlier, sharded save would make from_pretrained load the old weights."""
+    write_hf_checkpoint(tmp_path / "src", family="qwen2")
+    model = Transformer.from_pretrained(tmp_path / "src")
+    model.save_pretrained(tmp_path / "out", max_shard_bytes=100_000)
+    assert os.path.exists(tmp_path / "out" / "model.safetensors.index.json")
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    model.save_pretrained(tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
+    assert torch.equal(Transformer.from_pretrained(tmp_path / "out").model.norm.weight, model.model.norm.weight)
+
+
+def test_a_tied_checkpoint_that_also_stores_the_lm_head_loads(tmp_path):
+    """Some tied checkpoints carry lm_head.weight, a copy of the embeddings: it is skipped, not refused."""
+    from safetensors.torch import load_file, save_file
+
+    hf_model = write_hf_checkpoint(tmp_path, family="qwen2", tie_word_embeddings=True)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (Transformer.from_pretrained(tmp_path)(ids) - hf_logits(hf_model, ids)).abs().max() < 1e-4
+
+
+def test_packed_log_probs_equal_each_documents_own(tmp_path):
+    """In a packed row the first token of a document is not predicted from the previous document's last: its
+    log-prob reads 0, and every other equals the one of the document run alone."""
+    write_hf_checkpoint(tmp_path, family="qwen2")
+    model = Transformer.from_pretrained(tmp_path)
+    documents = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 4, 7)]
+    lengths = torch.tensor([0] + [len(d) for d in documents])
+    with torch.no_grad():
+        packed = sequence_logprobs(model, torch.cat(documents)[None],
+                                   torch.cat([torch.arange(len(d)) for d in documents])[None],
+                                   lengths.cumsum(0).to(torch.int32))[0]
+        alone = torch.cat([sequence_logprobs(model, d[None])[0] for d in documents])
+    assert torch.allclose(packed, alone, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])

@@ -7,6 +7,7 @@ import torch
 
 from conftest import write_hf_checkpoint
 from model import Transformer
+import sampler
 from sampler import COLUMN_MAJOR_MIN_NEW_TOKENS, generate, sample_next
 
 
@@ -33,6 +34,18 @@ def test_greedy_matches_transformers_generate(checkpoint, packed):
                                           eos_token_id=None, pad_token_id=0)
         assert completion.tokens == reference[0, len(prompt):].tolist()
         assert completion.finish_reason == "length" and len(completion.tokens) == 70
+
+
+def test_qwen3_greedy_matches_transformers_generate(tmp_path):
+    """Qwen3 normalises each head's q and k before the rope: the decode path does it on its own code."""
+    hf_model = write_hf_checkpoint(tmp_path, family="qwen3", seed=3)
+    model = Transformer.from_pretrained(tmp_path)
+    prompts = random_prompts([5, 12])
+    for prompt, completion in zip(prompts, generate(model, prompts, max_new_tokens=24, temperature=0)):
+        with torch.no_grad():
+            reference = hf_model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                          eos_token_id=None, pad_token_id=0)
+        assert completion.tokens == reference[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("packed, n, block_size, new_tokens", [
@@ -62,7 +75,6 @@ def test_projection_weights_are_column_major_while_sampling_and_restored_after(t
     embedding, when tied) are (out, in) tensors with strides (1, out); after the call, also one that fails midway,
     the model holds what it held: the same Parameter objects, row-major, the same values, no inference tensors (a
     training step runs backward through them). Larger batches, shorter calls and bfloat16 leave the layout alone."""
-    import sampler
 
     write_hf_checkpoint(tmp_path, seed=3, tie_word_embeddings=tied)
     model = Transformer.from_pretrained(tmp_path)
@@ -101,7 +113,6 @@ def test_finished_sequences_holes_are_filled_so_decoding_reads_views(checkpoint,
     """On a CPU each sequence is one block. As sequences stop at different steps, the highest running ones move into
     the holes (_Scheduler.compact), so every decode run's blocks stay consecutive in row order (the view path, no
     gather); the moved sequences keep their keys and values: each log-prob is the full recomputation's."""
-    import sampler
 
     _, model = checkpoint
     prompts = random_prompts([4, 9, 2, 7, 5, 3])
@@ -166,7 +177,6 @@ def test_continuous_batching_equals_one_by_one(checkpoint):
 
 
 def test_n_samples_share_a_prefill_differ_and_are_seeded(checkpoint, monkeypatch):
-    import sampler
 
     _, model = checkpoint
     prompts = random_prompts([5, 8])
@@ -246,6 +256,46 @@ def test_raw_logprobs_are_untruncated_temperature_one():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     token, logprob = sample_next(logits, 0.5, 2, 1.0, torch.Generator().manual_seed(0), logprobs_mode="raw")
     assert torch.allclose(logprob, torch.log_softmax(logits, -1)[0, token])
+
+
+def test_raw_logprobs_undo_the_temperature_without_truncation():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    token, logprob = sample_next(logits, 0.5, 0, 1.0, torch.Generator().manual_seed(0), logprobs_mode="raw")
+    assert torch.allclose(logprob, torch.log_softmax(logits, -1)[0, token])
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p_exactly():
+    """The top token holds exactly half the mass: top_p=0.5 keeps it alone, so it is drawn every time at log-prob 0."""
+    logits = torch.log(torch.tensor([[2.0, 1.0, 1.0]])).expand(500, 3)
+    tokens, logprobs = sample_next(logits, 1.0, 0, 0.5, torch.Generator().manual_seed(0))
+    assert tokens.eq(0).all() and logprobs.eq(0).all()
+
+
+def test_each_token_draws_the_uniform_of_the_position_fed_in(checkpoint, monkeypatch):
+    """A completion's k-th token is drawn with counter len(prompt) - 1 + k, the position of the token fed in: the
+    first from the prefill's last position, each next one a position later, never one counter twice."""
+    _, model = checkpoint
+    drawn = []
+    real_counter_uniform = sampler.counter_uniform
+    monkeypatch.setattr(sampler, "counter_uniform", lambda keys, counters: drawn.append(
+        list(zip(keys[:, 0].tolist(), counters.tolist()))) or real_counter_uniform(keys, counters))
+    prompts = random_prompts([3, 6])
+    completions = generate(model, prompts, max_new_tokens=5, temperature=1.0, n=2, seed=7)
+    keys = [sampler.sequence_keys(7, index)[0] for index in range(4)]
+    for index, completion in enumerate(completions):
+        counters = [counter for call in drawn for key, counter in call if key == keys[index]]
+        prompt_length = len(prompts[index // 2])
+        assert counters == list(range(prompt_length - 1, prompt_length - 1 + len(completion.tokens))), index
+
+
+def test_a_stop_token_at_the_last_allowed_position_finishes_with_stop(checkpoint):
+    """GRPO's overlong penalty reads finish_reason: a completion that stopped is not cut, even at the limit."""
+    _, model = checkpoint
+    prompts = random_prompts([5])
+    first = generate(model, prompts, max_new_tokens=1, temperature=0)[0]
+    assert first.finish_reason == "length"
+    stopped = generate(model, prompts, max_new_tokens=1, temperature=0, stop_token_ids=[first.tokens[0]])[0]
+    assert stopped.tokens == first.tokens and stopped.finish_reason == "stop"
 
 
 def test_cache_that_cannot_fit_is_refused(checkpoint):
