@@ -39,6 +39,10 @@ def test_logits_match_transformers(tmp_path, name):
         ours = model(ids)
     assert ours.dtype == torch.float32 and ours.shape == (3, 97, 300)
     assert (ours - hf_logits(hf_model, ids)).abs().max() < 1e-4
+    # random tiny models barely feel the rope's base in their logits: read it back directly
+    hf_config = hf_model.config
+    hf_theta = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta", getattr(hf_config, "rope_theta", 0))
+    assert (model.config.rope_theta, model.config.rms_norm_eps) == (hf_theta, hf_config.rms_norm_eps)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
