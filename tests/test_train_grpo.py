@@ -95,6 +95,70 @@ def test_clip_fractions_count_only_active_clips():
     assert clip == {"clip_low": 1, "clip_high": 1}  # ratio 1.5 with A>0 and ratio 0.5 with A<0
 
 
+def test_clip_fractions_count_each_side_against_its_own_eps():
+    """DAPO's clip-higher: eps_high 0.28 > eps_low 0.2, so a ratio of 1.25 with A > 0 is inside the range."""
+    old = torch.zeros(1, 1)
+    for ratio, advantage, expected in [(1.25, 1.0, {"clip_low": 0, "clip_high": 0}),
+                                       (1.3, 1.0, {"clip_low": 0, "clip_high": 1}),
+                                       (0.75, -1.0, {"clip_low": 1, "clip_high": 0})]:
+        _, clip = policy_loss(torch.log(torch.tensor([[ratio]])), old, torch.tensor([advantage]), torch.ones(1, 1), 1,
+                              1, 0.2, 0.28, "token-mean", 8)
+        assert clip == expected, ratio
+
+
+def test_the_entropy_bonus_lowers_the_loss():
+    zeros = torch.zeros(1, 2)
+    loss, _ = policy_loss(zeros, zeros, torch.tensor([0.0]), torch.ones(1, 2), 1, 2, 0.2, 0.2, "token-mean", 8,
+                          entropy=torch.tensor([[1.0, 2.0]]), entropy_coef=0.1)
+    assert loss.item() == pytest.approx(-0.15)  # - 0.1 x the mean entropy of the two tokens
+
+
+def scored_batch(monkeypatch, cfg, samples, old_logprobs=None, ref_logprobs=None):
+    """score_batch on two 3-token rows (a prompt token, two completion tokens) with the trainer's passes stubbed."""
+    policy, reference = object(), object()
+    passes = lambda model, batch, rows, *args, **kwargs: ref_logprobs if model is reference else old_logprobs
+    monkeypatch.setattr(train_grpo, "training_logprobs", passes)
+    batch = train_grpo.Batch(torch.zeros(2, 3, dtype=torch.long), torch.tensor([[0, 1, 1], [0, 1, 1]]),
+                             torch.zeros(2, 3), torch.tensor([3, 3]), torch.tensor([1, 1]))
+    kl = train_grpo.score_batch(batch, samples, policy, reference, cfg, torch.device("cpu"))
+    return batch, kl
+
+
+def test_kl_in_the_reward_lowers_the_reward_of_the_row_that_drifted(monkeypatch):
+    """k1 per token is log pi_old - log pi_ref: row 0 moved 1 nat per token from the reference, row 1 not at all; with
+    equal task rewards and beta 0.5 the penalty leaves row 0 at 1 - 0.5 x 2 = 0 and row 1 at 1."""
+    cfg = Config(beta=0.5, kl_in="reward", kl_estimator="k1", group_size=2, scale_rewards="none")
+    samples = [types.SimpleNamespace(reward=1.0, truncated=False)] * 2
+    batch, _ = scored_batch(monkeypatch, cfg, samples, old_logprobs=torch.tensor([[0., -1., -1.], [0., -1., -1.]]),
+                            ref_logprobs=torch.tensor([[0., -2., -2.], [0., -1., -1.]]))
+    assert batch.advantages.tolist() == pytest.approx([-0.5, 0.5])
+
+
+def test_mask_truncated_leaves_only_the_truncated_completions_out_of_the_loss(monkeypatch):
+    cfg = Config(mask_truncated=True, group_size=2)
+    samples = [types.SimpleNamespace(reward=1.0, truncated=True), types.SimpleNamespace(reward=0.0, truncated=False)]
+    batch, _ = scored_batch(monkeypatch, cfg, samples)
+    assert batch.completion_mask.tolist() == [[0, 0, 0], [0, 1, 1]]
+
+
+def test_rollout_rewards_with_the_format_weight_and_the_overlong_penalty(monkeypatch):
+    """rollout passes the run's reward settings to the task's score and flags a completion cut at max_new_tokens:
+    a correct, well-formed 3-token answer earns 1 + 0.5; a wrong, well-formed one cut at 12 tokens, inside the
+    4-token overlong buffer's end, earns 0 + 0.5 - 1."""
+    from sampler import Completion
+    from tasks import Task
+
+    texts = {3: "<think>\nx\n</think>\n\n\\boxed{4}", 12: "<think>\nxx\n</think>\n\n\\boxed{5}"}
+    tokenizer = types.SimpleNamespace(eos_token_ids=[2], decode=lambda tokens, skip_special_tokens=True:
+                                      texts[len(tokens)])
+    task = type("TwoTokenPrompt", (Task,), {"prompt": lambda self, tokenizer, problem, instruction=None: [1, 1]})()
+    monkeypatch.setattr(train_grpo, "generate", lambda *args, **kwargs: [
+        Completion(0, [7] * 3, [0.0] * 3, "stop"), Completion(0, [7] * 12, [0.0] * 12, "length")])
+    cfg = Config(group_size=2, max_new_tokens=12, format_weight=0.5, overlong_buffer=4, overlong_penalty=1.0)
+    samples = train_grpo.rollout(None, tokenizer, task, [{"id": "a", "problem": "2+2?", "answer": "4"}], cfg, seed=0)
+    assert [(s.reward, s.truncated, s.correct) for s in samples] == [(1.5, False, True), (-0.5, True, False)]
+
+
 # --- KL estimators: expected loss gradients on a small categorical, exactly ----------------------------------
 
 def divergences(logits, ref_logprobs):
