@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import types
 
@@ -397,6 +398,11 @@ def test_accuracy_vs_length_plots_the_share_of_correct_samples_per_length_bin(tm
     evaluation.accuracy_vs_length_svg(records, str(path), bins=3)
     # width 560, height 320, margin 48: x = 48 + 464 * length / 40, y = 272 - 224 * accuracy
     assert 'points="164.0,160.0 280.0,272.0 512.0,48.0"' in path.read_text()
+    # 7 samples in 3 bins: 3, 3 and 1, never a fourth point
+    records = {"math500": [{"samples": [s(10 * k, "correct" if k % 2 else "incorrect", "1") for k in range(1, 8)]}]}
+    evaluation.accuracy_vs_length_svg(records, str(path), bins=3)
+    points = re.search(r'points="([^"]*)"', path.read_text()).group(1).split()
+    assert len(points) == 3
 
 
 def test_completions_keep_their_length_finish_and_benchmark_and_follow_the_limit(tmp_path):

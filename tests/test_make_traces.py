@@ -165,6 +165,10 @@ def test_hint_always_keeps_only_hinted_traces_never_none_and_keep_two(scripted_t
     (trace("Let me solve the problem step by step.\n3 * 2 = 6", "6"), "stop", "6", "x", True, None),
     (trace("1,200 / 2 = 600", "600"), "stop", "600", "x", True, None),
     (trace("The total is 1,200.\n1200 / 2 = 600", "1200"), "stop", "1200", "x", True, "leak_early_answer"),
+    (trace("I will not state it before your reasoning reaches it.\n3 * 2 = 6", "6"), "stop", "6", "x", True,
+     "leak_mention"),  # quotes the hint's last words
+    (trace("Each pen costs 1.6 dollars.\n1.6 * 5 = 8, 8 - 2 = 6", "6"), "stop", "6", "Five pens cost 8 dollars less 2.",
+     True, None),  # 1.6 is not 6
 ])
 def test_rejection_reasons(text, finish, gold, problem, hinted, expected):
     template = make_traces.HINT_TEMPLATE if hinted else None

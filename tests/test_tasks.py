@@ -5,6 +5,7 @@ import math
 import os
 import pickle
 import re
+import types
 
 import pytest
 
@@ -149,12 +150,14 @@ def test_grpo_asks_held_out_problems_with_the_training_prompts_instruction(tmp_p
     (tmp_path / "held.py").write_text("from tasks import Task\n\n\nclass Held(Task):\n    instruction = 'Shout.'\n\n"
                                       "    def test_problems(self):\n        return [{'problem': '2+2?', 'answer': '4'}]\n")
     asked = []
-    monkeypatch.setattr(train_grpo, "heldout_accuracy", lambda *args: asked.append(args[6]) or 0.0)
+    monkeypatch.setattr(train_grpo, "heldout_accuracy", lambda *args: asked.append((args[6], args[4])) or 0.0)
     base = [f"--data={train}", f"--eval_data={tmp_path / 'held.py'}:Held", f"--model={demo_model}",
-            "--prompts_per_step=2", "--group_size=2", "--max_steps=1", "--max_new_tokens=4"]
+            "--prompts_per_step=2", "--group_size=2", "--max_steps=1", "--max_new_tokens=4", "--temperature=0.7",
+            "--eval_temperature=0"]
     train_grpo.main(base + [f"--out_dir={tmp_path / 'a'}"])
     train_grpo.main(base + [f"--out_dir={tmp_path / 'b'}", "--instruction=Think."])
-    assert asked == ["none", "none", "Think.", "Think."]  # at the start and the end of each run
+    # at the start and the end of each run, at --eval_temperature, not the rollouts' temperature
+    assert asked == [("none", 0.0), ("none", 0.0), ("Think.", 0.0), ("Think.", 0.0)]
 
 
 def test_training_and_evaluation_send_the_same_prompt_for_every_kind_of_task(tmp_path, tokenizer, monkeypatch):
@@ -281,3 +284,27 @@ def test_evaluate_keeps_each_problems_own_samples_in_order(tokenizer, monkeypatc
         assert [s["status"] for s in record["samples"]] == ["correct", "incorrect", "incorrect"]
         assert [s["extracted"] for s in record["samples"]][1:] == ["101", "102"]
         assert [s["finish"] for s in record["samples"]] == ["stop", "stop", "length"]
+
+
+def test_evaluation_samples_at_the_settings_it_is_given(monkeypatch):
+    """evaluate hands its temperature and top_p to the sampler; heldout_accuracy its temperature to evaluate."""
+    from sampler import Completion
+
+    seen = []
+
+    def generate(model, prompts, max_new_tokens, **kwargs):
+        seen.append((max_new_tokens, kwargs["temperature"], kwargs["top_p"]))
+        return [Completion(0, [5], [0.0], "stop")]
+
+    monkeypatch.setattr(tasks, "generate", generate)
+    tokenizer = types.SimpleNamespace(eos_token_ids=[2], path=None,
+                                      decode=lambda tokens, skip_special_tokens=True: "\\boxed{1}")
+    task = type("OneTokenPrompt", (tasks.Task,), {"prompt": lambda self, tokenizer, problem, instruction=None: [1]})()
+    tasks.evaluate(None, tokenizer, task, [{"id": "a", "problem": "x", "answer": "1"}], n=1, temperature=0.6,
+                   top_p=0.5, max_new_tokens=9, show_progress=False)
+    assert seen == [(9, 0.6, 0.5)]
+    temperatures = []
+    monkeypatch.setattr(tasks, "evaluate", lambda *args, **kwargs: temperatures.append(kwargs["temperature"]) or [
+        {"samples": [{"status": "correct", "extracted": "1", "length": 1, "finish": "stop"}]}])
+    tasks.heldout_accuracy(None, None, tasks.DemoTask(), [{}], 0.0, 64, "none", 0, 0, 1)
+    assert temperatures == [0.0]

@@ -159,6 +159,15 @@ def test_rollout_rewards_with_the_format_weight_and_the_overlong_penalty(monkeyp
     assert [(s.reward, s.truncated, s.correct) for s in samples] == [(1.5, False, True), (-0.5, True, False)]
 
 
+def test_logged_accuracy_counts_correct_answers_not_reward():
+    """With a format weight the reward of a wrong answer can pass a right one's: accuracy reads correctness."""
+    samples = [Sample([1], [2, 3], [0.0, 0.0], False, False, 0.5, ""), Sample([1], [2], [0.0], False, True, 1.5, "")]
+    stats = dict(clip_low=0, clip_high=0, kl=0.0, entropy=0.0, mismatch=0.0, ratio_max_dev=0.0)
+    metrics = train_grpo.step_metrics(samples, stats, 1, 0, 3, Config(prompts_per_step=1, group_size=2), 1,
+                                      torch.device("cpu"))
+    assert (metrics["reward"], metrics["accuracy"]) == (1.0, 0.5)
+
+
 # --- KL estimators: expected loss gradients on a small categorical, exactly ----------------------------------
 
 def divergences(logits, ref_logprobs):
