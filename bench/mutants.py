@@ -851,6 +851,14 @@ MUTANTS = [
            'rf"(?<![\\d.]){re.escape(answer)}',
            'rf"(?<!\\d){re.escape(answer)}',
            [TRACES + "test_rejection_reasons"]),
+    mutant("resumed_reference_is_the_resumed_policy", "train_grpo.py",
+           'else config.model, device)',
+           'else model_path, device)',
+           [GRPO + "test_resume_continues_from_the_last_checkpoint"]),
+    mutant("grpo_gradients_not_clipped", "train_grpo.py",
+           'grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)',
+           'grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))',
+           [GRPO + "test_the_update_sees_gradients_clipped_to_grad_clip"]),
 ]
 
 

@@ -541,7 +541,27 @@ def spy(monkeypatch, name, calls):
     monkeypatch.setattr(train_grpo, name, wrapper)
 
 
-def test_resume_continues_from_the_last_checkpoint(tmp_path, demo_model, monkeypatch):
+def test_the_update_sees_gradients_clipped_to_grad_clip(tmp_path, demo_model, monkeypatch):
+    """The logged grad norm is the one before clipping; the optimizer must step on the clipped gradients."""
+    seen, real_make_optimizer = [], train_grpo.make_optimizer
+
+    def recording_optimizer(model, *args, **kwargs):
+        optimizer = real_make_optimizer(model, *args, **kwargs)
+        real_step = optimizer.step
+        grads = lambda: torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        optimizer.step = lambda *a, **k: seen.append(float(grads().norm())) or real_step(*a, **k)
+        return optimizer
+
+    monkeypatch.setattr(train_grpo, "make_optimizer", recording_optimizer)
+    monkeypatch.setattr(train_grpo, "rollout", fake_rollout)
+    train_grpo.main(TINY + [f"--model={demo_model}", f"--out_dir={tmp_path}", "--grad_clip=1e-3"])
+    logged = [m["grad_norm"] for m in metrics_lines(tmp_path)]
+    assert len(seen) == 2 and all(norm > 1e-3 for norm in logged)  # every step clips at this setting
+    assert seen == pytest.approx([1e-3] * 2, rel=1e-3)
+
+
+@pytest.mark.parametrize("ref_update_every", [2, 0])  # a refreshed reference, saved; or --model's, loaded again
+def test_resume_continues_from_the_last_checkpoint(tmp_path, demo_model, monkeypatch, ref_update_every):
     """A resumed run ends with the weights of a straight one, and it did resume: the metrics have each step once,
     the step loaded is the step saved, and the rollout seeds continue where they stopped."""
     from safetensors.torch import load_file
@@ -549,7 +569,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, demo_model, monkeyp
     seeds, loaded = [], []
     monkeypatch.setattr(train_grpo, "rollout", lambda *args, seed: seeds.append(seed) or fake_rollout(*args, seed))
     spy(monkeypatch, "load_run_state", loaded)
-    base = TINY + [f"--model={demo_model}", "--max_steps=4", "--beta=0.05", "--ref_update_every=2"]
+    base = TINY + [f"--model={demo_model}", "--max_steps=4", "--beta=0.05", f"--ref_update_every={ref_update_every}"]
     train_grpo.main(base + [f"--out_dir={tmp_path / 'straight'}"])
     straight_seeds, seeds[:] = list(seeds), []
     train_grpo.main(base + [f"--out_dir={tmp_path / 'split'}", "--save_every=2", "--max_steps=2"])
