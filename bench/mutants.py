@@ -859,6 +859,14 @@ MUTANTS = [
            'grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)',
            'grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))',
            [GRPO + "test_the_update_sees_gradients_clipped_to_grad_clip"]),
+    mutant("eval_temperature_default_not_the_tasks", "eval.py",
+           'first_set(config.temperature, task.temperature)',
+           'first_set(config.temperature, 1.0)',
+           [EVAL_REPORTS]),
+    mutant("eval_top_p_default_not_the_tasks", "eval.py",
+           'first_set(config.top_p, task.top_p)',
+           'first_set(config.top_p, 1.0)',
+           [EVAL_REPORTS]),
 ]
 
 

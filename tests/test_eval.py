@@ -304,8 +304,9 @@ def test_eval_reports_every_metric_of_every_benchmark_in_each_output(tmp_path, r
     metrics.jsonl and the printed table carry each benchmark's numbers, and the combined score is of pass@1."""
     write_fixtures(tmp_path / "data")
 
-    def fake_evaluate(model, tokenizer, task, problems, n, *args, **kwargs):
+    def fake_evaluate(model, tokenizer, task, problems, n, temperature, top_p, max_new_tokens, *args, **kwargs):
         assert n == 4
+        assert (temperature, top_p, max_new_tokens) == (0.6, 0.95, 4096)  # DeepSeek-R1's sampling, the tasks' default
         return pattern_records(problems, PATTERNS[task.name])
 
     monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
