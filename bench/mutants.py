@@ -867,6 +867,14 @@ MUTANTS = [
            'first_set(config.top_p, task.top_p)',
            'first_set(config.top_p, 1.0)',
            [EVAL_REPORTS]),
+    mutant("hinted_sampled_with_the_samples_count", "make_traces.py",
+           '        n = config.hint_samples\n',
+           '        n = config.samples\n',
+           [TRACES + "test_hinted_problems_get_hint_samples_completions_and_their_pass_rate_counts_them"]),
+    mutant("hinted_pass_at_1_over_samples", "make_traces.py",
+           'mean([r["hinted_correct"] / r["hinted_samples"] for r in hinted])',
+           'mean([r["hinted_correct"] / n for r in hinted])',
+           [TRACES + "test_hinted_problems_get_hint_samples_completions_and_their_pass_rate_counts_them"]),
 ]
 
 

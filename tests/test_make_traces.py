@@ -126,6 +126,21 @@ def test_hint_never_reaches_a_stored_prompt_and_leaks_and_wrong_answers_are_drop
         assert "Hint" not in text
 
 
+def test_hinted_problems_get_hint_samples_completions_and_their_pass_rate_counts_them(scripted_teacher, tmp_path):
+    """--samples and --hint_samples differ here (every other test runs both at 4): each hinted problem is sampled
+    --hint_samples times, and its pass rate and the summary's hinted pass@1 divide by that count."""
+    summary = run(scripted_teacher, tmp_path, "--hint=always", "--samples=2", "--hint_samples=3")
+    records = []
+    for name in sorted(os.listdir(tmp_path / "chunks")):
+        with open(tmp_path / "chunks" / name) as f:
+            records += json.load(f)
+    assert len(records) == len(TEACHER)
+    assert all(r["samples"] == 2 and r["hinted_samples"] == 3 and len(r["hinted_lengths"]) == 3 for r in records)
+    assert summary["hinted_pass@1"] == pytest.approx(100 * sum(r["hinted_correct"] / 3 for r in records) / len(records))
+    assert any(r["hinted_correct"] == 3 for r in records)  # a problem solved every time with the hint: 1, not 3/2
+    assert all(row["hinted_pass_rate"] <= 1.0 for row in rows(tmp_path))
+
+
 def test_hint_always_keeps_only_hinted_traces_never_none_and_keep_two(scripted_teacher, tmp_path):
     run(scripted_teacher, tmp_path / "always", "--hint=always")
     kept = by_problem(tmp_path / "always")
