@@ -41,6 +41,22 @@ def write_hf_checkpoint(path, family="qwen2", seed=0, **overrides):
     return hf_model
 
 
+def record_update_grad_norms(monkeypatch, trainer) -> list:
+    """The global gradient norm at each optimizer.step of a run of `trainer` (train_sft or train_grpo): what the
+    update sees, after clipping (the logged grad norm is the one before)."""
+    norms, real_make_optimizer = [], trainer.make_optimizer
+
+    def recording_optimizer(model, *args, **kwargs):
+        optimizer = real_make_optimizer(model, *args, **kwargs)
+        real_step = optimizer.step
+        grads = lambda: torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        optimizer.step = lambda *a, **k: norms.append(float(grads().norm())) or real_step(*a, **k)
+        return optimizer
+
+    monkeypatch.setattr(trainer, "make_optimizer", recording_optimizer)
+    return norms
+
+
 def requires_shared(*parts):
     path = os.path.join(SHARED, *parts)
     return pytest.mark.skipif(not os.path.exists(path), reason=f"{path} is absent (../shared is not in this checkout)")

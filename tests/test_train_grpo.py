@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train_grpo
+from conftest import record_update_grad_norms
 from tasks import overlong_penalty
 from train_grpo import Config, Sample, group_advantages, kl_estimate, policy_loss
 
@@ -543,16 +544,7 @@ def spy(monkeypatch, name, calls):
 
 def test_the_update_sees_gradients_clipped_to_grad_clip(tmp_path, demo_model, monkeypatch):
     """The logged grad norm is the one before clipping; the optimizer must step on the clipped gradients."""
-    seen, real_make_optimizer = [], train_grpo.make_optimizer
-
-    def recording_optimizer(model, *args, **kwargs):
-        optimizer = real_make_optimizer(model, *args, **kwargs)
-        real_step = optimizer.step
-        grads = lambda: torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        optimizer.step = lambda *a, **k: seen.append(float(grads().norm())) or real_step(*a, **k)
-        return optimizer
-
-    monkeypatch.setattr(train_grpo, "make_optimizer", recording_optimizer)
+    seen = record_update_grad_norms(monkeypatch, train_grpo)
     monkeypatch.setattr(train_grpo, "rollout", fake_rollout)
     train_grpo.main(TINY + [f"--model={demo_model}", f"--out_dir={tmp_path}", "--grad_clip=1e-3"])
     logged = [m["grad_norm"] for m in metrics_lines(tmp_path)]

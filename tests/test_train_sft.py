@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, record_update_grad_norms
 from data import Tokenizer
 from tasks import build_demo_model
 from model import Transformer, sequence_logprobs
@@ -104,17 +104,7 @@ def test_max_seq_len_keeps_an_example_of_exactly_that_length(demo_folder):
 
 def test_the_update_sees_gradients_clipped_to_grad_clip(tmp_path, monkeypatch):
     """The logged grad norm is the one before clipping; the optimizer must step on the clipped gradients."""
-    seen = []
-    real_make_optimizer = train_sft.make_optimizer
-
-    def recording_optimizer(model, *args, **kwargs):
-        optimizer = real_make_optimizer(model, *args, **kwargs)
-        real_step = optimizer.step
-        grads = lambda: torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        optimizer.step = lambda *a, **k: seen.append(float(grads().norm())) or real_step(*a, **k)
-        return optimizer
-
-    monkeypatch.setattr(train_sft, "make_optimizer", recording_optimizer)
+    seen = record_update_grad_norms(monkeypatch, train_sft)
     run(tmp_path, "--max_steps=3", "--grad_clip=0.5")
     logged = [json.loads(line)["grad_norm"] for line in open(tmp_path / "metrics.jsonl")]
     assert len(seen) == 3 and all(norm > 0.5 for norm in logged)  # every step clips at this setting
