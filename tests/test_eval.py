@@ -5,6 +5,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import types
 
@@ -335,6 +336,34 @@ def test_eval_reports_every_metric_of_every_benchmark_in_each_output(tmp_path, r
             [f"{values['truncated']:.3f}"]
     header = next(line.split() for line in printed.splitlines() if line.startswith("benchmark"))
     assert header[:8] == ["benchmark", "problems", "pass@1", "maj@4", "pass@2", "pass@4", "mean_length", "truncated"]
+
+
+def test_aime_gets_the_long_budget_only_for_models_whose_template_opens_think(tmp_path, random_model, monkeypatch):
+    """R1-style models (a chat template with <think>) reason for tens of thousands of tokens on AIME: eval.py gives
+    AIME 32,768 new tokens for them, the task's default otherwise, and --max_new_tokens overrides both."""
+    write_fixtures(tmp_path / "data")
+    thinking_model = tmp_path / "thinking_model"
+    shutil.copytree(random_model, thinking_model)
+    config_path = thinking_model / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text())
+    tokenizer_config["chat_template"] = tokenizer_config["chat_template"].replace("assistant\n' }}",
+                                                                                "assistant\n<think>\n' }}")
+    assert "<think>" in tokenizer_config["chat_template"]
+    config_path.write_text(json.dumps(tokenizer_config))
+    budgets = {}
+
+    def fake_evaluate(model, tokenizer, task, problems, n, temperature, top_p, max_new_tokens, *args, **kwargs):
+        budgets[task.name] = max_new_tokens
+        return pattern_records(problems, PATTERNS[task.name])
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    for model, extra, expected in [(thinking_model, [], {"gsm8k": 4096, "aime24": 32768}),
+                                   (random_model, [], {"gsm8k": 4096, "aime24": 4096}),
+                                   (thinking_model, ["--max_new_tokens=100"], {"gsm8k": 100, "aime24": 100})]:
+        budgets.clear()
+        evaluation.main([f"--model={model}", "--benchmarks=gsm8k,aime24", "--n=4", f"--data_dir={tmp_path / 'data'}",
+                         f"--out_dir={tmp_path / 'out'}"] + extra)
+        assert budgets == expected, (model, extra)
 
 
 def write_completions(path, rows):

@@ -160,6 +160,24 @@ def test_rollout_rewards_with_the_format_weight_and_the_overlong_penalty(monkeyp
     assert [(s.reward, s.truncated, s.correct) for s in samples] == [(1.5, False, True), (-0.5, True, False)]
 
 
+def test_rollout_grades_each_completion_against_its_own_problem(monkeypatch):
+    """The sampler returns each problem's group together (prompt indices 0, 0, 1, 1): every completion is graded
+    against, and keeps the prompt of, the problem it answered."""
+    from sampler import Completion
+    from tasks import Task
+
+    tokenizer = types.SimpleNamespace(eos_token_ids=[2], decode=lambda tokens, skip_special_tokens=True:
+                                      f"<think>\nx\n</think>\n\n\\boxed{{{tokens[0]}}}")
+    task = type("IdPrompt", (Task,), {"prompt": lambda self, tokenizer, problem, instruction=None:
+                                      [ord(problem["id"])]})()
+    monkeypatch.setattr(train_grpo, "generate", lambda *args, **kwargs: [
+        Completion(0, [4], [0.0], "stop"), Completion(0, [4], [0.0], "stop"), Completion(1, [6], [0.0], "stop"),
+        Completion(1, [4], [0.0], "stop")])
+    problems = [{"id": "a", "problem": "2+2?", "answer": "4"}, {"id": "b", "problem": "3+3?", "answer": "6"}]
+    samples = train_grpo.rollout(None, tokenizer, task, problems, Config(group_size=2), seed=0)
+    assert [(s.prompt, s.correct) for s in samples] == [([97], True), ([97], True), ([98], True), ([98], False)]
+
+
 def test_logged_accuracy_counts_correct_answers_not_reward():
     """With a format weight the reward of a wrong answer can pass a right one's: accuracy reads correctness."""
     samples = [Sample([1], [2, 3], [0.0, 0.0], False, False, 0.5, ""), Sample([1], [2], [0.0], False, True, 1.5, "")]
@@ -550,6 +568,28 @@ def test_the_update_sees_gradients_clipped_to_grad_clip(tmp_path, demo_model, mo
     logged = [m["grad_norm"] for m in metrics_lines(tmp_path)]
     assert len(seen) == 2 and all(norm > 1e-3 for norm in logged)  # every step clips at this setting
     assert seen == pytest.approx([1e-3] * 2, rel=1e-3)
+
+
+def test_the_reference_is_refreshed_after_every_ref_update_every_th_step(tmp_path, demo_model, monkeypatch):
+    """With --ref_update_every=2 the policy is copied into the reference after steps 2 and 4. A step's KL is measured
+    on the policy before its update (mu=1), so it is exactly zero at step 1 and right after each refresh."""
+    monkeypatch.setattr(train_grpo, "rollout", fake_rollout)
+    train_grpo.main(TINY + [f"--model={demo_model}", f"--out_dir={tmp_path}", "--max_steps=5", "--beta=0.05",
+                            "--ref_update_every=2"])
+    kls = [m["kl"] for m in metrics_lines(tmp_path)]
+    assert [kl > 1e-6 for kl in kls] == [False, True, False, True, False], kls
+    assert all(kl == 0 for kl in kls[::2]), kls
+
+
+def test_only_the_last_micro_step_of_each_update_syncs_gradients(tmp_path, demo_model, monkeypatch):
+    """Gradients are all-reduced once per optimizer step, on the backward of its last micro-batch: one synced earlier
+    leaves the later micro-batches' gradients unsynced (ranks drift apart). 8 rows in micro-batches of 3, mu=2."""
+    flags = []
+    monkeypatch.setattr(train_grpo, "set_gradient_sync", lambda wrapped, enabled: flags.append(enabled))
+    monkeypatch.setattr(train_grpo, "rollout", fake_rollout)
+    train_grpo.main(TINY + [f"--model={demo_model}", f"--out_dir={tmp_path}", "--prompts_per_step=2",
+                            "--micro_batch_size=3", "--mu=2"])
+    assert flags == [False, False, True] * 2 * 2  # 3 micro-batches, 2 epochs, 2 steps
 
 
 @pytest.mark.parametrize("ref_update_every", [2, 0])  # a refreshed reference, saved; or --model's, loaded again

@@ -111,6 +111,15 @@ def test_the_update_sees_gradients_clipped_to_grad_clip(tmp_path, monkeypatch):
     assert seen == pytest.approx([0.5] * 3, rel=1e-3)
 
 
+def test_only_the_last_micro_step_of_each_update_syncs_gradients(tmp_path, monkeypatch):
+    """Gradients are all-reduced once per optimizer step, on the backward of its last micro-batch: one synced earlier
+    leaves the later micro-batches' gradients unsynced (ranks drift apart). Batches of 8 in micro-batches of 2."""
+    flags = []
+    monkeypatch.setattr(train_sft, "set_gradient_sync", lambda wrapped, enabled: flags.append(enabled))
+    run(tmp_path, "--max_steps=2", "--micro_batch_size=2")
+    assert flags == [False, False, False, True] * 2
+
+
 def test_a_non_finite_gradient_stops_before_the_update_and_saves_nothing(tmp_path, monkeypatch):
     real_accumulate = train_sft.accumulate_gradients
 
