@@ -83,6 +83,30 @@ def test_triton_forward_and_backward_match_float64(x_dtype, delta_dtype, weight_
 
 
 @needs_triton
+def test_triton_normalises_the_rounded_sum_and_keeps_each_gradient_in_full_precision():
+    """Two mixes the parametrised test's tolerances cannot see. bf16 x and delta with an fp32 weight (fp32 y): h
+    is rounded to bf16 and y must be the norm of that stored h, to fp32 precision, not of the unrounded fp32 sum
+    (~2^-9 apart). fp32 x with a bf16 delta (fp32 h): the gradient of x is d_h in fp32, to fp32 precision, and only
+    the gradient of delta is rounded to bf16."""
+    x, delta, weight = inputs((5, 48), torch.bfloat16, torch.bfloat16, torch.float32, seed=2, device=DEVICE)
+    h, y = add_rms_norm(x, delta, weight, 1e-6, backend="triton")
+    assert h.dtype == torch.bfloat16 and y.dtype == torch.float32
+    expected_y = textbook(h.cpu(), torch.zeros_like(h.cpu()), weight.cpu(), 1e-6)[1]
+    assert (y.double().cpu() - expected_y).abs().max() < 1e-5 * expected_y.abs().max()
+
+    x, delta, weight = inputs((5, 48), torch.float32, torch.bfloat16, torch.float32, seed=3, device=DEVICE)
+    d_y = torch.randn(5, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    reference = [t.detach().cpu().double().requires_grad_() for t in (x, delta, weight)]
+    expected_grad = torch.autograd.grad(textbook(*reference, 1e-6)[1], reference[0], d_y)[0]
+    ours = [t.detach().requires_grad_() for t in (x, delta, weight)]
+    grad_x, grad_delta = torch.autograd.grad(add_rms_norm(*ours, 1e-6, backend="triton")[1], ours[:2],
+                                             d_y.to(DEVICE, torch.float32))
+    assert grad_x.dtype == torch.float32 and grad_delta.dtype == torch.bfloat16
+    assert (grad_x.double().cpu() - expected_grad).abs().max() < 1e-5 * expected_grad.abs().max()
+    assert torch.equal(grad_delta, grad_x.to(torch.bfloat16))
+
+
+@needs_triton
 def test_triton_takes_no_rows():
     x, delta, weight = (t.requires_grad_() for t in inputs((0, 32), torch.float32, torch.float32, torch.float32,
                                                             device=DEVICE))

@@ -93,6 +93,43 @@ def test_triton_matches_reference_in_float64(monkeypatch, dtype, batch, heads, k
         assert (ours.double().cpu() - ref).abs().max() < tolerance * 4 * max(1.0, ref.abs().max().item() / 4)
 
 
+@needs_triton_run
+def test_triton_honours_an_explicit_scale_and_a_gradient_with_a_non_unit_last_stride():
+    """attention(scale=...) is a public argument: the kernel's forward (out, lse) and backward must use it, not
+    head_dim ** -0.5 (every other test takes the default). The upstream gradient arrives here with a non-unit last
+    stride, as a transposed view; the kernels read rows of it with unit stride, so the launcher must make it so."""
+    torch.manual_seed(7)
+    lengths, scale = [5, 20], 0.3
+    cu = torch.tensor([0, 5, 25], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(1, 4, 25, 32, device=DEVICE).requires_grad_()
+    k, v = (torch.randn(1, 2, 25, 32, device=DEVICE).requires_grad_() for _ in range(2))
+    grad_out = torch.randn(1, 4, 32, 25, device=DEVICE).transpose(-1, -2)  # (1, 4, 25, 32), last stride 25
+    assert grad_out.stride(-1) != 1
+    out, lse = attention(q, k, v, cu_seqlens=cu, scale=scale, return_lse=True, backend="triton")
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    reference = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = attention_ref(*reference, cu_seqlens=cu.cpu(), scale=scale, return_lse=True)
+    expected_out, expected_lse = naive(*[t.detach() for t in reference], document_causal_mask(cu.cpu(), 25), scale)
+    assert torch.allclose(ref_out, expected_out, atol=1e-12) and torch.allclose(ref_lse, expected_lse, atol=1e-12)
+    ref_grads = torch.autograd.grad(ref_out, reference, grad_out.double().cpu())
+    assert (out.double().cpu() - ref_out).abs().max() < 2e-5 and (lse.double().cpu() - ref_lse).abs().max() < 2e-5
+    for name, ours, ref in zip("qkv", grads, ref_grads):
+        assert (ours.double().cpu() - ref).abs().max() < 1e-4, name
+
+
+def test_auto_takes_the_kernel_only_for_inputs_it_handles():
+    """_triton_fits is auto's word on a GPU (kernels.choose_backend): causal self-attention without an explicit mask,
+    head dims up to 128 (the kernel's tiles), unit last strides; anything else must go to the reference."""
+    fits = attention_module._triton_fits
+    q, kv = torch.randn(1, 4, 8, 128), torch.randn(1, 2, 8, 128)
+    assert fits(q, kv, True, None)
+    assert not fits(torch.randn(1, 4, 8, 256), torch.randn(1, 2, 8, 256), True, None)  # wider than the tiles
+    assert not fits(q, kv, False, None)
+    assert not fits(q, kv, True, torch.ones(1, 1, 8, 8, dtype=torch.bool))
+    assert not fits(q[:, :, -1:], kv, True, None)  # a query shorter than the keys (decoding): not self-attention
+    assert not fits(torch.randn(1, 4, 128, 8).transpose(-1, -2), kv, True, None)
+
+
 def test_dispatcher_uses_the_reference_on_cpu_and_refuses_unknown_backends():
     q = torch.randn(1, 2, 5, 16)
     assert torch.equal(attention(q, q, q), attention_ref(q, q, q))

@@ -76,6 +76,51 @@ def test_triton_matches_reference_in_float64(dtype, tolerance, heads, kv_heads, 
         assert (out.double().cpu() - expected).abs().max() < tolerance, block_size
 
 
+@pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs a GPU or TRITON_INTERPRET=1")
+def test_an_explicit_scale_reaches_the_reference_and_the_kernel():
+    """decode_attention(scale=...) is a public argument (the model passes none, so every other test takes
+    head_dim ** -0.5): both paths must use it, as the training attention does."""
+    from kernels.attention import attention_ref
+
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 4, 16, dtype=torch.float64, generator=generator)
+    k, v = (torch.randn(5, 2, 30, 16, dtype=torch.float64, generator=generator) for _ in range(2))
+    slots, lengths = torch.tensor([4, 0, 2]), torch.tensor([30, 1, 17])
+    visible = (torch.arange(30)[None, :] < lengths[:, None])[:, None, None]
+    expected = attention_ref(q[:, :, None], k[slots], v[slots], causal=False, attn_mask=visible, scale=0.3)[:, :, 0]
+    assert torch.allclose(decode_attention_ref(q, k, v, slots, lengths, scale=0.3), expected, atol=1e-12)
+    to = lambda t: t.float().to(DEVICE)
+    out = decode_attention(to(q), to(k), to(v), slots.to(DEVICE), lengths.to(DEVICE), scale=0.3, backend="triton")
+    assert (out.double().cpu() - expected).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs a GPU or TRITON_INTERPRET=1")
+def test_triton_matches_the_reference_when_every_score_is_far_below_zero():
+    """Softmax does not care where the scores sit, so a row whose every score is about -200 must give the
+    reference's output. A short cache is one split, padded to two in the merge: the padding split must weigh 0 (a
+    max of -inf), not sit at 0 above the real split's max, or the real split's weight 2^(max - 0) = 2^-289 underflows
+    to 0 and the output is 0 / 0."""
+    generator = torch.Generator().manual_seed(4)
+    k = -5 - 0.01 * torch.rand(2, 2, 40, 16, generator=generator)  # against a query of +10: scores ~ -200
+    v = torch.randn(2, 2, 40, 16, generator=generator)
+    q = torch.full((2, 4, 16), 10.0)
+    slots, lengths = torch.tensor([1, 0]), torch.tensor([40, 9])
+    expected = decode_attention_ref(q.double(), k.double(), v.double(), slots, lengths)
+    out = decode_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE), lengths.to(DEVICE),
+                           backend="triton")
+    assert not out.isnan().any() and (out.double().cpu() - expected).abs().max() < 1e-4
+
+
+def test_triton_refuses_a_block_table_without_a_unit_last_stride():
+    """The kernel reads a sequence's blocks at table + position // block_size: a strided table (a slice of every
+    other column) would read the wrong blocks, so the launcher refuses it instead."""
+    q = torch.randn(2, 4, 16)
+    cache = torch.randn(9, 2, 4, 16)
+    table = torch.arange(1, 9).view(2, 4)[:, ::2]  # (2, 2), strides (4, 2)
+    with pytest.raises(ValueError, match="unit last stride"):
+        decode_attention(q, cache, cache, table, torch.tensor([8, 5]), backend="triton")
+
+
 COMPILE_SCRIPT = r"""
 import json, os, sys
 import torch

@@ -83,6 +83,15 @@ def test_cpu_path_chunk_is_a_byte_budget(monkeypatch):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_cpu_path_chunk_budget_counts_the_fp32_buffer_of_a_bf16_weight():
+    """The chunk's logits live in an fp32 buffer whatever the weight's dtype, so a bf16 LM head gets as many rows per
+    chunk as an fp32 one (counting 2 bytes a logit would take twice the budget)."""
+    weight = torch.zeros(64, 16, dtype=torch.bfloat16)
+    assert logprob_module._chunk_rows(weight, None, None) == logprob_module.CPU_CHUNK_BYTES // (64 * 4)
+    assert logprob_module._chunk_rows(weight, None, 64 * 4 * 3 + 5) == 3
+    assert logprob_module._chunk_rows(weight.double(), None, 64 * 8 * 3 + 5) == 3  # float64 stays float64
+
+
 def test_cpu_path_bf16_inputs():
     """bf16 hidden and weight: fp32 outputs, bf16 gradients, within bf16 rounding of the fp32 computation."""
     hidden, weight, targets = inputs(19, 32, 70, torch.bfloat16)
@@ -95,6 +104,22 @@ def test_cpu_path_bf16_inputs():
     assert (logp - ref_logp).abs().max() < 5e-2 and (entropy - ref_entropy).abs().max() < 5e-2
     for ours, ref in zip(grads, ref_grads):
         assert (ours.float() - ref).abs().max() < 2e-2 * max(1.0, ref.abs().max().item())
+
+
+def test_cpu_path_under_autocast_takes_the_logits_in_the_autocast_dtype():
+    """A custom autograd Function is not autocast by itself: under CPU bf16 autocast (fp32 master weights), the
+    chunked path must cast hidden and weight itself, so that its logits round as the naive path's autocast matmul
+    does (bf16 logits are ~1e-2 away from fp32 ones), and the gradients still reach the fp32 inputs."""
+    hidden, weight, targets = inputs(19, 32, 70, torch.float32, seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, entropy = token_logprobs_ref(hidden, weight, targets, 0.7, return_entropy=True, chunk_size=6)
+        naive_logp, naive_entropy = token_logprobs_naive(hidden, weight, targets, 0.7, return_entropy=True)
+    assert naive_logp.dtype == logp.dtype == torch.float32
+    assert (logp - naive_logp).abs().max() < 1e-5 and (entropy - naive_entropy).abs().max() < 1e-5
+    grads = torch.autograd.grad(logp.sum() + entropy.sum(), (hidden, weight))
+    naive_grads = torch.autograd.grad(naive_logp.sum() + naive_entropy.sum(), (hidden, weight))
+    for ours, naive in zip(grads, naive_grads):
+        assert ours.dtype == torch.float32 and (ours - naive).abs().max() < 1e-2 * max(1.0, naive.abs().max().item())
 
 
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
@@ -120,6 +145,21 @@ def test_kl_full_values_and_gradients_match_naive(direction, ref_requires_grad):
 def test_triton_matches_naive(dtype, tolerance, N, D, V):
     fn = lambda h, w, t, temp: token_logprobs(h, w, t, temp, return_entropy=True, backend="triton")
     check(fn, N, D, V, dtype, temperature=0.8, tolerance=tolerance, device=DEVICE)
+
+
+@needs_triton_run
+def test_triton_takes_a_column_major_weight_and_strided_hidden_states():
+    """The kernel reads hidden and weight as row-major (N, D) and (V, D) rows; the sampler lays projection weights out
+    column-major, and hidden states can be a slice of a wider tensor, so the entry makes them contiguous first."""
+    hidden, weight, targets = inputs(21, 24, 90, torch.float32, seed=4, device=DEVICE)
+    wide = torch.cat((hidden.detach(), torch.randn(21, 5, device=DEVICE)), dim=1)
+    column_major = weight.detach().T.contiguous().T
+    assert not column_major.is_contiguous() and not wide[:, :24].is_contiguous()
+    logp, entropy = token_logprobs(wide[:, :24], column_major, targets, 0.8, return_entropy=True, backend="triton")
+    expected = token_logprobs_naive(hidden.detach().double().cpu(), weight.detach().double().cpu(), targets.cpu(), 0.8,
+                                    return_entropy=True)
+    assert (logp.double().cpu() - expected[0]).abs().max() < 1e-4
+    assert (entropy.double().cpu() - expected[1]).abs().max() < 1e-4
 
 
 @needs_triton_run

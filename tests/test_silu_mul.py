@@ -60,6 +60,27 @@ def test_triton_takes_a_strided_view_and_no_rows():
     assert out.shape == (0, 16) and empty.grad.shape == (0, 32)
 
 
+@needs_triton
+def test_triton_backward_through_a_strided_view_writes_each_row_of_the_gradient(monkeypatch):
+    """The backward reads gate_up with its own row stride (a slice of a wider tensor) but writes d(gate_up) into a
+    new contiguous tensor with that tensor's row stride; mixing the two up scatters the gradient. (The new tensor is
+    given spare room behind it here, so that such a bug fails the comparison instead of writing past the end.)"""
+    import kernels.silu_mul as silu_module
+
+    generator = torch.Generator().manual_seed(5)
+    big = torch.randn(6, 2 * 40 + 9, dtype=torch.float64, generator=generator)
+    d_out = torch.randn(6, 40, dtype=torch.float64, generator=generator)
+    reference = big.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(textbook(reference[:, : 2 * 40]), reference, d_out)
+    original = torch.empty_like
+    roomy = lambda t, **kwargs: original(t.new_empty(2 * t.numel()), **kwargs)[: t.numel()].view(t.shape)
+    monkeypatch.setattr(silu_module.torch, "empty_like", roomy)
+    ours = big.to(DEVICE, torch.float32).requires_grad_()
+    (grad,) = torch.autograd.grad(silu_mul(ours[:, : 2 * 40], backend="triton"), ours, d_out.to(DEVICE, torch.float32))
+    monkeypatch.undo()
+    assert (grad.double().cpu() - expected).abs().max() < 1e-5 * max(1.0, expected.abs().max().item())
+
+
 def test_odd_last_dimension_is_refused():
     with pytest.raises(ValueError, match="even last dimension"):
         silu_mul(torch.randn(2, 7), backend="torch")

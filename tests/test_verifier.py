@@ -180,6 +180,26 @@ def generated_pairs():
     return verifier_diff.make_pairs(golds, seed=0)
 
 
+def test_differential_scores_count_each_kind_of_error_against_its_own_denominator():
+    """bench/verifier_diff.py's figures: precision over the pairs judged correct, recall over the pairs labelled
+    correct, per source too; and as_fraction keeps a negative fraction's sign (its wrong variants and notations
+    are built from that value)."""
+    from fractions import Fraction
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import verifier_diff
+
+    judged = [True, True, True, False, False, True, False]
+    labels = [True, True, False, True, False, False, False]  # tp 2, fp 2, fn 1, tn 2
+    scores = verifier_diff.confusion(judged, labels)
+    assert scores == dict(precision=0.5, recall=2 / 3, false_positives=2, false_negatives=1, accuracy=4 / 7)
+    assert verifier_diff._recall(judged, labels, [0, 2, 3, 4]) == 0.5  # positives 0 and 3: one found
+    assert verifier_diff._recall(judged, labels, [2, 4]) == 0.0  # no positives: 0, not a division by zero
+    assert verifier_diff.as_fraction("-\\frac{3}{4}") == Fraction(-3, 4)
+    assert verifier_diff.as_fraction("\\dfrac{14}{3}") == Fraction(14, 3)
+    assert verifier_diff.as_fraction("-1,200") == -1200 and verifier_diff.as_fraction("x") is None
+
+
 def test_math_verify_agrees_on_what_it_accepts():
     """Differential check against Math-Verify (a test-only peer): of the generated pairs that state the gold, every
     one Math-Verify accepts we accept too, and we accept none of the near misses it rejects."""
