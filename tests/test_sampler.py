@@ -450,3 +450,137 @@ def test_cuda_graph_decoding_equals_eager_on_a_gpu(checkpoint, backend, monkeypa
         expected = logprobs[positions, sequence[0, positions + 1]].cpu()
         # the full forward's attention kernel takes fp32 products in TF32, as torch's matmuls may
         assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=2e-3)
+
+
+def test_a_sequence_that_fills_its_last_block_exactly_takes_no_other(checkpoint):
+    """10 prompt tokens and the 2 decoded ones fill 3 blocks of 4 to the brim: each of the 4 samples holds the 2
+    shared blocks and its own third one, 6 in all; a block is taken only for a position past the last one's end."""
+    _, model = checkpoint
+    stats = {}
+    generate(model, random_prompts([10]), max_new_tokens=3, n=4, seed=0, block_size=4, stats=stats)
+    assert stats["peak_blocks"] == 6 and stats["free_blocks_at_end"] == stats["blocks"]
+
+
+def test_a_cache_without_room_for_a_prompts_samples_is_refused(checkpoint):
+    """A prompt of 10 tokens in blocks of 4 with 4 samples is admitted only into 2 shared blocks plus a last one per
+    sample (6 blocks, 24 tokens): a smaller cache could never admit it, so the call is refused up front, not left to
+    run the pool dry. 24 tokens are enough."""
+    _, model = checkpoint
+    prompts, kwargs = random_prompts([10]), dict(max_new_tokens=2, n=4, seed=0, block_size=4)
+    with pytest.raises(ValueError, match="cache_tokens=20 holds less than one sequence"):
+        generate(model, prompts, cache_tokens=20, **kwargs)
+    assert len(generate(model, prompts, cache_tokens=24, **kwargs)) == 4
+
+
+def test_a_cache_without_room_for_one_full_length_sequence_is_refused(checkpoint, monkeypatch):
+    """A sequence of 2 + 9 = 11 tokens takes 3 blocks of 4 once it has grown: a cache of 2 blocks (8 tokens) could
+    admit it but never finish it (preempted, it could never be resumed: the call would loop for ever), so it is
+    refused; 12 tokens are enough."""
+    _, model = checkpoint
+    allocate = sampler.allocate_cache
+
+    def checked_allocate(*args, **kwargs):
+        cache = allocate(*args, **kwargs)
+        assert (cache.num_blocks - 1) * cache.block_size >= 11, "a cache that cannot hold one sequence accepted"
+        return cache
+
+    monkeypatch.setattr(sampler, "allocate_cache", checked_allocate)
+    prompts, kwargs = random_prompts([2]), dict(max_new_tokens=9, seed=0, block_size=4)
+    with pytest.raises(ValueError, match="cache_tokens=8 holds less than one sequence"):
+        generate(model, prompts, cache_tokens=8, **kwargs)
+    assert len(generate(model, prompts, cache_tokens=12, **kwargs)[0].tokens) == 9
+
+
+def test_a_cache_of_tokens_not_a_multiple_of_the_block_size_is_rounded_up_to_whole_blocks(checkpoint):
+    """cache_tokens is a floor on the capacity: 50 tokens in blocks of 4 are 13 blocks (52 tokens), not 12."""
+    _, model = checkpoint
+    stats = {}
+    generate(model, random_prompts([3]), max_new_tokens=5, block_size=4, cache_tokens=50, stats=stats)
+    assert stats["blocks"] == 13
+
+
+def test_a_prompt_waits_while_admitting_it_would_preempt_a_running_sequence(checkpoint):
+    """Admission keeps free the blocks the running sequences' next run takes: with a cache of 3 blocks of 4 and two
+    prompts of one block that each grow into a second, the second prompt waits for the first to finish instead of
+    being admitted only to be preempted at once (and recomputed)."""
+    _, model = checkpoint
+    stats = {}
+    completions = generate(model, random_prompts([4, 4]), max_new_tokens=4, seed=0, block_size=4, cache_tokens=12,
+                           stats=stats)
+    assert [len(c.tokens) for c in completions] == [4, 4]
+    assert stats["preemptions"] == 0 and stats["max_running"] == 1
+
+
+def test_the_newest_sequence_is_preempted_and_resumes_before_new_prompts(checkpoint, monkeypatch):
+    """When the pool runs dry the running sequence admitted first the latest is preempted (it has the least work to
+    redo), also when some have been preempted and resumed before. It waits at the head of the queue: no new prompt
+    is admitted before it resumes."""
+    _, model = checkpoint
+    first_admitted, waiting, preemptions = {}, set(), []
+    admit, preempt = sampler._Scheduler.admit, sampler._Scheduler.preempt
+
+    def recording_admit(scheduler):
+        groups = admit(scheduler)
+        for _, members, resumed in groups:
+            for slot in members:
+                index = scheduler.active[slot].index
+                if resumed:
+                    waiting.remove(index)
+                else:
+                    assert not waiting, f"completion {index} admitted while {waiting} wait to resume"
+                    first_admitted[index] = len(first_admitted)
+        return groups
+
+    def recording_preempt(scheduler, slot):
+        victim = scheduler.active[slot].index
+        newest = max((q.index for q in scheduler.active.values()), key=first_admitted.get)
+        preemptions.append(victim)
+        assert victim == newest, (victim, newest)
+        waiting.add(victim)
+        preempt(scheduler, slot)
+
+    monkeypatch.setattr(sampler._Scheduler, "admit", recording_admit)
+    monkeypatch.setattr(sampler._Scheduler, "preempt", recording_preempt)
+    prompts = random_prompts([3, 11, 6, 1, 9, 4, 7, 8])
+    generate(model, prompts, max_new_tokens=24, n=3, seed=5, block_size=2, cache_tokens=40, sync_every=5)
+    assert len(preemptions) > len(set(preemptions))  # some sequence was preempted again after it resumed
+
+
+def test_a_retired_slots_table_row_points_at_block_zero_only():
+    """The CUDA graph decodes every slot, an idle one at position 0 through its table row, and reads each row's
+    whole table: a slot whose sequence finished or was preempted must point at block 0 only, and a slot refilled by
+    a shorter sequence at block 0 past its blocks, or a write lands in a block handed out again. Checked on the
+    scheduler alone: the CPU path never reads those entries."""
+    scheduler = sampler._Scheduler([[1] * 9, [2] * 2, [3] * 5], 1, 1, 3, 4, 12, 1, {7}, None)
+    [(_, [slot], _)] = scheduler.admit()
+    blocks = scheduler.active[slot].blocks
+    assert len(blocks) == 3 and scheduler.tables[slot].tolist() == blocks
+    scheduler.record(slot, 7, 0.0)  # the stop token: finished
+    assert scheduler.tables[slot].tolist() == [0, 0, 0] and not scheduler.active
+    [(_, [slot], _)] = scheduler.admit()
+    assert scheduler.tables[slot].tolist() == scheduler.active[slot].blocks + [0, 0]
+    scheduler.record(slot, 5, 0.0)
+    scheduler.preempt(slot)
+    assert scheduler.tables[slot].tolist() == [0, 0, 0] and not scheduler.active
+
+
+def test_the_smallest_cache_the_call_accepts_finishes_every_completion(checkpoint, monkeypatch):
+    """Prompts of one block of 4 growing into a second, with a cache of 2 blocks: a sequence whose run needs just the
+    blocks left takes them (not preempting itself), and a group is admitted while the pool holds its prefill even if
+    not yet its samples' growth (the running ones are then preempted in turn). Otherwise no work is ever admitted or
+    finished: the call would loop for ever, so the scheduler's rounds are counted and bounded here."""
+    _, model = checkpoint
+    rounds, admit = [], sampler._Scheduler.admit
+
+    def bounded_admit(scheduler):  # called once per round of generate's loop
+        rounds.append(1)
+        assert len(rounds) < 500, "no progress"
+        return admit(scheduler)
+
+    monkeypatch.setattr(sampler._Scheduler, "admit", bounded_admit)
+    for n in (1, 2):
+        roomy = generate(model, random_prompts([4]), max_new_tokens=4, n=n, seed=0, logprobs_mode="raw")
+        squeezed = generate(model, random_prompts([4]), max_new_tokens=4, n=n, seed=0, logprobs_mode="raw",
+                            block_size=4, cache_tokens=8)
+        assert [c.tokens for c in squeezed] == [c.tokens for c in roomy] and len(squeezed[0].tokens) == 4
+        rounds.clear()
