@@ -16,6 +16,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "experiments"))  # the questions import harness as a sibling
 
 import plot  # noqa: E402
 import tasks  # noqa: E402
@@ -161,7 +162,6 @@ def quick_root(tmp_path_factory):
 def test_question_runs_quick(question, quick_root):
     import importlib
 
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     module = importlib.import_module(question)
     out = quick_root / question
     summary = module.main(["--quick", "--seeds=0", f"--out={out}"])
@@ -176,7 +176,6 @@ def test_question_runs_quick(question, quick_root):
 def test_sft_steps_flag_keeps_its_runs_apart():
     """--sft_steps=N: the budget's SFT length, and a tag that names its own shared SFT and GRPO runs and its default
     folder, so that no run trained from the default SFT is read back as one from another length."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     from harness import BUDGET, QUICK, parse_args
 
     default = parse_args("kl_removal", [])
@@ -201,7 +200,6 @@ def test_cache_reads_a_run_back_only_while_its_inputs_are_the_same(tmp_path):
     """A finished step is read back when asked again with the same key (across invocations too); another key, or a
     remade run it measured, makes it again; --rerun remakes each step once per invocation, not each time a script
     asks for it (base_grpo asks for base_sft again); a trainer's flags carry the make of the run they start from."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     from harness import Experiment
 
     made = []
@@ -226,7 +224,6 @@ def test_cache_reads_a_run_back_only_while_its_inputs_are_the_same(tmp_path):
 def test_another_demo_model_makes_the_inits_and_the_runs_from_them_again(tmp_path, monkeypatch):
     """The untrained init is a cached step keyed on tasks.DEMO_MODEL, and an SFT's flags carry its make: retuning the
     demo model remakes the init and every run started from it instead of reading back runs of the old model."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import harness
 
     exp = harness.Experiment("kl_removal", "t", ["--quick", "--seeds=0", f"--out={tmp_path}"])
@@ -246,7 +243,6 @@ def test_another_demo_model_makes_the_inits_and_the_runs_from_them_again(tmp_pat
 def test_sft_steps_runs_its_own_shared_sft(tmp_path):
     """A question with --sft_steps beside the default in one folder tree: the longer SFT is trained for its own
     steps (not read back from the default's cache), and the shared GRPO starts from it."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import kl_removal
 
     kl_removal.main(["--quick", "--seeds=0", f"--out={tmp_path / 'kl_removal'}"])
@@ -262,7 +258,6 @@ def test_sft_steps_runs_its_own_shared_sft(tmp_path):
 def test_seeds_side_by_side_give_the_rows_of_one_after_another(tmp_path):
     """--jobs=2: each seed's runs are made in a child process (its log in runs/seed<k>.log); the parent reads them
     back and writes the same rows as a run of the seeds one after another in one process."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import kl_removal
 
     kl_removal.main(["--quick", "--seeds=0,1", "--jobs=2", f"--out={tmp_path / 'side' / 'kl_removal'}"])
@@ -281,7 +276,6 @@ def test_seeds_side_by_side_give_the_rows_of_one_after_another(tmp_path):
 def test_headline_runs_quick(tmp_path):
     """experiments/headline.py: the README's two commands and eval.py per seed, on a tiny budget; a second call reads
     the finished seed back instead of training again, unless it was made from other inputs (another demo model)."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import headline
 
     stats = headline.main(["--quick", "--seeds=3", f"--out={tmp_path}"])
@@ -353,7 +347,6 @@ class FakeRuns:
     STEPS = 8
 
     def __init__(self, root, monkeypatch):
-        sys.path.insert(0, os.path.join(ROOT, "experiments"))
         import harness
         import make_traces
         import train_grpo
@@ -428,7 +421,6 @@ def question_rows(out):
 def test_mean_std_is_the_sample_std_over_the_finite_numbers_and_the_table_prints_both():
     """The results' error bars: mean ± the sample std (n - 1) over seeds, of the finite numbers only (a NaN or a
     missing value of one run does not turn the setting's cell into NaN); results.md prints the mean and the std."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     from harness import format_mean_std, mean_std
 
     assert mean_std([1.0, 2.0, 4.0, None, float("nan"), "x"]) == dict(mean=7 / 3, std=pytest.approx(1.5275252, 1e-6),
@@ -443,7 +435,6 @@ def test_a_row_holds_the_last_eval_the_mean_of_the_last_five_steps_and_measured_
     """Experiment.add: heldout_accuracy is the run's last held-out eval (heldout_start its step-0 one, None when it
     has none: a later eval is not the start), train_<key> the mean of the last 5 training steps' values, and values
     the script measured or summed override the run's."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     from harness import Experiment
 
     records = [dict(step=0, heldout_accuracy=10.0)] + [dict(step=s, loss=1.0, reward=float(s), kl=0.1 * s)
@@ -462,7 +453,6 @@ def test_a_row_holds_the_last_eval_the_mean_of_the_last_five_steps_and_measured_
 def test_paired_rows_are_the_per_seed_difference_a_minus_b(tmp_path):
     """Experiment.paired(label, a, b): per seed, a's value minus b's (a setting better than b gives a positive
     difference), only for seeds both have; its summary is the mean ± sample std of those differences."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     from harness import Experiment
 
     exp = Experiment("kl_removal", "t", ["--quick", "--seeds=0,1,2", "--jobs=1", f"--out={tmp_path}"])
@@ -482,7 +472,6 @@ def test_paired_rows_are_the_per_seed_difference_a_minus_b(tmp_path):
 def test_each_seed_gets_its_own_untrained_init_and_run_folders(tmp_path):
     """The seeds are independent replicates: each seed's init has its own weights in its own folder, and each
     seed's run folder is its own (a seed never reads back, or overwrites, another seed's run)."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import torch
 
     from harness import Experiment
@@ -519,7 +508,6 @@ def test_the_training_flags_carry_the_questions_overrides_the_data_and_the_make_
 def test_seeds_side_by_side_pass_the_flags_to_each_childs_runs(tmp_path, monkeypatch):
     """--jobs: each seed's child process gets the question's flags (--quick, --rerun, --sft_steps, --out) and its
     own seed, so that what the parent reads back from the cache is what it was asked for."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import harness
 
     started = []
@@ -548,7 +536,6 @@ def test_drift_is_the_exact_per_token_kl_both_ways_and_entropy_of_each_completio
     """harness.drift against a token-by-token computation: at each completion token, the full next-token
     distributions of the policy (pi) and of the start (q) given everything before it; KL(pi||q), KL(q||pi) and
     H(pi) averaged over all completion tokens of all completions (an empty one adds none), and the mean length."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import torch
 
     import harness
@@ -585,7 +572,6 @@ def test_drift_is_the_exact_per_token_kl_both_ways_and_entropy_of_each_completio
 def test_accuracy_evaluates_the_levels_held_out_problems_with_the_seed_it_is_given(monkeypatch):
     """harness.accuracy(path, level, problems, max_new_tokens, seed): one sample at temperature 1 on that many
     held-out problems of that level, with that token budget and that sampling seed (a seed's measurement is its own)."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import harness
 
     asked = []
@@ -685,7 +671,6 @@ def test_kl_form_runs_each_form_with_its_flags_and_measures_the_trained_policy(t
 
 def test_slipped_finds_a_wrong_line_of_each_operation():
     """faked_traces.slipped: a trace slipped when one of its `a op b = c` lines is wrong, for +, - and *."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     from faked_traces import slipped
 
     assert not slipped("7 + 5 = 12\n12 - 4 = 8\n8 * 3 = 24\nThe answer is 24")
@@ -745,7 +730,6 @@ def test_headline_reports_each_seeds_own_runs_and_the_sample_std_over_seeds(tmp_
     of each column, and --rerun runs every seed again instead of reading its result back."""
     import statistics
 
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import headline
 
     commands = []
