@@ -200,8 +200,10 @@ def check_problems(problems, task) -> list[dict]:
     for i, problem in enumerate(problems):
         if not isinstance(problem, dict) or not isinstance(problem.get("problem"), str):
             raise SystemExit(f"task {task.name!r}: problem {i} needs a field 'problem' (a string)")
-        if graded_by_answer and problem.get("answer") is None:
-            raise SystemExit(f"task {task.name!r}: problem {i} needs a field 'answer' (or the task its own grade())")
+        answer = problem.get("answer")
+        if graded_by_answer and not (isinstance(answer, str) and answer.strip()):  # what the verifier will take
+            raise SystemExit(f"task {task.name!r}: problem {i} needs a field 'answer', a non-empty string (or the "
+                             f"task its own grade())")
     ids = [str(p.get("id", f"{task.name}-{i}")) for i, p in enumerate(problems)]
     repeated = [i for i, count in Counter(ids).items() if count > 1]
     if repeated:
