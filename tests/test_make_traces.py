@@ -1,6 +1,7 @@
 # python -m pytest tests/test_make_traces.py -q
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -115,7 +116,8 @@ def test_hint_never_reaches_a_stored_prompt_and_leaks_and_wrong_answers_are_drop
     assert set(kept) == {ava, ben, fay}  # Cleo leaks, Dan opens with the answer, Eli is wrong even with the hint
     assert kept[ben]["kind"] == "hinted" and kept[ben]["completion"] == trace("4 * 2 = 8", "8")
     assert kept[ben]["teacher_pass_rate"] == 0.0 and kept[ben]["hinted_pass_rate"] == 1.0
-    assert kept[ava] == dict(kept[ava], kind="sampled", completion=trace("3 + 2 = 5", "5"), teacher_pass_rate=1.0)
+    assert kept[ava] == dict(kept[ava], kind="sampled", completion=trace("3 + 2 = 5", "5"), teacher_pass_rate=1.0,
+                             hinted_pass_rate=None)  # never hinted: no rate, not a rate of 0
     assert kept[fay]["completion"] == trace("6 - 3 = 3", "3") and kept[fay]["teacher_pass_rate"] == 0.5
     assert summary["rejected"]["hinted"] == {"leak_mention": 4, "leak_early_answer": 4, "incorrect": 4,
                                              "duplicate": 3}
@@ -146,10 +148,97 @@ def test_hint_always_keeps_only_hinted_traces_never_none_and_keep_two(scripted_t
     kept = by_problem(tmp_path / "always")
     assert {row["kind"] for row in kept.values()} == {"hinted"} and len(kept) == 3
     assert kept[TEACHER[0][0]]["teacher_pass_rate"] == 1.0  # still measured without the hint
-    run(scripted_teacher, tmp_path / "never", "--hint=never", "--keep=2")
+    summary = run(scripted_teacher, tmp_path / "never", "--hint=never", "--keep=2")
     kept = rows(tmp_path / "never")
     assert [row["completion"] for row in kept] == [trace("3 + 2 = 5", "5"), trace("Ava has 3 pens.\n3 + 2 = 5", "5"),
                                                    trace("6 - 3 = 3", "3")]  # distinct, the shortest first
+    assert summary["kept"] == {"sampled": 3, "hinted": 0} and summary["problems_with_a_trace"] == 2
+
+
+def test_a_completion_gets_the_think_its_chat_template_opened(monkeypatch):
+    """A template that ends by opening <think> (R1's distills' do) leaves it out of the sampled tokens: the text
+    gets it back, unless the teacher wrote one itself; a template that opens none adds none."""
+    class CharacterTokenizer:  # token ids are characters; the template appends `opening` to the user turn
+        eos_token_ids = [0]
+
+        def __init__(self, opening):
+            self.opening = opening
+
+        def apply_chat_template(self, messages):
+            return messages[0]["content"] + self.opening
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(map(chr, ids))
+
+    written = ["6 = 6\n</think>\n\\boxed{6}", "<think>\n6 = 6\n</think>\n\\boxed{6}"]
+    monkeypatch.setattr(make_traces, "generate", lambda model, prompts, max_new_tokens, n=1, **_: [
+        Completion(0, [ord(c) for c in text], [0.0] * len(text), "stop") for text in written])
+    config = make_traces.Config()
+    opened = make_traces.sample(None, CharacterTokenizer("\n<think>\n"), ["x"], 2, config, 0, None)
+    assert opened == [("<think>\n" + written[0], "stop", len(written[0])), (written[1], "stop", len(written[1]))]
+    plain = make_traces.sample(None, CharacterTokenizer("\n"), ["x"], 2, config, 0, None)
+    assert [text for text, _, _ in plain] == written
+
+
+def test_fallback_hints_every_problem_without_a_trace_and_records_keep_their_own_lengths(monkeypatch):
+    """Right answers cut off by --max_new_tokens are no trace, so --hint=fallback hints that problem too; the hint
+    is the template with only {answer} filled in (its other braces as written); each record holds its own
+    problem's completion lengths, in sampling order."""
+    problems = [{"problem": f"Problem {i}.", "answer": str(i + 1)} for i in range(3)]
+    asked = []
+
+    def sample(teacher, tokenizer, messages, n, config, seed, progress):
+        """Problem 0 right, problem 1 right but cut off, problem 2 wrong, all right with the hint; the lengths
+        are 10 x problem + sample, plus 100 with the hint."""
+        asked.append(messages)
+        hinted = len(asked) == 2
+        results = []
+        for message in messages:
+            i = int(message.split()[1].rstrip("."))
+            answer = str(i + 1) if hinted or i < 2 else "99"
+            finish = "length" if i == 1 and not hinted else "stop"
+            results += [(trace("Count on.", answer), finish, 100 * hinted + 10 * i + s) for s in range(n)]
+        return results
+
+    monkeypatch.setattr(make_traces, "sample", sample)
+    config = make_traces.Config(samples=2, hint_samples=3, hint_template="\nHint: {answer}; write it in \\boxed{}.")
+    records = make_traces.make_chunk(None, None, problems, 10, config, seed=0, progress=None)
+    assert asked[1] == ["Problem 1.\nHint: 2; write it in \\boxed{}.", "Problem 2.\nHint: 3; write it in \\boxed{}."]
+    assert [r["problem_index"] for r in records] == [10, 11, 12]
+    assert [r["rejected_sampled"] for r in records] == [{"duplicate": 1}, {"truncated": 2}, {"incorrect": 2}]
+    assert [r["hinted_samples"] for r in records] == [0, 3, 3]
+    assert [r["sampled_lengths"] for r in records] == [[0, 1], [10, 11], [20, 21]]
+    assert [r["hinted_lengths"] for r in records] == [[], [110, 111, 112], [120, 121, 122]]
+    assert [[row["kind"] for row in make_traces.select(r, "fallback", 1)] for r in records] == [
+        ["sampled"], ["hinted"], ["hinted"]]
+
+
+def test_a_last_short_chunk_is_made_and_every_sampler_call_has_a_seed_of_its_own(scripted_teacher, tmp_path,
+                                                                                   monkeypatch):
+    """Six problems in chunks of four: a chunk of four, then one of two. The sampled and the hinted completions
+    of each chunk are drawn with seeds no other call shares."""
+    scripted, seeds = make_traces.generate, []
+    monkeypatch.setattr(make_traces, "generate", lambda *args, **kwargs: seeds.append(kwargs["seed"]) or
+                        scripted(*args, **kwargs))
+    summary = run(scripted_teacher, tmp_path, "--hint=always", "--chunk=4")
+    assert summary["problems"] == len(TEACHER) == 6
+    assert sorted(os.listdir(tmp_path / "chunks")) == ["chunk_000000.json", "chunk_000001.json"]
+    assert len(seeds) == 4 and len(set(seeds)) == 4
+
+
+def test_a_teacher_retrained_in_the_same_folder_does_not_resume_the_old_ones_chunks(scripted_teacher, tmp_path):
+    path, problems = scripted_teacher
+    teacher = str(shutil.copytree(path, tmp_path / "teacher"))
+    run((teacher, problems), tmp_path / "out")
+    model = Transformer.from_pretrained(teacher)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(teacher)
+    with pytest.raises(SystemExit, match="teacher_weights differ"):
+        run((teacher, problems), tmp_path / "out")
 
 
 @pytest.mark.parametrize("text, finish, gold, problem, hinted, expected", [
@@ -184,6 +273,12 @@ def test_hint_always_keeps_only_hinted_traces_never_none_and_keep_two(scripted_t
      "leak_mention"),  # quotes the hint's last words
     (trace("Each pen costs 1.6 dollars.\n1.6 * 5 = 8, 8 - 2 = 6", "6"), "stop", "6", "Five pens cost 8 dollars less 2.",
      True, None),  # 1.6 is not 6
+    (trace("The price is 6.5 dollars.\n6.5 - 0.5 = 6", "6"), "stop", "6", "x", True, None),  # 6.5 is not 6
+    (trace("It starts at -30 degrees.\n-30 + 27 = -3", "-3"), "stop", "-3", "x", True, None),  # -30 is not -3
+    (trace("So it is x+1.\nf(x) = x + 1", "x + 1"), "stop", "x + 1", "f(x)", True, "leak_early_answer"),  # spaces
+    (trace("Reading the problem again, the number of coins at the end is 6.\n3 * 2 = 6", "6"), "stop", "6", "x",
+     True, "leak_early_answer"),  # a long opening sentence
+    ("<think>3 * 2 = 6</think> The result is \\boxed{6}.", "stop", "6", "x", True, None),  # the box is no opening
 ])
 def test_rejection_reasons(text, finish, gold, problem, hinted, expected):
     template = make_traces.HINT_TEMPLATE if hinted else None

@@ -57,6 +57,7 @@ def test_get_task_resolves_every_kind_of_name(tmp_path):
 
 def test_demo_splits_never_share_a_problem_and_smaller_counts_are_prefixes():
     train = {p["problem"] for p in DemoTask().train_problems(seed=0)[:3000]}
+    assert len(train) == 3000  # distinct problems: the stream repeats some
     heldout = DemoTask(test_size=500).test_problems()
     assert not train & {p["problem"] for p in heldout}
     assert DemoTask(test_size=20).test_problems() == heldout[:20]
@@ -206,6 +207,26 @@ def test_score_adds_the_format_reward_and_the_overlong_penalty_to_the_task_rewar
     plain, _ = score(Task(), completions, problems, [10, 60, 64], max_new_tokens=64)
     assert plain == [1.0, 1.0, 0.0]
     assert overlong_penalty([10, 60, 64, 62], 64, 4, 1.0).tolist() == [0.0, 0.0, -1.0, -0.5]
+
+
+def test_only_a_correct_verdict_earns_the_task_reward():
+    """No answer, an unparseable one and a wrong one all score 0 (a reward for 'not incorrect' would pay the
+    policy for never answering)."""
+    problems = [{"id": "a", "problem": "2+2?", "answer": "4"}] * 4
+    completions = ["\\boxed{4}", "I am not sure.", "\\boxed{@@@}", "\\boxed{5}"]
+    rewards, verdicts = score(Task(), completions, problems, [1] * 4, max_new_tokens=64)
+    assert [v.status for v in verdicts] == ["correct", "no_answer", "unparseable", "incorrect"]
+    assert rewards == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_a_zero_answer_is_an_answer(tmp_path):
+    """JSON's 0 (an AIME answer can be 0) is a gold "0" in a file, and "0" one from a user's task; only a missing or
+    blank answer is refused."""
+    file = write_jsonl(tmp_path / "zero.jsonl", [{"problem": "1-1?", "answer": 0}, {"problem": "2-2?", "answer": "0"}])
+    assert [p["answer"] for p in get_task(file).test_problems()] == ["0", "0"]
+    assert check_problems([{"problem": "1-1?", "answer": "0"}], Task())[0]["answer"] == "0"
+    with pytest.raises(ValueError, match="field 'answer' is missing or empty"):
+        get_task(write_jsonl(tmp_path / "blank.jsonl", [{"problem": "1-1?", "answer": " "}])).test_problems()
 
 
 def test_a_custom_judge_grades_completions_made_elsewhere(tmp_path):

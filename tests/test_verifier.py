@@ -55,6 +55,50 @@ def test_grade_statuses():
     assert grade("\\boxed{5}", "5").status == "correct"
     verdict = grade("\\boxed{6}", "5")
     assert verdict.status == "incorrect" and verdict.answer == "6" and verdict.reason
+    assert grade("\\boxed{3 4}", "5").status == "incorrect"  # an answer, though not one number
+    assert grade("\\boxed{\\$}", "5").status == "no_answer"  # nothing left once the dollar sign goes
+
+
+def test_a_verdict_reports_each_answer_as_its_completion_wrote_it():
+    """Answers that normalise alike are decided by one sympy job, but each verdict names its own extracted text."""
+    written = ["\\dfrac{\\sqrt{12}}{4}", "\\tfrac{\\sqrt{12}}{4}", "\\frac{\\sqrt{12}}{4}"]
+    verdicts = verify_batch([(f"\\boxed{{{answer}}}", "\\frac{\\sqrt{3}}{2}") for answer in written])
+    assert [(v.status, v.answer) for v in verdicts] == [("correct", answer) for answer in written]
+
+
+FAKE_WORKER = """
+import json, sys, time
+print("ready", flush=True)
+for line in sys.stdin:
+    request = json.loads(line)
+    if request["gold"] == "die":
+        sys.exit(1)
+    time.sleep(float(request["gold"]))
+    print(json.dumps({"status": "correct", "answer": request["answer"], "reason": "slept"}), flush=True)
+"""
+
+
+def test_a_stuck_or_dead_worker_is_a_timeout_at_its_deadline_and_is_replaced(monkeypatch):
+    """Workers that sleep `gold` seconds before answering (or exit on 'die'): an item past its deadline is a
+    timeout at the deadline, not when the worker answers, and the worker is replaced, so its late answer never
+    becomes the next item's; a worker that dies is a timeout too, and replaced."""
+    import subprocess
+
+    import verifier
+
+    monkeypatch.setattr(verifier.WorkerPool, "_launch", staticmethod(lambda: subprocess.Popen(
+        [sys.executable, "-c", FAKE_WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)))
+    pool = verifier.WorkerPool(1)
+    try:
+        start = time.monotonic()
+        verdicts = pool.run([("stuck", "3"), ("next", "0"), ("gone", "die"), ("after", "0")], timeout=0.3)
+        elapsed = time.monotonic() - start
+    finally:
+        pool.close()
+    assert [(v.status, v.answer) for v in verdicts] == [("timeout", None), ("correct", "next"), ("timeout", None),
+                                                        ("correct", "after")]
+    assert [v.reason for v in verdicts[::2]] == ["no decision within 0.3s", "worker died"]
+    assert elapsed < 2.5, elapsed
 
 
 def test_stuck_item_times_out_and_the_pool_recovers():
@@ -97,6 +141,9 @@ def test_rewards():
     assert format_reward("<think></think>\\boxed{3}") == 0.0
     assert format_reward("\n<think>\nreason\n</think>\n\n\\boxed{3}") == 1.0  # a newline before the block
     assert format_reward("reason <think> more </think>\n\\boxed{3}") == 0.0  # a block opened midway
+    assert format_reward("<think>a</think>b</think>\\boxed{3}") == 0.0  # two closings
+    assert format_reward("<think>a<think>b</think>\\boxed{3}") == 0.0  # two openings
+    assert format_reward("<think>\nreason\n</think>\n\n\\boxed{}") == 0.0  # an empty box
 
 
 def test_grading_in_process_follows_the_same_rules_as_the_pool():

@@ -640,6 +640,8 @@ CASES = [
     (B("1234.504"), "1,234.50", True, "rounded to a gold with separators and decimals"),
     (B("1234.51"), "1,234.50", False, "off in the last decimal of a gold with separators"),
     (B("3,1416"), "3.1416", True, "a decimal comma before four digits"),
+    (B("\\text{devon's}"), "\\text{Devon's}", True, "a gold the parser cannot read matches as text, case aside"),
+    (B("\\text{devin's}"), "\\text{Devon's}", False, "a gold the parser cannot read: other text"),
 ]
 
 # GSM8K golds are integers written with separators; AIME golds are 0..999 without padding.
