@@ -144,7 +144,7 @@ _MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$])+?)\$|\\\((.+?)\\
 # where an answer written in prose ends: a sentence end, or a comma before a clause ("7, which we check below")
 _ANSWER_END = re.compile(r"\.(?:\s|$)|[;!?]|,\s+(?!and\b|or\b)(?=[a-z]{2,}|i\.e\.|e\.g\.)|"
                          r"\s(?:which|since|because|as|so|where)\s")
-_NUMBER = r"-?(?:\d{1,3}(?: \d{3})+(?![\d.])|\d[\d,]*(?:\.\d+)?(?:/\d+)?|\.\d+)"
+_NUMBER = r"-?(?:\d{1,3}(?: \d{3})+(?![\d.])|\d[\d,]*(?:\.\d+)?(?:/\d+|[½⅓⅔¼¾⅕⅙⅛])?|\.\d+)"
 
 
 def answer_region(text: str) -> str | None:
@@ -238,12 +238,26 @@ _PROSE_WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{4,}")
 _ANSWER_WORDS = {"thousand", "million", "billion", "percent", "dollars", "cents", "units", "degrees"}
 
 
+def _outside_commands(text: str) -> str:
+    """text with \\text{...}, \\mbox{...}, \\begin{...} and the like blanked (their words are no prose)."""
+    return re.sub(r"\\(?:text\w*|mbox|mathrm|operatorname)\s*\{[^{}]*\}|\\(?:begin|end)\{\w+\}",
+                  lambda m: " " * len(m.group()), text)
+
+
 def _prose_words(text: str) -> list[re.Match]:
     """Words of four letters or more outside LaTeX commands and \\text{}, other than units and number words."""
-    masked = re.sub(r"\\(?:text\w*|mbox|mathrm|operatorname)\s*\{[^{}]*\}|\\(?:begin|end)\{\w+\}",
-                    lambda m: " " * len(m.group()), text)
-    return [word for word in _PROSE_WORD.finditer(masked)
+    return [word for word in _PROSE_WORD.finditer(_outside_commands(text))
             if word.group().lower() not in _ANSWER_WORDS and word.group().lower() not in _NUMBER_WORDS]
+
+
+# two words side by side, of two letters or more: a sentence ("The sum is 12", "So it is 5") even when every word
+# is too short to count as prose; number words ("twenty five", "three hundred") are a number
+_WORD_PAIR = re.compile(r"(?<![\\a-zA-Z])([a-zA-Z]{2,})\s+(?=([a-zA-Z]{2,})(?![a-zA-Z]))")
+
+
+def _is_sentence(text: str) -> bool:
+    return any(not {pair.group(1).lower(), pair.group(2).lower()} <= _NUMBER_WORDS.keys() | _ANSWER_WORDS
+               for pair in _WORD_PAIR.finditer(_outside_commands(text)))
 
 
 def _has_prose(text: str) -> bool:
@@ -261,7 +275,7 @@ def _bare_answer(region: str) -> str | None:
         return None
     if re.fullmatch(r"[A-Za-z]+", inner):
         return inner
-    if _has_prose(inner):
+    if _has_prose(inner) or _is_sentence(inner):
         return None
     return inner.rstrip(".").strip()
 
@@ -349,6 +363,7 @@ def normalize(s: str) -> str:
     if _SIMPLE_NUMBER.fullmatch(s):  # most answers: nothing to remove
         return s
     s = re.sub(r"√\s*(\d+|[a-zA-Z])", r"\\sqrt{\1}", s)  # √13 is sqrt(13), not sqrt(1) times 3
+    s = re.sub(r"(\d+)\s*([½⅓⅔¼¾⅕⅙⅛])", r"(\1+\2)", s)  # 2½ is two and a half, not 2 times a half
     for char, replacement in _UNICODE.items():
         s = s.replace(char, replacement)
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)

@@ -642,6 +642,16 @@ CASES = [
     (B("3,1416"), "3.1416", True, "a decimal comma before four digits"),
     (B("\\text{devon's}"), "\\text{Devon's}", True, "a gold the parser cannot read matches as text, case aside"),
     (B("\\text{devin's}"), "\\text{Devon's}", False, "a gold the parser cannot read: other text"),
+    # --- wrong verdicts found by the mutation audit of verifier.py's parsing (2026-12-02), each graded the other
+    # way before its fix -------------------------------------------------------------------------------------------
+    ("<think>\n3 + 4 + 5 = 12\n</think>\n\nThe sum is 12.", "12", True,
+     "a short sentence of short words is no bare answer: its last number is"),
+    ("<think>\nwork\n</think>\nSo it is 12.", "12", True, "a sentence of two- and three-letter words"),
+    ("<think>\nwork\n</think>\nThe sum is 13.", "12", False, "a short sentence with another number"),
+    (B("2½"), "2.5", True, "a whole number and a unicode half is a mixed number"),
+    (B("2½"), "1", False, "a mixed number is not a product"),
+    (B("-3¾"), "-\\frac{15}{4}", True, "a negative mixed number with a unicode fraction"),
+    ("She ran 2½ miles on Monday.", "\\frac{5}{2}", True, "a mixed number with a unicode fraction in prose"),
 ]
 
 # GSM8K golds are integers written with separators; AIME golds are 0..999 without padding.
