@@ -195,10 +195,10 @@ def _after_last_marker(region: str) -> str | None:
     answer = re.sub(r"\.\s*$", "", answer).strip()
     if not answer:
         return ""
-    prose = _prose_words(answer)
+    prose = _prose_words(answer) + _word_pairs(answer)  # "7 in all": short words side by side are prose too
     if not prose or re.search(r"(?i)\b(?:or|and|but|either|perhaps|maybe)\b", answer):
         return answer  # no words to drop, or alternatives the hedge check must see ("18 or perhaps 19")
-    before_prose = answer[: prose[0].start()]
+    before_prose = answer[: min(word.start() for word in prose)]
     if "\\" in before_prose:
         return re.sub(r"(?:[\s-]+[a-zA-Z]{1,3})*[\s-]*$", "", before_prose).strip()  # "\\frac{1}{2} of the total"
     number = re.search(_NUMBER, answer.rsplit("=", 1)[-1])  # the result of a calculation, else the first value
@@ -255,9 +255,9 @@ def _prose_words(text: str) -> list[re.Match]:
 _WORD_PAIR = re.compile(r"(?<![\\a-zA-Z])([a-zA-Z]{2,})\s+(?=([a-zA-Z]{2,})(?![a-zA-Z]))")
 
 
-def _is_sentence(text: str) -> bool:
-    return any(not {pair.group(1).lower(), pair.group(2).lower()} <= _NUMBER_WORDS.keys() | _ANSWER_WORDS
-               for pair in _WORD_PAIR.finditer(_outside_commands(text)))
+def _word_pairs(text: str) -> list[re.Match]:
+    return [pair for pair in _WORD_PAIR.finditer(_outside_commands(text))
+            if not {pair.group(1).lower(), pair.group(2).lower()} <= _NUMBER_WORDS.keys() | _ANSWER_WORDS]
 
 
 def _has_prose(text: str) -> bool:
@@ -275,7 +275,7 @@ def _bare_answer(region: str) -> str | None:
         return None
     if re.fullmatch(r"[A-Za-z]+", inner):
         return inner
-    if _has_prose(inner) or _is_sentence(inner):
+    if _has_prose(inner) or _word_pairs(inner):
         return None
     return inner.rstrip(".").strip()
 

@@ -652,6 +652,10 @@ CASES = [
     (B("2½"), "1", False, "a mixed number is not a product"),
     (B("-3¾"), "-\\frac{15}{4}", True, "a negative mixed number with a unicode fraction"),
     ("She ran 2½ miles on Monday.", "\\frac{5}{2}", True, "a mixed number with a unicode fraction in prose"),
+    ("The answer is 7 in all.", "7", True, "short words after the value that follows a marker"),
+    ("The answer is 1/2 of the pie.", "\\frac{1}{2}", True, "a fraction and short words after a marker"),
+    ("The answer is 8 in all.", "7", False, "short words after another value"),
+    ("12 and 15", "12, 15", True, "a bare answer of two values joined by 'and' is no sentence"),
 ]
 
 # GSM8K golds are integers written with separators; AIME golds are 0..999 without padding.
