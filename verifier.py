@@ -694,9 +694,19 @@ class _Parser:
         raise ParseError(f"unsupported command \\{name}")
 
     def function_argument(self):
+        """(...) or {...}; else the factors up to the next operator, bracket or function: \\sin 2x is sin(2x) and
+        \\cos 2\\theta is cos(2 theta), while \\sin x \\cos x is sin(x) cos(x)."""
         if self.peek() in ("(", "{"):
             return self.atom()
-        return self.factor()
+        value = self.factor()
+        while self.starts_plain_factor(self.peek()):
+            value = value * self.factor()
+            self.count()
+        return value
+
+    def starts_plain_factor(self, token):
+        return token is not None and (token[0].isdigit() or token[0] == "." or token.isalpha()
+                                      or token[1:] == "pi" or token[1:] in _GREEK)
 
 
 def _nonzero(value):

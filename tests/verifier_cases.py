@@ -656,6 +656,10 @@ CASES = [
     ("The answer is 1/2 of the pie.", "\\frac{1}{2}", True, "a fraction and short words after a marker"),
     ("The answer is 8 in all.", "7", False, "short words after another value"),
     ("12 and 15", "12, 15", True, "a bare answer of two values joined by 'and' is no sentence"),
+    (B("2\\sin x \\cos x"), "\\sin 2x", True, "sin 2x is the sine of 2x, not sin(2) times x"),
+    (B("\\cos^2 x - \\sin^2 x"), "\\cos 2x", True, "cos 2x is the cosine of 2x"),
+    (B("\\sin 2x \\cos x"), "\\sin(2x)\\cos(x)", True, "a function's plain argument ends at the next function"),
+    (B("\\sin 2x"), "2\\sin x", False, "sin 2x is not 2 sin x"),
 ]
 
 # GSM8K golds are integers written with separators; AIME golds are 0..999 without padding.
