@@ -311,3 +311,40 @@ def test_boxed_spans_match_each_box_by_its_own_brace_scan_on_random_text():
     for _ in range(3000):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
         assert verifier._boxed_spans(text) == by_definition(text), text
+
+
+def test_plain_number_takes_commas_for_thousands_only_between_groups_of_three():
+    """A comma groups thousands only when the first group has one to three digits and every later group exactly
+    three ('12,345' and '1,234,567', never '1,2345,678'): plain_number against that definition on digit strings."""
+    from fractions import Fraction
+
+    from verifier import plain_number
+
+    def by_definition(s):
+        first, *rest = s.lstrip("-").split(",")
+        if not (1 <= len(first) <= 3 or not rest) or any(len(group) != 3 for group in rest):
+            return None
+        return Fraction(int(s.replace(",", "")))
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        groups = ["".join(rng.choice("0123456789") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 4))]
+        s = rng.choice(["", "-"]) + ",".join(groups)
+        assert plain_number(s) == by_definition(s), s
+
+
+def test_expressions_one_and_a_half_tolerances_apart_at_every_probe_are_never_equal():
+    """The numeric check's tolerance is 1e-12 relative (absolute below 1): c x + d against c x, with d one and a half
+    tolerances at the probe where |c x| is largest (so at least that at every probe), is another expression. The
+    probes must be evaluated well past twelve digits to see it: at ten digits some of these pairs pass."""
+    import sympy
+
+    import verifier
+
+    x = sympy.Symbol("x")
+    largest = max(abs(row[0]) for row in verifier._PROBE_VALUES)  # x is the first variable: it takes row[0]
+    rng = random.Random(0)
+    for _ in range(300):
+        c = sympy.Integer(rng.randint(1, 10 ** 6))
+        d = sympy.Rational(3, 2) / 10 ** 12 * max(1, c * largest) * rng.choice([1, -1])
+        assert not verifier.expressions_equal(c * x + d, c * x), (c, d)
