@@ -1,5 +1,7 @@
 # python -m pytest tests/test_common.py -q
 """common.py: the --key=value config every script reads, and the checkpoint helpers under every resume."""
+import datetime
+import errno
 import json
 import os
 import random
@@ -86,6 +88,54 @@ def test_every_scripts_choices_are_declared_once_on_its_config():
         parse_config(train_sft.Config, train_sft.PRESETS, ["--parallel=none"])
 
 
+def test_a_process_group_on_cpus_is_gloo_and_waits_hours_at_a_barrier(monkeypatch):
+    """A rank may wait at a barrier while another samples a long chunk: the collectives' timeout must outlast that
+    (the default is 10 minutes on NCCL, 30 on gloo)."""
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    calls = []
+    monkeypatch.setattr(common.dist, "init_process_group", lambda backend, **kwargs: calls.append((backend, kwargs)))
+    assert common.init_distributed("cpu") == (1, 2, torch.device("cpu"))
+    [(backend, kwargs)] = calls
+    assert backend == "gloo" and kwargs.get("timeout", datetime.timedelta(0)) >= datetime.timedelta(hours=1)
+
+
+def test_gradient_sync_is_switched_on_ddp_and_fsdp2_models():
+    """DDP reads a flag before each backward, an FSDP2 model takes a call: both must hear each micro-step's
+    setting (a plain model, one process, has neither)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    class DDPLike(torch.nn.Module):
+        require_backward_grad_sync = True
+
+    class FSDP2Like(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def set_requires_gradient_sync(self, enabled):
+            self.calls.append(enabled)
+
+    assert hasattr(FSDPModule, "set_requires_gradient_sync")  # the fake's method is FSDP2's own
+    ddp, fsdp, plain = DDPLike(), FSDP2Like(), tiny_model()
+    for enabled in (False, True, False):
+        for model in (ddp, fsdp, plain):
+            common.set_gradient_sync(model, enabled)
+        assert ddp.require_backward_grad_sync is enabled
+    assert fsdp.calls == [False, True, False]
+
+
+def test_activation_checkpointing_recomputes_each_block_in_the_backward():
+    """--activation_checkpointing=true reaches the model: each block's forward starts again in the backward (and
+    stops once it has what the backward needs, so a pre-hook counts it)."""
+    for checkpointing, forwards in ((False, 1), (True, 2)):
+        wrapped, model = common.wrap_model(tiny_model(), "ddp", torch.device("cpu"), checkpointing)
+        calls = []
+        model.model.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
+        wrapped(torch.tensor([[1, 2, 3]])).sum().backward()
+        assert len(calls) == forwards, checkpointing
+
+
 def test_learning_rate_schedule():
     assert lr_at(0, 100, 1.0, warmup_steps=10) == pytest.approx(0.1)
     assert lr_at(9, 100, 1.0, warmup_steps=10) == pytest.approx(1.0)
@@ -97,6 +147,21 @@ def test_learning_rate_schedule():
     assert lr_at(55, 100, 1.0, warmup_steps=10, min_lr_ratio=0.0) == pytest.approx(0.5, abs=1e-12)
     assert lr_at(100, 100, 1.0, warmup_steps=10, min_lr_ratio=0.1) == pytest.approx(0.1, abs=1e-12)
     assert lr_at(99, 100, 1.0, warmup_steps=10, min_lr_ratio=0.1) > 0.1 + 1e-4
+
+
+def test_weight_decay_shrinks_the_matrices_only():
+    """AdamW's decoupled decay, seen alone (zero gradients, so Adam's own step is 0): every weight matrix shrinks by
+    lr x weight_decay, the norms and biases stay as they are."""
+    model = tiny_model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = make_optimizer(model, lr=0.1, weight_decay=0.5)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    kept = [name for name in before if "norm" in name or name.endswith("bias")]
+    assert kept and len(kept) < len(before)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name] * (1.0 if name in kept else 1 - 0.1 * 0.5), msg=name)
 
 
 class FakeTokenizer:
@@ -143,6 +208,49 @@ def test_a_checkpoint_round_trips_weights_optimizer_and_rng(tmp_path):
     assert all(torch.equal(saved_state[k]["exp_avg"], loaded_state[k]["exp_avg"]) for k in saved_state)
 
 
+def test_rng_state_keeps_numpys_cached_gaussian(tmp_path):
+    """numpy's legacy normal draws come in pairs, the second held back for the next call: a restored state hands
+    out that held-back draw too."""
+    np.random.seed(5)
+    np.random.standard_normal()  # draws a pair and holds the second back
+    torch.save(common.rng_state(), tmp_path / "rng.pt")
+    expected = np.random.standard_normal(3)
+    np.random.seed(0)
+    common.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert np.array_equal(np.random.standard_normal(3), expected)
+
+
+def test_each_rank_restores_its_own_rng_state(tmp_path):
+    """Rank 1 continues its own random stream, not rank 0's."""
+    model = tiny_model()
+    optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.0)
+    torch.manual_seed(0)
+    path = save_checkpoint(str(tmp_path), model, FakeTokenizer(), optimizer, 2, Demo(), {}, 0, 2)
+    torch.manual_seed(1)
+    torch.save({"optimizer": optimizer.state_dict(), "rng": common.rng_state()}, os.path.join(path, "state_rank1.pt"))
+    expected = torch.rand(3)
+    torch.manual_seed(2)
+    load_run_state(path, model, optimizer, rank=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_without_a_usable_marker_the_complete_checkpoint_of_the_highest_step_is_taken(tmp_path):
+    """The fallback orders by the step each run.json holds (final is the last step, whatever its name sorts
+    like), skips a folder that is not complete, and a marker naming such a folder is not usable."""
+    model = tiny_model()
+    optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.0)
+    out_dir = str(tmp_path)
+    for step in (2, 10):
+        save_checkpoint(out_dir, model, FakeTokenizer(), optimizer, step, Demo(), {}, 0, 1)
+    final = save_checkpoint(out_dir, model, FakeTokenizer(), optimizer, 12, Demo(), {}, 0, 1, name="final")
+    os.remove(tmp_path / "latest")
+    assert latest_checkpoint(out_dir, verbose=False) == final
+    (tmp_path / "latest").write_text("final")
+    weights = tmp_path / "final" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a disk that filled up
+    assert latest_checkpoint(out_dir, verbose=False) == os.path.join(out_dir, "step_000010")
+
+
 def test_a_checkpoint_without_its_run_file_is_not_complete(tmp_path):
     model = tiny_model()
     optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.0)
@@ -162,6 +270,22 @@ def test_a_checkpoint_is_complete_only_with_every_ranks_state(tmp_path):
     assert checkpoint_is_complete(path)
 
 
+def test_a_checkpoint_without_its_tokenizer_or_with_a_truncated_state_is_not_complete(tmp_path):
+    model = tiny_model()
+    optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.0)
+    path = save_checkpoint(str(tmp_path), model, FakeTokenizer(), optimizer, 1, Demo(), {}, 0, 1)
+    state = os.path.join(path, "state_rank0.pt")
+    whole = open(state, "rb").read()
+    with open(state, "wb") as f:
+        f.write(whole[:-100])  # a copy cut short: the zip's closing directory is gone
+    assert not checkpoint_is_complete(path)
+    with open(state, "wb") as f:
+        f.write(whole)
+    assert checkpoint_is_complete(path)
+    os.remove(os.path.join(path, "tokenizer.json"))
+    assert not checkpoint_is_complete(path)
+
+
 @dataclass
 class Resumable:
     out_dir: str = ""
@@ -179,6 +303,19 @@ def test_resume_refuses_another_number_of_processes(tmp_path):
     assert resume_checkpoint(config, rank=0, world_size=2) == path
     with pytest.raises(SystemExit, match=r"2 processes there, 1 here"):
         resume_checkpoint(config, rank=0, world_size=1)
+
+
+@dataclass
+class ResumableWithANewFlag(Resumable):
+    new_flag: int = 3
+
+
+def test_a_checkpoint_from_before_a_flag_existed_resumes(tmp_path):
+    """A flag added to the code after a run saved has no value in its checkpoint: that is no difference."""
+    model = tiny_model()
+    config = Resumable(out_dir=str(tmp_path))
+    path = save_checkpoint(str(tmp_path), model, FakeTokenizer(), make_optimizer(model, 1e-2, 0.0), 3, config, {}, 0, 1)
+    assert resume_checkpoint(ResumableWithANewFlag(out_dir=str(tmp_path)), rank=0, world_size=1) == path
 
 
 def test_the_latest_marker_never_leads_out_of_out_dir(tmp_path, capsys):
@@ -202,6 +339,41 @@ def test_resume_with_overwrite_keeps_the_run_and_drops_only_half_saves(tmp_path)
     assert sorted(os.listdir(tmp_path)) == [".lock", "latest", "metrics.jsonl", "step_000002"]
     claim_out_dir(str(tmp_path), resume=False, overwrite=True).close()
     assert os.listdir(tmp_path) == [".lock"]
+
+
+@pytest.mark.parametrize("code", [errno.EAGAIN, errno.EACCES])
+def test_an_out_dir_locked_elsewhere_is_refused_whichever_error_the_lock_reports(tmp_path, monkeypatch, code):
+    """A lock held by another process is EWOULDBLOCK (EAGAIN) from flock(2), EACCES on some systems."""
+    monkeypatch.setattr(common.fcntl, "flock", lambda file, operation: (_ for _ in ()).throw(OSError(code, "held")))
+    with pytest.raises(SystemExit, match="in use by another run"):
+        claim_out_dir(str(tmp_path), resume=False, overwrite=False)
+
+
+def test_overwrite_keeps_a_model_whose_name_only_begins_like_a_run_output(tmp_path):
+    """--model=out_dir/final_sft is not inside out_dir/final: --overwrite=true removes final and keeps it."""
+    for name in ("final", "final_sft"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    claim_out_dir(str(tmp_path), resume=False, overwrite=True, model=str(tmp_path / "final_sft")).close()
+    assert sorted(os.listdir(tmp_path)) == [".lock", "final_sft"]
+
+
+def test_metrics_log_keeps_the_lines_up_to_the_start_step_only(tmp_path):
+    """Resumed at step 2, the lines of steps 0 (an eval before training) to 2 stay, the later ones and a torn line
+    go; a run starting at step 0 (nothing was saved) begins an empty log."""
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": step, "loss": 1.0 / (step + 1)} for step in range(4)]
+    text = "".join(json.dumps(line) + "\n" for line in lines) + '{"step": 4, "lo'
+    for start_step, kept in ((2, lines[:3]), (0, [])):
+        path.write_text(text)
+        common.MetricsLog(str(path), start_step=start_step).write(step=start_step + 1, loss=0.5)
+        assert [json.loads(line) for line in open(path)] == kept + [{"step": start_step + 1, "loss": 0.5}]
+
+
+def test_format_eta_writes_minutes_then_hours():
+    seconds = [-3, 0, 59.9, 61, 3599, 3600, 3661, 90061]
+    assert [common.format_eta(s) for s in seconds] == ["0:00", "0:00", "0:59", "1:01", "59:59", "1:00:00",
+                                                       "1:01:01", "25:01:01"]
 
 
 def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):

@@ -124,6 +124,68 @@ def test_blank_lines_are_skipped_and_every_record_keeps_its_line(tmp_path):
     assert [(r["a"], r["_source"]) for r in records] == [(1, f"{data}:1"), (2, f"{data}:4"), (3, f"{data}:5")]
 
 
+def test_a_line_that_is_not_an_object_names_the_file_and_line(tmp_path):
+    data = tmp_path / "data.jsonl"
+    for line, kind in (("[1, 2]", "list"), ('"text"', "str"), ("null", "NoneType")):
+        data.write_text('{"a": 1}\n' + line + "\n")
+        with pytest.raises(ValueError, match=rf"data.jsonl:2: expected a JSON object, got {kind}"):
+            read_jsonl(data)
+
+
+def test_sft_records_with_an_empty_field_or_no_prompt_are_refused():
+    """An empty completion would teach the model to stop at once; a conversation of the answer alone has no prompt."""
+    with pytest.raises(ValueError, match=r"x.jsonl:3: field 'completion' must be a non-empty string"):
+        sft_example({"prompt": "Ben has 2 eggs.", "completion": "", "_source": "x.jsonl:3"})
+    with pytest.raises(ValueError, match=r"field 'answer' must be a non-empty string"):
+        sft_example({"problem": "Ben has 2 eggs.", "reasoning": "he has 2", "answer": ""})
+    with pytest.raises(ValueError, match=r"field 'messages' must be a list of at least two"):
+        sft_example({"messages": [{"role": "assistant", "content": "2"}]})
+
+
+def rewrite_tokenizer_config(path, **fields):
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(fields, f)
+    return Tokenizer.from_pretrained(path)
+
+
+def test_the_default_of_named_chat_templates_is_the_chat_template(tmp_path):
+    """tokenizer_config.json may hold a list of named templates (tool use first, as some models ship them)."""
+    build_tiny_tokenizer(tmp_path)
+    tok = rewrite_tokenizer_config(tmp_path, eos_token="<|im_end|>", chat_template=[
+        {"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": CHATML}])
+    assert tok.chat_template == CHATML
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]).startswith("<|im_start|>user\nhi")
+
+
+def test_a_chat_template_jinja_beside_the_tokenizer_is_read(tmp_path):
+    """Newer transformers save the template as chat_template.jinja, not in tokenizer_config.json."""
+    build_tiny_tokenizer(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(CHATML)
+    tok = rewrite_tokenizer_config(tmp_path, eos_token="<|im_end|>")
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == \
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_templates_see_the_special_tokens(tmp_path):
+    """Llama-3's template writes {{ bos_token }}; tokenizer_config.json may store a token as an AddedToken dict."""
+    build_tiny_tokenizer(tmp_path)
+    tok = rewrite_tokenizer_config(tmp_path, bos_token={"content": "<|endoftext|>", "lstrip": False},
+                                   eos_token="<|im_end|>",
+                                   chat_template="{{ bos_token }}{% for m in messages %}{{ m['content'] + eos_token }}"
+                                                 "{% endfor %}")
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|endoftext|>hi<|im_end|>"
+
+
+def test_stop_ids_are_generation_configs_then_the_eos_token(tmp_path):
+    """generation_config.json holds one id (Qwen2.5-Math's) or a list; tokenizer_config.json's eos_token stops a turn
+    too (appended when missing), and is the only stop token when there is no generation_config.json."""
+    build_tiny_tokenizer(tmp_path, eos_token="<|im_end|>")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 0}))
+    assert Tokenizer.from_pretrained(tmp_path).eos_token_ids == [0, 2]
+    (tmp_path / "generation_config.json").unlink()
+    assert Tokenizer.from_pretrained(tmp_path).eos_token_ids == [2]
+
+
 def test_tokenizer_save_and_reload(tmp_path):
     tok = build_tiny_tokenizer(tmp_path / "a")
     tok.save_pretrained(tmp_path / "b")

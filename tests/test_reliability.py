@@ -288,7 +288,7 @@ BAD_FLAGS = [
     (train_sft, "--batch_size=0"), (train_sft, "--micro_batch_size=-1"), (train_sft, "--max_steps=0"),
     (train_sft, "--save_every=0"), (train_sft, "--log_every=0"), (train_sft, "--eval_every=-1"),
     (train_sft, "--lr=nan"), (train_sft, "--grad_clip=inf"), (train_sft, "--parallel=foo"), (train_sft, "--pack=maybe"),
-    (train_sft, "--max_seq_len=0"),
+    (train_sft, "--max_seq_len=0"), (train_sft, "--warmup_steps=-1"), (train_sft, "--demo_examples=0"),
     (train_grpo, "--mu=0"), (train_grpo, "--prompts_per_step=0"), (train_grpo, "--micro_batch_size=0"),
     (train_grpo, "--save_every=0"), (train_grpo, "--log_every=-2"), (train_grpo, "--max_new_tokens=0"),
     (train_grpo, "--temperature=nan"), (train_grpo, "--max_steps=-1"), (train_grpo, "--top_p=1.5"),

@@ -1,5 +1,6 @@
 # python -m pytest tests/test_train_sft.py -q
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, record_update_grad_norms
 from data import Tokenizer
 from tasks import build_demo_model
-from model import Transformer, sequence_logprobs
+from model import Transformer, sequence_logprobs, to_hf_state
 import train_sft
 
 TINY = ["--max_steps=4", "--batch_size=8", "--micro_batch_size=4", "--demo_examples=64", "--eval_problems=0",
@@ -67,6 +68,49 @@ def test_loss_mask_covers_completion_tokens_only(demo_folder):
         assert "How many" in tokenizer.decode([t for t, m in zip(ids, mask) if not m])
 
 
+def test_demo_training_examples_are_never_held_out_problems(demo_folder):
+    """The held-out accuracy measures generalisation only if SFT never trained on those problems."""
+    from tasks import DemoTask, is_demo_heldout
+
+    tokenizer = Tokenizer.from_pretrained(demo_folder)
+    prompts, real_encode_chat = [], tokenizer.encode_chat
+    tokenizer.encode_chat = lambda messages, completion: prompts.append(messages[-1]["content"]) or \
+        real_encode_chat(messages, completion)
+    train_sft.load_examples(train_sft.parse_config(train_sft.Config, {}, ["--demo_examples=300"]), tokenizer, rank=0)
+    assert len(set(prompts)) == 300 and not any(is_demo_heldout(prompt) for prompt in prompts)
+    assert not set(prompts) & {p["problem"] for p in DemoTask(test_size=500).test_problems()}
+
+
+def test_accumulated_gradients_are_the_global_mean_and_tokens_count_every_rank(demo_folder):
+    """One rank of two, two micro-batches: the gradient is that of the completion tokens' summed NLL x 2 ranks / the
+    global batch's completion tokens (DDP then averages over the ranks), against transformers in float64; the
+    tokens it ran, padding included, are counted for both ranks (the logged tokens/s is the job's)."""
+    import transformers
+
+    tokenizer = Tokenizer.from_pretrained(demo_folder)
+    examples = train_sft.load_examples(train_sft.parse_config(train_sft.Config, {}, ["--demo_examples=4"]),
+                                       tokenizer, rank=0)
+    global_tokens = 2 * sum(sum(mask) for _, mask in examples)  # the other rank's batch is as large
+    model = Transformer.from_pretrained(demo_folder)
+    micro_batches = [examples[:2], examples[2:]]
+    loss_sum, tokens = train_sft.accumulate_gradients(model, micro_batches, False, tokenizer.pad_token_id,
+                                                      global_tokens, 2, torch.device("cpu"))
+    assert tokens == 2 * sum(len(batch) * max(len(ids) for ids, _ in batch) for batch in micro_batches)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(demo_folder, dtype=torch.float64)
+    nll = 0.0
+    for ids, mask in examples:
+        logprobs = torch.log_softmax(reference(torch.tensor([ids])).logits[0, :-1], dim=-1)
+        nll = nll - (logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0] * torch.tensor(mask[1:])).sum()
+    (nll * 2 / global_tokens).backward()
+    assert loss_sum == pytest.approx(nll.item(), rel=1e-5)
+    theirs = dict(reference.named_parameters())
+    ours = to_hf_state({name: p.grad for name, p in model.named_parameters()}, model.config)
+    assert ours.keys() == theirs.keys()
+    for name, grad in ours.items():
+        expected = theirs[name].grad
+        assert (grad.double() - expected).abs().max() <= 1e-4 * expected.abs().max(), name
+
+
 def test_tiny_run_loss_falls_and_matches_golden_losses(tmp_path):
     run(tmp_path, "--max_steps=12")
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")]
@@ -109,6 +153,32 @@ def test_the_update_sees_gradients_clipped_to_grad_clip(tmp_path, monkeypatch):
     logged = [json.loads(line)["grad_norm"] for line in open(tmp_path / "metrics.jsonl")]
     assert len(seen) == 3 and all(norm > 0.5 for norm in logged)  # every step clips at this setting
     assert seen == pytest.approx([0.5] * 3, rel=1e-3)
+
+
+def test_every_parameter_group_steps_at_the_scheduled_learning_rate(tmp_path, monkeypatch):
+    """Linear warmup over --warmup_steps, then a cosine from --lr down to --lr x --min_lr_ratio over the remaining
+    steps: the rate each update uses, in both parameter groups (matrices, and the norms and biases), and logs."""
+    rates, real_make_optimizer = [], train_sft.make_optimizer
+
+    def recording_optimizer(model, *args, **kwargs):
+        optimizer = real_make_optimizer(model, *args, **kwargs)
+        real_step = optimizer.step
+        optimizer.step = lambda *a, **k: rates.append([g["lr"] for g in optimizer.param_groups]) or real_step(*a, **k)
+        return optimizer
+
+    monkeypatch.setattr(train_sft, "make_optimizer", recording_optimizer)
+    run(tmp_path, "--max_steps=5", "--warmup_steps=1", "--lr=0.002", "--min_lr_ratio=0")
+    # step 0 warms up to the peak, steps 1 to 4 are the cosine at 0, 1/4, 2/4 and 3/4 of its way down to 0
+    expected = [0.002] + [0.002 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert rates == [[pytest.approx(lr, rel=1e-12)] * 2 for lr in expected]
+    logged = [json.loads(line)["lr"] for line in open(tmp_path / "metrics.jsonl")]
+    assert logged == pytest.approx(expected, rel=1e-12)
+
+
+def test_checkpoints_every_save_every_steps_and_the_last_one_as_final_only(tmp_path):
+    run(tmp_path, "--save_every=2")
+    assert sorted(path.name for path in tmp_path.glob("step_*")) == ["step_000002"]
+    assert (tmp_path / "latest").read_text() == "final"
 
 
 def test_only_the_last_micro_step_of_each_update_syncs_gradients(tmp_path, monkeypatch):
