@@ -199,6 +199,9 @@ def _after_last_marker(region: str) -> str | None:
     if not prose or re.search(r"(?i)\b(?:or|and|but|either|perhaps|maybe)\b", answer):
         return answer  # no words to drop, or alternatives the hedge check must see ("18 or perhaps 19")
     before_prose = answer[: min(word.start() for word in prose)]
+    symbolic = _span_text(opening) if opening else ""
+    if re.search(r"[a-zA-Z]", symbolic) and before_prose.strip() == symbolic and not _has_prose(symbolic):
+        return symbolic  # "$2n+1$ for odd n": the math span the marker opens on, not the first digit in it
     if "\\" in before_prose:
         return re.sub(r"(?:[\s-]+[a-zA-Z]{1,3})*[\s-]*$", "", before_prose).strip()  # "\\frac{1}{2} of the total"
     number = re.search(_NUMBER, answer.rsplit("=", 1)[-1])  # the result of a calculation, else the first value
