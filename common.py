@@ -287,7 +287,8 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer, step, config, metrics,
             reference.save_pretrained(os.path.join(tmp, "reference"))
         with open(os.path.join(tmp, "run.json"), "w") as f:
             json.dump({"config": dataclasses.asdict(config), "step": step, "metrics": metrics,
-                       "world_size": world_size, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=2)
+                       "world_size": world_size, "reference": reference is not None,
+                       "time": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=2)
     if dist.is_initialized():
         dist.barrier()
     torch.save({"optimizer": optimizer_state, "rng": rng_state()},
@@ -351,16 +352,20 @@ def _read_latest(out_dir):
 
 def checkpoint_is_complete(path) -> bool:
     """Every file a resume reads is there and whole: run.json, config.json, the weights (their size matches
-    their header), the tokenizer, and the state file of each rank (a zip with its closing directory)."""
+    their header), the tokenizer, the state file of each rank (a zip with its closing directory), and the
+    reference model's config and weights when the run saved one (GRPO's refreshed reference: without it a resume
+    would silently fall back to the initial model as its reference)."""
     from model import check_safetensors, checkpoint_files
 
     try:
         with open(os.path.join(path, "run.json")) as f:
             run = json.load(f)
-        with open(os.path.join(path, "config.json")) as f:
-            json.load(f)
-        for file in checkpoint_files(path):
-            check_safetensors(file)
+        model_folders = [path, os.path.join(path, "reference")] if run.get("reference") else [path]
+        for folder in model_folders:
+            with open(os.path.join(folder, "config.json")) as f:
+                json.load(f)
+            for file in checkpoint_files(folder):
+                check_safetensors(file)
         states = [os.path.join(path, f"state_rank{rank}.pt") for rank in range(int(run.get("world_size", 1)))]
         whole_states = all(zipfile.is_zipfile(state) for state in states)
         return isinstance(run["step"], int) and whole_states and os.path.exists(os.path.join(path, "tokenizer.json"))
@@ -480,11 +485,11 @@ def load_run_state(path, model, optimizer, rank):
 
 
 class MetricsLog:
-    """Appends one JSON object per line; only rank 0 writes. A run starting at step S first drops the lines of
+    """Appends one JSON object per line; only rank 0 writes. A run resumed at step S first drops the lines of
     later steps (a killed run logged them after its last checkpoint, and the resumed run logs them again) and a
-    line torn by the kill, so each step appears once. With config.wandb_project set (not empty), rank 0 also
-    starts a Weights & Biases run with the config and logs every line to it; wandb is optional, and asking for it
-    without it installed is an error at start."""
+    line torn by the kill, so each step appears once; a run starting from scratch (S = 0) drops every line. With
+    config.wandb_project set (not empty), rank 0 also starts a Weights & Biases run with the config and logs every
+    line to it; wandb is optional, and asking for it without it installed is an error at start."""
 
     def __init__(self, path, enabled=True, start_step=0, config=None):
         self.path = path if enabled else None

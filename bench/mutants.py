@@ -1786,6 +1786,15 @@ MUTANTS = [
            "len(messages) < 2 or",
            "len(messages) < 1 or",
            [DATA + "test_sft_records_with_an_empty_field_or_no_prompt_are_refused"]),
+    # two fixes after the 2026-12-02 audits: a symbolic span after a marker, a checkpoint's refreshed reference
+    mutant("symbolic_span_after_a_marker_compared_unstripped", "verifier.py",
+           "before_prose.strip() == symbolic",
+           "before_prose == symbolic",
+           [VERIFIER_CASES]),
+    mutant("refreshed_reference_not_checked_for_completeness", "common.py",
+           'model_folders = [path, os.path.join(path, "reference")] if run.get("reference") else [path]',
+           "model_folders = [path]",
+           [COMMON + "test_a_checkpoint_missing_or_cutting_short_its_refreshed_reference_is_not_complete"]),
 ]
 
 

@@ -286,6 +286,28 @@ def test_a_checkpoint_without_its_tokenizer_or_with_a_truncated_state_is_not_com
     assert not checkpoint_is_complete(path)
 
 
+def test_a_checkpoint_missing_or_cutting_short_its_refreshed_reference_is_not_complete(tmp_path, capsys):
+    """GRPO with a refreshed reference saves it in reference/; a resume that found none would silently take the
+    initial model as its reference, so such a checkpoint must be skipped for an older whole one."""
+    model, reference = tiny_model(), tiny_model()
+    optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.0)
+    older = save_checkpoint(str(tmp_path), model, FakeTokenizer(), optimizer, 1, Demo(), {}, 0, 1,
+                            reference=reference)
+    newer = save_checkpoint(str(tmp_path), model, FakeTokenizer(), optimizer, 2, Demo(), {}, 0, 1,
+                            reference=reference)
+    assert checkpoint_is_complete(older) and checkpoint_is_complete(newer)
+    weights = os.path.join(newer, "reference", "model.safetensors")
+    whole = open(weights, "rb").read()
+    with open(weights, "wb") as f:
+        f.write(whole[:-8])
+    assert not checkpoint_is_complete(newer)
+    assert latest_checkpoint(str(tmp_path)) == older and "is not a complete checkpoint" in capsys.readouterr().out
+    shutil.rmtree(os.path.join(newer, "reference"))
+    assert not checkpoint_is_complete(newer)
+    without = save_checkpoint(str(tmp_path), model, FakeTokenizer(), optimizer, 3, Demo(), {}, 0, 1)
+    assert checkpoint_is_complete(without)  # a run that saves no reference needs none
+
+
 @dataclass
 class Resumable:
     out_dir: str = ""
