@@ -199,9 +199,9 @@ def _after_last_marker(region: str) -> str | None:
     if not prose or re.search(r"(?i)\b(?:or|and|but|either|perhaps|maybe)\b", answer):
         return answer  # no words to drop, or alternatives the hedge check must see ("18 or perhaps 19")
     before_prose = answer[: min(word.start() for word in prose)]
-    symbolic = _span_text(opening) if opening else ""
-    if re.search(r"[a-zA-Z]", symbolic) and before_prose.strip() == symbolic and not _has_prose(symbolic):
-        return symbolic  # "$2n+1$ for odd n": the math span the marker opens on, not the first digit in it
+    span = _span_text(opening) if opening else ""
+    if span and before_prose.strip() == span and not _has_prose(span):
+        return span  # "$2n+1$ for odd n", "$1, -2$ in all cases": the span the marker opens on, not a digit in it
     if "\\" in before_prose:
         return re.sub(r"(?:[\s-]+[a-zA-Z]{1,3})*[\s-]*$", "", before_prose).strip()  # "\\frac{1}{2} of the total"
     number = re.search(_NUMBER, answer.rsplit("=", 1)[-1])  # the result of a calculation, else the first value
@@ -283,6 +283,16 @@ def _bare_answer(region: str) -> str | None:
     return inner.rstrip(".").strip()
 
 
+def _trailing_latex(sentence: str) -> str | None:
+    """LaTeX that ends a sentence without delimiters ("So it is \\frac{14}{3}", "It is 10,\\!080"): the words at
+    its end that are no plain words, when they hold a command."""
+    words = sentence.split()
+    tail = []
+    while words and not re.fullmatch(r"[a-zA-Z]{2,}[,:;]?", words[-1]):
+        tail.insert(0, words.pop())
+    return " ".join(tail) if "\\" in "".join(tail) else None
+
+
 def _last_math_in_final_sentence(region: str) -> str | None:
     """The last math span of the text if it stands in the final sentence or only words follow it (a lone
     variable such as "... values of $x.$" names, it does not answer); else the last number of the last sentence
@@ -299,7 +309,7 @@ def _last_math_in_final_sentence(region: str) -> str | None:
     for sentence in reversed(re.split(r"(?<=[.!?])\s+(?=[A-Z\\$])|\n", text)):
         numbers = re.findall(_NUMBER, sentence)
         if numbers:
-            return numbers[-1].rstrip(",")
+            return _trailing_latex(sentence) or numbers[-1].rstrip(",")
     return None
 
 

@@ -90,6 +90,13 @@ def layouts(answer):
     ]
 
 
+def short_word_layouts(answer):
+    """Layouts in which the words around the answer are all short (added 2026-12-02, after two extraction bugs:
+    kept out of layouts() so that the random draws of the other pairs stay as they were)."""
+    sentence = [("layout:short sentence", f"{REASONING}So it is {answer}.")] if as_fraction(answer) is not None else []
+    return [("layout:answer then short words", f"{REASONING}The answer is ${answer}$ in all of the cases.")] + sentence
+
+
 def _wrong_value(answer):
     value = as_fraction(answer)
     return str(value + 1) if value is not None else "0"
@@ -362,7 +369,8 @@ def make_pairs(golds, seed=0, gsm8k_golds=300):
     pairs = []
     for source, gold in golds:
         value = as_fraction(gold)
-        pairs += [(f"{source} {family}", completion, gold, True) for family, completion in layouts(gold)]
+        pairs += [(f"{source} {family}", completion, gold, True)
+                  for family, completion in layouts(gold) + short_word_layouts(gold)]
         notations = latex_notations(gold)
         if value is not None and value.denominator == 1:
             notations += integer_notations(value.numerator)
