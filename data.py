@@ -70,6 +70,9 @@ class Tokenizer:
         self.eos_token_ids = eos  # every id that ends a turn, as generation_config lists them
         pad = self.special_tokens["pad_token"]
         self.pad_token_id = self.tk.token_to_id(pad) if pad else (eos[0] if eos else 0)
+        if self.pad_token_id is None:  # padding would fail mid-run, far from the file that caused it
+            raise ValueError(f"{os.path.join(path or '.', 'tokenizer_config.json')}: pad_token {pad!r} is not in "
+                             f"the tokenizer's vocabulary")
 
     @classmethod
     def from_pretrained(cls, path) -> "Tokenizer":

@@ -186,6 +186,13 @@ def test_stop_ids_are_generation_configs_then_the_eos_token(tmp_path):
     assert Tokenizer.from_pretrained(tmp_path).eos_token_ids == [2]
 
 
+def test_a_pad_token_outside_the_vocabulary_is_refused_naming_the_file(tmp_path):
+    build_tiny_tokenizer(tmp_path)
+    assert rewrite_tokenizer_config(tmp_path, pad_token="<|endoftext|>").pad_token_id == 0
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: pad_token '<pad>' is not in the tokenizer's vocab"):
+        rewrite_tokenizer_config(tmp_path, pad_token="<pad>")
+
+
 def test_tokenizer_save_and_reload(tmp_path):
     tok = build_tiny_tokenizer(tmp_path / "a")
     tok.save_pretrained(tmp_path / "b")
