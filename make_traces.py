@@ -22,9 +22,9 @@ chunk of --chunk problems:
     A hinted trace is also rejected if it leaks the hint: it talks of a given answer or a hint, quotes the hint,
     or states the answer in the first sentence of its reasoning other than as the result of a calculation written
     out there (unless the problem itself contains it; the rule errs on the side of dropping).
- 4. Keep: exact duplicates are dropped, then at most --keep traces per problem, the shortest first (ties in
-    sampling order): of two correct traces the shorter has fewer false starts and re-checks, at the cost of
-    biasing the student towards short reasoning (raise --keep to keep more of the teacher's range).
+ 4. Keep: duplicates (equal up to whitespace) are dropped, then at most --keep traces per problem, the shortest
+    first (ties in sampling order): of two correct traces the shorter has fewer false starts and re-checks, at the
+    cost of biasing the student towards short reasoning (raise --keep to keep more of the teacher's range).
 The stored prompt is the problem without the hint, so SFT learns to reason from the problem alone.
 
 Outputs in --out_dir: traces.jsonl, rows {"prompt", "completion", "answer", "kind": sampled|hinted,
@@ -194,7 +194,8 @@ def sample(teacher, tokenizer, messages, n, config, seed, progress):
 
 
 def judge(problems, completions, n, hint_template=None):
-    """Per problem: (correct count, accepted candidates, rejection counts). Exact duplicates count as rejected."""
+    """Per problem: (correct count, accepted candidates, rejection counts). Duplicates (equal up to whitespace)
+    count as rejected."""
     verdicts = verify_batch([(text, problems[j // n]["answer"]) for j, (text, _, _) in enumerate(completions)])
     results = []
     for i, problem in enumerate(problems):
