@@ -35,7 +35,7 @@ from common import all_gather_objects, format_eta
 from data import Tokenizer, read_jsonl, render_prompt
 from model import ModelConfig, Transformer, checkpoint_files, init_weights
 from sampler import generate
-from verifier import Verdict, format_reward, normalize, plain_number, verify_batch
+from verifier import Verdict, format_reward, normalize, normalize_gold, plain_number, verify_batch
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -201,7 +201,7 @@ def check_problems(problems, task) -> list[dict]:
         if not isinstance(problem, dict) or not isinstance(problem.get("problem"), str):
             raise SystemExit(f"task {task.name!r}: problem {i} needs a field 'problem' (a string)")
         answer = problem.get("answer")
-        if graded_by_answer and not (isinstance(answer, str) and answer.strip()):  # what the verifier will take
+        if graded_by_answer and not (isinstance(answer, str) and normalize_gold(answer)):  # what the verifier takes
             raise SystemExit(f"task {task.name!r}: problem {i} needs a field 'answer', a non-empty string (or the "
                              f"task its own grade())")
     ids = [str(p.get("id", f"{task.name}-{i}")) for i, p in enumerate(problems)]

@@ -80,8 +80,8 @@ def test_problems_of_a_users_task_are_checked_with_their_index():
         check_problems([{"id": 1, "problem": "a", "answer": "1"}, {"id": "1", "problem": "b", "answer": "2"}], task)
     assert check_problems([{"problem": "a", "answer": "1"}], task) == [{"id": "task-0", "problem": "a", "answer": "1"}]
     # the default judge reads "answer": refused at load, not after the first batch has been sampled, and so is an
-    # answer the verifier would refuse then (a number, a blank)
-    for answer in ({}, {"answer": 4}, {"answer": " "}):
+    # answer the verifier would refuse then (a number, a blank, nothing left once normalised)
+    for answer in ({}, {"answer": 4}, {"answer": " "}, {"answer": "$"}, {"answer": "\\text{}"}):
         with pytest.raises(SystemExit, match="problem 1 needs a field 'answer', a non-empty string"):
             check_problems([{"problem": "a", "answer": "1"}, {"problem": "b", **answer}], task)
 
