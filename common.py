@@ -360,7 +360,8 @@ def checkpoint_is_complete(path) -> bool:
     try:
         with open(os.path.join(path, "run.json")) as f:
             run = json.load(f)
-        model_folders = [path, os.path.join(path, "reference")] if run.get("reference") else [path]
+        reference = os.path.join(path, "reference")  # checked also where run.json predates its "reference" field
+        model_folders = [path, reference] if run.get("reference") or os.path.isdir(reference) else [path]
         for folder in model_folders:
             with open(os.path.join(folder, "config.json")) as f:
                 json.load(f)
