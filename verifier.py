@@ -144,7 +144,9 @@ _MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$])+?)\$|\\\((.+?)\\
 # where an answer written in prose ends: a sentence end, or a comma before a clause ("7, which we check below")
 _ANSWER_END = re.compile(r"\.(?:\s|$)|[;!?]|,\s+(?!and\b|or\b)(?=[a-z]{2,}|i\.e\.|e\.g\.)|"
                          r"\s(?:which|since|because|as|so|where)\s")
-_NUMBER = r"-?(?:\d{1,3}(?: \d{3})+(?![\d.])|\d[\d,]*(?:\.\d+)?(?:/\d+|[½⅓⅔¼¾⅕⅙⅛])?|\.\d+)"
+# a number in prose: thousands groups (1 234 567), a mixed number (2 1/2, 2½, 2 ½), a fraction, a decimal
+_NUMBER = (r"-?(?:\d{1,3}(?: \d{3})+(?![\d.])|\d+ \d+/\d+(?![\d/])|\d+ ?[½⅓⅔¼¾⅕⅙⅛]|"
+           r"\d[\d,]*(?:\.\d+)?(?:/\d+)?|\.\d+|[½⅓⅔¼¾⅕⅙⅛])")
 
 
 def answer_region(text: str) -> str | None:
@@ -192,7 +194,7 @@ def _after_last_marker(region: str) -> str | None:
     cut = next((m.start() for m in _ANSWER_END.finditer(line) if not any(a <= m.start() < b for a, b in spans)),
                len(line))
     answer = _MATH_SPAN.sub(_span_text, line[:cut]).strip()
-    answer = re.sub(r"\.\s*$", "", answer).strip()
+    answer = _END_MARKS.sub("", re.sub(r"\.\s*$", "", answer)).strip()  # "\\frac{14}{3} \\quad \\blacksquare"
     if not answer:
         return ""
     prose = _prose_words(answer) + _word_pairs(answer)  # "7 in all": short words side by side are prose too
@@ -200,7 +202,7 @@ def _after_last_marker(region: str) -> str | None:
         return answer  # no words to drop, or alternatives the hedge check must see ("18 or perhaps 19")
     before_prose = answer[: min(word.start() for word in prose)]
     span = _span_text(opening) if opening else ""
-    if span and before_prose.strip() == span and not _has_prose(span):
+    if span and before_prose.strip() == span and not _has_prose(span) and "=" not in answer[len(span):]:
         return span  # "$2n+1$ for odd n", "$1, -2$ in all cases": the span the marker opens on, not a digit in it
     if "\\" in before_prose:
         return re.sub(r"(?:[\s-]+[a-zA-Z]{1,3})*[\s-]*$", "", before_prose).strip()  # "\\frac{1}{2} of the total"
@@ -283,14 +285,28 @@ def _bare_answer(region: str) -> str | None:
     return inner.rstrip(".").strip()
 
 
+# what may end a sentence after its value: spacing, an end-of-proof mark, a line break (not an \end{...}: a
+# matrix's closes it)
+_END_MARKS = re.compile(r"(?:\s*(?:\\(?:quad|qquad|hfill|blacksquare|square|Box|checkmark|qed)(?![a-zA-Z])|\\\\))+\s*$")
+# one value in LaTeX: numbers, letters, units and the commands that write a value (\frac{14}{3}, 3\sqrt{2},
+# 10,\!080, \$32,\!348, \pi, 12 \text{ cm}^2)
+_LATEX_VALUE = re.compile(r"-?(?:\\(?:[dt]?frac|sqrt|pi|infty|circ|!|\$)(?![a-zA-Z])|\\(?:text|mbox)\{[^{}]*\}|\{,\}|"
+                          r"[\w{}^.,+/ -])+")
+
+
 def _trailing_latex(sentence: str) -> str | None:
     """LaTeX that ends a sentence without delimiters ("So it is \\frac{14}{3}", "It is 10,\\!080"): the words at
-    its end that are no plain words, when they hold a command."""
-    words = sentence.split()
+    its end that are no plain words, past a closing mark, after the last "=", when they are one value written with
+    a command; None for anything else (a product, a parenthesis, "2, not \\sqrt{3}", "2 and \\sqrt{3}"), which
+    leaves the sentence's last number."""
+    words = _END_MARKS.sub("", sentence).split()
     tail = []
     while words and not re.fullmatch(r"[a-zA-Z]{2,}[,:;]?", words[-1]):
         tail.insert(0, words.pop())
-    return " ".join(tail) if "\\" in "".join(tail) else None
+    value = " ".join(tail).rsplit("=", 1)[-1].strip()
+    if not value or (words and words[-1].lower().rstrip(",") in ("not", "and", "or")):
+        return None
+    return value if "\\" in value and _LATEX_VALUE.fullmatch(value) else None
 
 
 def _last_math_in_final_sentence(region: str) -> str | None:
@@ -707,19 +723,22 @@ class _Parser:
         raise ParseError(f"unsupported command \\{name}")
 
     def function_argument(self):
-        """(...) or {...}; else the factors up to the next operator, bracket or function: \\sin 2x is sin(2x) and
-        \\cos 2\\theta is cos(2 theta), while \\sin x \\cos x is sin(x) cos(x)."""
+        """(...) or {...}; else a factor and the letters after it, up to the next operator, bracket, number,
+        function or power of e: \\sin 2x is sin(2x) and \\cos 2\\theta is cos(2 theta), while \\sin x \\cos x is
+        sin(x) cos(x), \\cos x e^{\\sin x} is cos(x) e^(sin x) and \\ln 2 \\, 2^x is ln(2) 2^x."""
         if self.peek() in ("(", "{"):
             return self.atom()
         value = self.factor()
-        while self.starts_plain_factor(self.peek()):
+        while self.continues_the_argument():
             value = value * self.factor()
             self.count()
         return value
 
-    def starts_plain_factor(self, token):
-        return token is not None and (token[0].isdigit() or token[0] == "." or token.isalpha()
-                                      or token[1:] == "pi" or token[1:] in _GREEK)
+    def continues_the_argument(self):
+        token = self.peek()
+        if token is None or (token == "e" and self.tokens[self.position + 1: self.position + 2] == ["^"]):
+            return False
+        return token.isalpha() or token[1:] == "pi" or token[1:] in _GREEK
 
 
 def _nonzero(value):
