@@ -90,11 +90,15 @@ def layouts(answer):
     ]
 
 
-def short_word_layouts(answer):
-    """Layouts in which the words around the answer are all short (added 2026-12-02, after two extraction bugs:
-    kept out of layouts() so that the random draws of the other pairs stay as they were)."""
-    sentence = [("layout:short sentence", f"{REASONING}So it is {answer}.")] if as_fraction(answer) is not None else []
-    return [("layout:answer then short words", f"{REASONING}The answer is ${answer}$ in all of the cases.")] + sentence
+def extra_layouts(answer):
+    """Layouts added on 2026-12-02 after extraction bugs: short words around the answer, and a value written without
+    math delimiters at the end of the text (kept out of layouts() so that the random draws of the other pairs stay
+    as they were)."""
+    undelimited = [("layout:short sentence", f"{REASONING}So it is {answer}."),
+                   ("layout:proof end", f"{REASONING}Therefore we get {answer} \\qquad \\blacksquare")]
+    return ([("layout:answer then short words", f"{REASONING}The answer is ${answer}$ in all of the cases."),
+             ("layout:undelimited", f"{REASONING}Therefore we get {answer}.")]
+            + (undelimited if as_fraction(answer) is not None else []))
 
 
 def _wrong_value(answer):
@@ -370,7 +374,7 @@ def make_pairs(golds, seed=0, gsm8k_golds=300):
     for source, gold in golds:
         value = as_fraction(gold)
         pairs += [(f"{source} {family}", completion, gold, True)
-                  for family, completion in layouts(gold) + short_word_layouts(gold)]
+                  for family, completion in layouts(gold) + extra_layouts(gold)]
         notations = latex_notations(gold)
         if value is not None and value.denominator == 1:
             notations += integer_notations(value.numerator)
