@@ -143,9 +143,9 @@ _MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$])+?)\$|\\\((.+?)\\
                         r"\\begin\{(?:align|equation|gather)\*?\}(.+?)\\end\{(?:align|equation|gather)\*?\}", re.DOTALL)
 # where an answer written in prose ends: a sentence end, or a comma before a clause ("7, which we check below")
 _ANSWER_END = re.compile(r"\.(?:\s|$)|[;!?]|,\s+(?!and\b|or\b)(?=[a-z]{2,}|i\.e\.|e\.g\.)|"
-                         r"\s(?:which|since|because|as|so|where)\s")
+                         r"\s(?:which|since|because|as|so|where|when|for|if|with|at)\s")
 # a number in prose: thousands groups (1 234 567), a mixed number (2 1/2, 2½, 2 ½), a fraction, a decimal
-_NUMBER = (r"-?(?:\d{1,3}(?: \d{3})+(?![\d.])|\d+ \d+/\d+(?![\d/])|\d+ ?[½⅓⅔¼¾⅕⅙⅛]|"
+_NUMBER = (r"-?(?:\d{1,3}(?: \d{3})+(?![\d.])|\d+ \d+/\d+(?![\d/-])|\d+ ?[½⅓⅔¼¾⅕⅙⅛]|"
            r"\d[\d,]*(?:\.\d+)?(?:/\d+)?|\.\d+|[½⅓⅔¼¾⅕⅙⅛])")
 
 
@@ -202,7 +202,7 @@ def _after_last_marker(region: str) -> str | None:
         return answer  # no words to drop, or alternatives the hedge check must see ("18 or perhaps 19")
     before_prose = answer[: min(word.start() for word in prose)]
     span = _span_text(opening) if opening else ""
-    if span and before_prose.strip() == span and not _has_prose(span) and "=" not in answer[len(span):]:
+    if span and before_prose.strip() == span and not _has_prose(span) and not re.fullmatch(r"[a-zA-Z]", span):
         return span  # "$2n+1$ for odd n", "$1, -2$ in all cases": the span the marker opens on, not a digit in it
     if "\\" in before_prose:
         return re.sub(r"(?:[\s-]+[a-zA-Z]{1,3})*[\s-]*$", "", before_prose).strip()  # "\\frac{1}{2} of the total"
@@ -223,6 +223,8 @@ def _math_spans(text: str) -> list[re.Match]:
         if _has_prose(_span_text(span)) and not re.fullmatch(r"[A-Za-z]+", _span_text(span)):  # \( east \) stays
             continue
         if re.fullmatch(r"\\emph\s*\{[^{}]*\}", _span_text(span)):  # "9 and 50 $\emph{do}$ divide it": prose
+            continue
+        if re.fullmatch(r"\\(?:blacksquare|square|Box|qed)", _span_text(span)):  # "$4$. $\blacksquare$": the end
             continue
         spans.append(span)
     return spans
@@ -285,28 +287,41 @@ def _bare_answer(region: str) -> str | None:
     return inner.rstrip(".").strip()
 
 
-# what may end a sentence after its value: spacing, an end-of-proof mark, a line break (not an \end{...}: a
-# matrix's closes it)
-_END_MARKS = re.compile(r"(?:\s*(?:\\(?:quad|qquad|hfill|blacksquare|square|Box|checkmark|qed)(?![a-zA-Z])|\\\\))+\s*$")
-# one value in LaTeX: numbers, letters, units and the commands that write a value (\frac{14}{3}, 3\sqrt{2},
-# 10,\!080, \$32,\!348, \pi, 12 \text{ cm}^2)
-_LATEX_VALUE = re.compile(r"-?(?:\\(?:[dt]?frac|sqrt|pi|infty|circ|!|\$)(?![a-zA-Z])|\\(?:text|mbox)\{[^{}]*\}|\{,\}|"
-                          r"[\w{}^.,+/ -])+")
+# what may end a sentence after its value: spacing, an end-of-proof mark, a line break, the end of an alignment
+# (not of a matrix)
+_END_MARKS = re.compile(r"(?:\s*(?:\\(?:quad|qquad|hfill|blacksquare|square|Box|checkmark|qed)(?![a-zA-Z])|\\\\|[∎□■]|"
+                        r"\\end\{(?:aligned|align|gathered|gather|equation|split)\*?\}))+\s*$")
+_PLAIN_WORD = re.compile(r"[a-zA-Z]{2,}(?:/[a-zA-Z]+)?[,:;]?")  # "apples", "minutes/month", "is,"
 
 
-def _trailing_latex(sentence: str) -> str | None:
-    """LaTeX that ends a sentence without delimiters ("So it is \\frac{14}{3}", "It is 10,\\!080"): the words at
-    its end that are no plain words, past a closing mark, after the last "=", when they are one value written with
-    a command; None for anything else (a product, a parenthesis, "2, not \\sqrt{3}", "2 and \\sqrt{3}"), which
-    leaves the sentence's last number."""
+def _sentence_answer(sentence: str) -> str | None:
+    """The answer of a final sentence without math delimiters. Its last run of tokens that are no plain words (units
+    and "is the answer" after it skipped), when the run holds a LaTeX command: after the run's last "=" ("So it is
+    \\frac{14}{3}", "the area is 6\\sqrt{3} square units", "2 \\times 1,500 = 3,000"); after "and" or "or" it is
+    one of two answers (None); after "not" the value it replaces comes before it; a parenthesis after a value is
+    a remark ("12 (3 \\cdot 4)", "4 (at x = \\frac{1}{2})"). Otherwise the sentence's last number."""
     words = _END_MARKS.sub("", sentence).split()
-    tail = []
-    while words and not re.fullmatch(r"[a-zA-Z]{2,}[,:;]?", words[-1]):
-        tail.insert(0, words.pop())
-    value = " ".join(tail).rsplit("=", 1)[-1].strip()
-    if not value or (words and words[-1].lower().rstrip(",") in ("not", "and", "or")):
+    while words and _PLAIN_WORD.fullmatch(words[-1]):
+        words.pop()
+    run = []
+    while words and not _PLAIN_WORD.fullmatch(words[-1]):
+        run.insert(0, words.pop())
+    remark = next((i for i, token in enumerate(run) if token.startswith("(")), None)
+    if remark is not None and (remark > 0 or re.search(r"\d", " ".join(words))):
+        run = run[:remark]
+    text = " ".join(run)
+    if text.count(")") > text.count("(") + text.count("["):  # the run closes a remark opened before it: the value precedes that
+        source = sentence[: sentence.rfind(" (")] if " (" in sentence else ""
+    elif "\\" not in text:
+        source = " ".join(words + run) if remark is not None else sentence
+    elif words and words[-1].lower().rstrip(",") in ("and", "or"):
         return None
-    return value if "\\" in value and _LATEX_VALUE.fullmatch(value) else None
+    elif words and words[-1].lower().rstrip(",") == "not":
+        source = " ".join(words)
+    else:
+        return text.rsplit("=", 1)[-1].strip()
+    numbers = re.findall(_NUMBER, source)
+    return numbers[-1].rstrip(",") if numbers else None
 
 
 def _last_math_in_final_sentence(region: str) -> str | None:
@@ -323,9 +338,8 @@ def _last_math_in_final_sentence(region: str) -> str | None:
             return _span_text(spans[-1]) or None
     text = re.sub(r"\b(Mr|Mrs|Ms|Dr|St|vs|etc|approx)\.", r"\1", region.strip().rstrip("."))
     for sentence in reversed(re.split(r"(?<=[.!?])\s+(?=[A-Z\\$])|\n", text)):
-        numbers = re.findall(_NUMBER, sentence)
-        if numbers:
-            return _trailing_latex(sentence) or numbers[-1].rstrip(",")
+        if re.search(_NUMBER, sentence):
+            return _sentence_answer(sentence)
     return None
 
 
