@@ -307,7 +307,7 @@ def _sentence_answer(sentence: str) -> str | None:
     while words and not _PLAIN_WORD.fullmatch(words[-1]):
         run.insert(0, words.pop())
     remark = next((i for i, token in enumerate(run) if token.startswith("(")), None)
-    if remark is not None and (remark > 0 or re.search(r"\d", " ".join(words))):
+    if remark is not None and (remark > 0 or "\\" in "".join(run) and re.search(r"\d", " ".join(words))):
         run = run[:remark]
     text = " ".join(run)
     if text.count(")") > text.count("(") + text.count("["):  # the run closes a remark opened before it: the value precedes that

@@ -714,6 +714,8 @@ CASES = [
     ("<think>\nwork\n</think>\nTherefore the minimum is $4$. $\\blacksquare$", "4", True, "a delimited end-of-proof mark"),
     ("<think>\nwork\n</think>\nThus the total is 12 \\end{aligned}", "12", True, "the end of an alignment"),
     ("<think>\nwork\n</think>\nSo the answer is 8 1/3-pound bags.", "8", True, "a count before a fraction unit"),
+    ("<think>\nwork\n</think>\n3600km of 6000km is (3600/6000)*100% = 60%", "60", True,
+     "a plain calculation in parentheses ending the text: its result"),
     (B("\\cos x e^{\\sin x}"), "e^{\\sin x}\\cos x", True, "a function's plain argument ends before a power of e"),
     (B("\\ln 2 \\, 2^x"), "2^x \\ln 2", True, "a function's plain argument ends before a number"),
     (B("\\sin t e^{-t}"), "e^{-t}\\sin t", True, "the sine of t times a power of e"),
