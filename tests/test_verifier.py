@@ -217,8 +217,8 @@ def test_generated_pairs_of_every_family_are_graded_as_labelled():
 
 
 def known_gap(family, completion, gold, label):
-    """An expression written without delimiters at the end of the text ("Therefore we get p - q."): extraction
-    takes only numbers and one LaTeX value there, so other golds are missed (the benchmark counts them; README)."""
+    """A value written without delimiters at the end of the text ("Therefore we get p - q."): extraction takes it
+    only when it holds a number and a LaTeX command, so other golds are missed (the benchmark counts them; README)."""
     import verifier_diff
 
     return family.endswith("layout:undelimited") and verifier_diff.as_fraction(gold) is None
