@@ -91,14 +91,14 @@ def test_a_stuck_or_dead_worker_is_a_timeout_at_its_deadline_and_is_replaced(mon
     pool = verifier.WorkerPool(1)
     try:
         start = time.monotonic()
-        verdicts = pool.run([("stuck", "3"), ("next", "0"), ("gone", "die"), ("after", "0")], timeout=0.3)
+        verdicts = pool.run([("stuck", "20"), ("next", "0"), ("gone", "die"), ("after", "0")], timeout=0.3)
         elapsed = time.monotonic() - start
     finally:
         pool.close()
     assert [(v.status, v.answer) for v in verdicts] == [("timeout", None), ("correct", "next"), ("timeout", None),
                                                         ("correct", "after")]
     assert [v.reason for v in verdicts[::2]] == ["no decision within 0.3s", "worker died"]
-    assert elapsed < 2.5, elapsed
+    assert elapsed < 10, elapsed  # far below the stuck worker's 20 s, with room for a busy machine
 
 
 def test_stuck_item_times_out_and_the_pool_recovers():
