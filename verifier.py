@@ -289,8 +289,8 @@ def _bare_answer(region: str) -> str | None:
 
 # what may end a sentence after its value: spacing, an end-of-proof mark, a line break, the end of an alignment
 # (not of a matrix)
-_END_MARKS = re.compile(r"(?:\s*(?:\\(?:quad|qquad|hfill|blacksquare|square|Box|checkmark|qed)(?![a-zA-Z])|\\\\|[∎□■]|"
-                        r"\\end\{(?:aligned|align|gathered|gather|equation|split)\*?\}))+\s*$")
+_END_MARKS = re.compile(r"(?:\s*(?:\\(?:quad|qquad|hfill|blacksquare|square|Box|checkmark|qed)(?![a-zA-Z])|"
+                        r"\\\\|[∎□■]|\\end\{(?:aligned|align|gathered|gather|equation|split)\*?\}))+\s*$")
 _PLAIN_WORD = re.compile(r"[a-zA-Z]{2,}(?:/[a-zA-Z]+)?[,:;]?")  # "apples", "minutes/month", "is,"
 
 
@@ -310,7 +310,7 @@ def _sentence_answer(sentence: str) -> str | None:
     if remark is not None and (remark > 0 or "\\" in "".join(run) and re.search(r"\d", " ".join(words))):
         run = run[:remark]
     text = " ".join(run)
-    if text.count(")") > text.count("(") + text.count("["):  # the run closes a remark opened before it: the value precedes that
+    if text.count(")") > text.count("(") + text.count("["):  # it closes a remark opened before it
         source = sentence[: sentence.rfind(" (")] if " (" in sentence else ""
     elif "\\" not in text:
         source = " ".join(words + run) if remark is not None else sentence
