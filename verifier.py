@@ -145,7 +145,7 @@ _MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$])+?)\$|\\\((.+?)\\
 _ANSWER_END = re.compile(r"\.(?:\s|$)|[;!?]|,\s+(?!and\b|or\b)(?=[a-z]{2,}|i\.e\.|e\.g\.)|"
                          r"\s(?:which|since|because|as|so|where|when|for|if|with|at)\s")
 # a number in prose: thousands groups (1 234 567), a mixed number (2 1/2, 2½, 2 ½), a fraction, a decimal
-_NUMBER = (r"-?(?:\d{1,3}(?: \d{3})+(?![\d.])|\d+ \d+/\d+(?![\d/-])|\d+ ?[½⅓⅔¼¾⅕⅙⅛]|"
+_NUMBER = (r"-?(?<![a-zA-Z\d.])(?:\d{1,3}(?: \d{3})+(?![\d.])|\d+ \d+/\d+(?![\d/-])|\d+ ?[½⅓⅔¼¾⅕⅙⅛]|"
            r"\d[\d,]*(?:\.\d+)?(?:/\d+)?|\.\d+|[½⅓⅔¼¾⅕⅙⅛])")
 
 
@@ -170,6 +170,10 @@ def extract_answer(text: str) -> str | None:
     if region is None:
         return None
     boxed = committed_boxes(region)
+    if len(set(boxed)) > 1:  # boxed steps ("= \\boxed{200} ... = \\boxed{255}"), then a final answer stated after them
+        stated = _after_last_marker(region[_boxed_spans(region)[-1][1]:])
+        if stated and re.search(r"[\d\\]", stated):
+            return stated
     if boxed:
         return " ; ".join(dict.fromkeys(boxed))
     marked = _after_last_marker(region)
@@ -334,11 +338,12 @@ def _last_math_in_final_sentence(region: str) -> str | None:
         spans.pop()
     if spans:
         after = region[spans[-1].end():]
-        if not re.search(r"\d", after) or not re.search(r"[.!?]\s+[A-Z\\$]|\n\s*\S", after):
+        closes_sentence = re.search(r"[.!?]$", _span_text(spans[-1])) and re.match(r"\s+[A-Z]", after)
+        if not re.search(r"\d", after) or not (closes_sentence or re.search(r"[.!?]\s+[A-Z\\$]|\n\s*\S", after)):
             return _span_text(spans[-1]) or None
     text = re.sub(r"\b(Mr|Mrs|Ms|Dr|St|vs|etc|approx)\.", r"\1", region.strip().rstrip("."))
     for sentence in reversed(re.split(r"(?<=[.!?])\s+(?=[A-Z\\$])|\n", text)):
-        if re.search(_NUMBER, sentence):
+        if re.search(r"\d", sentence):  # a digit, not a _NUMBER: "\\frac43" has none (glued to letters)
             return _sentence_answer(sentence)
     return None
 
@@ -356,7 +361,7 @@ _UNITS = (
     "m/s|km/h|per|degrees?|cents?|dollars?|units?|square|sq|cubic|inches|inch|feet|foot|ft|yards?|miles?|meters?|metres?|"
     "centimeters?|cm|mm|km|kg|grams?|seconds?|sec|minutes?|min|hours?|hrs?|days?|weeks?|months?|years?|mph|"
     "liters?|litres?|ml|pounds?|lbs?|ounces?|oz|points?|people|persons?|students?|apples?|eggs?|marbles?|"
-    "percent|per cent|pct|pages?|boxes|books?|cookies?|games?|tickets?|times|ways?|numbers?|integers?|values?|solutions?|"
+    "percentage|percent|per cent|pct|pages?|boxes|books?|cookies?|games?|tickets?|times|ways?|numbers?|integers?|values?|solutions?|"
     "cups?|gallons?|bags?|hats?|pieces?|songs?|trees?|flowers?|dogs?|cats?|cars?"
 )
 _NUMBER_WORDS = {w: i for i, w in enumerate(
@@ -413,7 +418,7 @@ def normalize(s: str) -> str:
     s = re.sub(r"(?<=\d),\\!\s*(?=\d{3}(?!\d))", ",", s)  # 11,\! 111,\! 100: thousands, not a list
     s = re.sub(r"(?<!\\)\\(?:displaystyle|!|,|;|:|quad|qquad| )(?![a-zA-Z])|~", " ", s)
     s = _exact_or_approximate(s)
-    s = s.replace("{,}", ",")  # 12{,}500
+    s = re.sub(r"\s*\{\s*,\s*\}\s*", ",", s)  # 12{,}500, 14 {, }916
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
     s = re.sub(r"\\equiv", "=", re.sub(r"\\pmod\s*\{?\s*\d+\s*\}?", " ", s))  # 24 \equiv 3 \pmod{7}
     for pattern, replacement in _RELATIONS:
@@ -1040,7 +1045,14 @@ def values_equal(answer, gold, gold_places=None) -> bool:
 
 @lru_cache(maxsize=4096)
 def normalize_gold(gold: str) -> str:
-    return normalize(_gold_text(gold))
+    """normalize, and the ways a gold lists values: "6 \\text{ and } 8", "19, 46, and 82", "-12; -11" (a European
+    gold's list, its tuples too: "(0; -2)"), and a named tuple "(p, q) = (3, 2)" is its value."""
+    gold = normalize(_gold_text(gold))
+    if re.fullmatch(r"[^a-zA-Z]+(?:,? and [^a-zA-Z]+)+", re.sub(r"\\[a-zA-Z]+", "", gold)):
+        gold = re.sub(r",? and ", ", ", gold)
+    if ";" in gold and "=" not in gold:
+        gold = re.sub(r"\s*;\s*", ", ", gold)
+    return re.sub(r"^\((?:[a-zA-Z]\s*,\s*)+[a-zA-Z]\)\s*=\s*(?=\()", "", gold)
 
 
 def _gold_text(gold: str) -> str:
@@ -1083,7 +1095,13 @@ def _fit_to_gold(answer: str, gold: str) -> str:
         return " ; ".join(_fit_one_value(part, gold) for part in answer.split(" ; "))
     answer = re.sub(r"\s*;\s*|\s+(?:and|or)\s+|\s*,\s*(?:and|or)\s+", ", ", answer)
     answer = _right_hand_side(answer, gold)
-    answer = ", ".join(re.sub(_LABEL, "", item) for item in _split_top_level(answer, ","))
+    items = _split_top_level(answer, ",")
+    gold_labels = [re.match(_LABEL, item) for item in _split_top_level(gold, ",")]
+    if all(gold_labels):  # "k = 45, n = 2": labelled answers compare as equations, unlabelled ones in the gold's order
+        if len(items) == len(gold_labels) and not any(re.match(_LABEL, item) for item in items):
+            return ", ".join(label.group() + item for label, item in zip(gold_labels, items))
+        return ", ".join(items)
+    answer = ", ".join(re.sub(_LABEL, "", item) for item in items)
     if r"\pm" not in gold and answer.count(r"\pm") == 1 and "," not in answer:
         left, right = answer.split(r"\pm")
         answer = f"{left}+{right}, {left}-{right}"

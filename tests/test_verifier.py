@@ -356,3 +356,41 @@ def test_expressions_one_and_a_half_tolerances_apart_at_every_probe_are_never_eq
         c = sympy.Integer(rng.randint(1, 10 ** 6))
         d = sympy.Rational(3, 2) / 10 ** 12 * max(1, c * largest) * rng.choice([1, -1])
         assert not verifier.expressions_equal(c * x + d, c * x), (c, d)
+
+
+PEER_TEST_FILE = '''
+import pytest
+
+@pytest.mark.parametrize("gold,pred,expected", [("$7$", "\\\\boxed{7}", 1), pytest.param("1", "2", 0), ("3", "4", 0)])
+def test_numbers(gold, pred, expected):
+    assert False, "never run: the cases are read, not executed"
+
+@pytest.mark.parametrize("gold, pred, strict, result", [("f(x)", "f(y)", False, True)])
+def test_strictness(gold, pred, strict, result):
+    pass
+
+@pytest.mark.parametrize("pred,expected", [("5", "5")])
+def test_without_gold(pred, expected):
+    pass
+'''
+
+
+def test_verifier_cases_reads_each_parametrized_gold_and_pred_from_a_peers_sdist_without_running_it(tmp_path):
+    import io
+    import tarfile
+
+    from bench.verifier_cases import parametrized_cases, test_sources
+    archive = tmp_path / "peer-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, text in (("peer-1.0/tests/test_peer.py", PEER_TEST_FILE), ("peer-1.0/src/peer.py", "x = 1\n")):
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    sources = test_sources(str(archive))
+    assert [name for name, _ in sources] == ["test_peer.py"]
+    cases = parametrized_cases(*sources[0])
+    assert cases == [("test_peer.py", "test_numbers", "$7$", "\\boxed{7}", True),
+                     ("test_peer.py", "test_numbers", "3", "4", False),
+                     ("test_peer.py", "test_strictness", "f(x)", "f(y)", True)]
+    assert [verify(pred, gold) for _, _, gold, pred, _ in cases] == [True, False, False]
