@@ -205,6 +205,9 @@ def _after_last_marker(region: str) -> str | None:
     if not prose or re.search(r"(?i)\b(?:or|and|but|either|perhaps|maybe)\b", answer):
         return answer  # no words to drop, or alternatives the hedge check must see ("18 or perhaps 19")
     before_prose = answer[: min(word.start() for word in prose)]
+    rest = answer[len(before_prose):]
+    if "=" in rest and re.search(r"\b(?:times|plus|minus|divided|of)\b|[-+*/×·]|\\(?:times|cdot|div)", rest):
+        before_prose = ""  # a calculation after the value ("$5$ times $3$ = 15"): its result, below
     span = _span_text(opening) if opening else ""
     if span and before_prose.strip() == span and not _has_prose(span) and not re.fullmatch(r"[a-zA-Z]", span):
         return span  # "$2n+1$ for odd n", "$1, -2$ in all cases": the span the marker opens on, not a digit in it

@@ -788,6 +788,10 @@ CASES = [
     (B("(3, 4), (1, 2)"), "(1; 2), (3; 4)", True, "tuples written with semicolons in the gold"),
     (B("(4, 1)"), "(m, n) = (4, 1)", True, "a gold naming its tuple"),
     (B("(1, 4)"), "(m, n) = (4, 1)", False, "a named tuple's values in the other order"),
+    ("The answer is $5$ times $3$ = 15.", "15", True, "a calculation after a marker's span answers with its result"),
+    ("The answer is $5$ times $3$ = 15.", "5", False, "a calculation's first factor is not its result"),
+    ("So the answer is $\\frac{1}{2}$ of the total = 50 dollars.", "50", True, "a part of a whole, then its value"),
+    ("The answer is $6$ given that x = 2.", "6", True, "a condition after the value is no calculation"),
 ]
 
 # GSM8K golds are integers written with separators; AIME golds are 0..999 without padding.
