@@ -170,10 +170,6 @@ def extract_answer(text: str) -> str | None:
     if region is None:
         return None
     boxed = committed_boxes(region)
-    if len(set(boxed)) > 1:  # boxed steps ("= \\boxed{200} ... = \\boxed{255}"), then a final answer stated after them
-        stated = _after_last_marker(region[_boxed_spans(region)[-1][1]:])
-        if stated and re.search(r"[\d\\]", stated):
-            return stated
     if boxed:
         return " ; ".join(dict.fromkeys(boxed))
     marked = _after_last_marker(region)
@@ -182,11 +178,12 @@ def extract_answer(text: str) -> str | None:
     return _bare_answer(region) or _last_math_in_final_sentence(region)
 
 
-def _after_last_marker(region: str) -> str | None:
+def _after_last_marker(region: str, strict: bool = False) -> str | None:
     """The answer after the last "final answer" / "the answer is" / "Answer:" / "####" / answer heading: the rest
     of the marker's line (or of the math span that opens right after it, over several lines if it must), cut where
     the sentence ends outside math, with math delimiters dropped ("$18$ or $19$" stays a hedge).
-    None when there is no marker or what follows it is prose; "" when the marker is followed by an empty answer."""
+    None when there is no marker or what follows it is prose (strict: has prose at all); "" when the marker is followed
+    by an empty answer."""
     markers = list(_MARKERS.finditer(region))
     if not markers:
         return None
@@ -202,6 +199,8 @@ def _after_last_marker(region: str) -> str | None:
     if not answer:
         return ""
     prose = _prose_words(answer) + _word_pairs(answer)  # "7 in all": short words side by side are prose too
+    if strict and prose:
+        return None
     if not prose or re.search(r"(?i)\b(?:or|and|but|either|perhaps|maybe)\b", answer):
         return answer  # no words to drop, or alternatives the hedge check must see ("18 or perhaps 19")
     before_prose = answer[: min(word.start() for word in prose)]
@@ -217,6 +216,21 @@ def _after_last_marker(region: str) -> str | None:
     if number:
         return number.group()  # "She has 6 apples left", "clearly 18", "The total is 12 + 25 = 37 apples"
     return answer if len(answer.split()) <= 3 else None
+
+
+def _stated_after_boxes(text: str) -> str | None:
+    """A final answer stated after the last of several boxes ("= \\boxed{200} ... = \\boxed{255} ... Final Answer:
+    The final answer is $10,455$."): the boxes were steps. Only "final answer" and "####" count, and only a value with
+    no words in its sentence: "To check the answer: ..." or "the final answer: 12 plus 3 gives 15" state nothing."""
+    region = answer_region(text)
+    spans = _boxed_spans(region) if region is not None else []
+    if not spans:
+        return None
+    tail = region[spans[-1][1]:]
+    markers = list(re.finditer(r"final answer|####", tail, re.IGNORECASE))
+    if not markers:
+        return None
+    return _after_last_marker(tail[markers[-1].start():], strict=True) or None
 
 
 def _math_spans(text: str) -> list[re.Match]:
@@ -341,12 +355,11 @@ def _last_math_in_final_sentence(region: str) -> str | None:
         spans.pop()
     if spans:
         after = region[spans[-1].end():]
-        closes_sentence = re.search(r"[.!?]$", _span_text(spans[-1])) and re.match(r"\s+[A-Z]", after)
-        if not re.search(r"\d", after) or not (closes_sentence or re.search(r"[.!?]\s+[A-Z\\$]|\n\s*\S", after)):
+        if not re.search(r"\d", after) or not re.search(r"[.!?]\s+[A-Z\\$]|\n\s*\S", after):
             return _span_text(spans[-1]) or None
     text = re.sub(r"\b(Mr|Mrs|Ms|Dr|St|vs|etc|approx)\.", r"\1", region.strip().rstrip("."))
     for sentence in reversed(re.split(r"(?<=[.!?])\s+(?=[A-Z\\$])|\n", text)):
-        if re.search(r"\d", sentence):  # a digit, not a _NUMBER: "\\frac43" has none (glued to letters)
+        if re.search(_NUMBER, sentence) or "\\" in sentence and re.search(r"\d", sentence):  # "\\frac43" too
             return _sentence_answer(sentence)
     return None
 
@@ -364,7 +377,8 @@ _UNITS = (
     "m/s|km/h|per|degrees?|cents?|dollars?|units?|square|sq|cubic|inches|inch|feet|foot|ft|yards?|miles?|meters?|metres?|"
     "centimeters?|cm|mm|km|kg|grams?|seconds?|sec|minutes?|min|hours?|hrs?|days?|weeks?|months?|years?|mph|"
     "liters?|litres?|ml|pounds?|lbs?|ounces?|oz|points?|people|persons?|students?|apples?|eggs?|marbles?|"
-    "percentage|percent|per cent|pct|pages?|boxes|books?|cookies?|games?|tickets?|times|ways?|numbers?|integers?|values?|solutions?|"
+    "percentage|percent|per cent|pct|pages?|boxes|books?|cookies?|games?|tickets?|times|ways?|numbers?|integers?|"
+    "values?|solutions?|"
     "cups?|gallons?|bags?|hats?|pieces?|songs?|trees?|flowers?|dogs?|cats?|cars?"
 )
 _NUMBER_WORDS = {w: i for i, w in enumerate(
@@ -1101,7 +1115,7 @@ def _fit_to_gold(answer: str, gold: str) -> str:
     items = _split_top_level(answer, ",")
     gold_labels = [re.match(_LABEL, item) for item in _split_top_level(gold, ",")]
     if all(gold_labels):  # "k = 45, n = 2": labelled answers compare as equations, unlabelled ones in the gold's order
-        if len(items) == len(gold_labels) and not any(re.match(_LABEL, item) for item in items):
+        if len(items) == len(gold_labels) and not any("=" in item for item in items):
             return ", ".join(label.group() + item for label, item in zip(gold_labels, items))
         return ", ".join(items)
     answer = ", ".join(re.sub(_LABEL, "", item) for item in items)
@@ -1240,6 +1254,8 @@ def _prepare(completion: str, gold: str):
     raw = extract_answer(completion)
     if raw is None:
         return Verdict("no_answer", None, "no final answer found")
+    if " ; " in raw and not _several_values(gold) and r"\cup" not in gold:  # several boxes: steps, then a statement?
+        raw = _stated_after_boxes(completion) or raw
     if len(raw) > MAX_ANSWER_CHARS:
         return Verdict("unparseable", raw[:80], "answer too long")
     answer = " ; ".join(normalize(part) for part in raw.split(" ; "))

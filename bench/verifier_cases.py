@@ -71,7 +71,8 @@ def main():
         sys.exit(f"no parametrized gold/pred cases in {args.source}")
     verdicts = verify_batch([(pred, gold) for _, _, gold, pred, _ in cases])
     disagreements = [(case, verdict) for case, verdict in zip(cases, verdicts) if verdict.correct != case[4]]
-    print(f"{len(cases)} cases from {len({c[0] for c in cases})} files; ours agrees on {len(cases) - len(disagreements)}, "
+    files = len({c[0] for c in cases})
+    print(f"{len(cases)} cases from {files} files; ours agrees on {len(cases) - len(disagreements)}, "
           f"disagrees on {len(disagreements)} (expected correct: {sum(c[4] for c, _ in disagreements)}, "
           f"expected wrong: {sum(not c[4] for c, _ in disagreements)})")
     for test, count in Counter(f"{c[0]}::{c[1]}" for c, _ in disagreements).most_common():
