@@ -142,10 +142,11 @@ _MARKERS = re.compile(r"final answer\s*(?:is|of)?\s*[:=]?|(?:the|my) (?:final )?
 _MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$])+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]|"
                         r"\\begin\{(?:align|equation|gather)\*?\}(.+?)\\end\{(?:align|equation|gather)\*?\}", re.DOTALL)
 # where an answer written in prose ends: a sentence end, or a comma before a clause ("7, which we check below")
-_ANSWER_END = re.compile(r"\.(?:\s|$)|[;!?]|,\s+(?!and\b|or\b)(?=[a-z]{2,}|i\.e\.|e\.g\.)|"
+_ANSWER_END = re.compile(r"\.(?:\s|$)|(?<!\\)[;!?]|,\s+(?!and\b|or\b)(?=[a-z]{2,}|i\.e\.|e\.g\.)|"
                          r"\s(?:which|since|because|as|so|where|when|for|if|with|at)\s")
 # a number in prose: thousands groups (1 234 567), a mixed number (2 1/2, 2½, 2 ½), a fraction, a decimal
-_NUMBER = (r"-?(?<![a-zA-Z\d.])(?:\d{1,3}(?: \d{3})+(?![\d.])|\d+ \d+/\d+(?![\d/-])|\d+ ?[½⅓⅔¼¾⅕⅙⅛]|"
+_NUMBER = (r"-?(?<![a-zA-Z\d.^])(?<!\d,)"  # not glued to a word, an exponent or a thousands group: QX7B, m^2, USD1,250
+           r"(?:\d{1,3}(?: \d{3})+(?![\d.])|\d+ \d+/\d+(?![\d/-])|\d+ ?[½⅓⅔¼¾⅕⅙⅛]|"
            r"\d[\d,]*(?:\.\d+)?(?:/\d+)?|\.\d+|[½⅓⅔¼¾⅕⅙⅛])")
 
 
@@ -196,6 +197,7 @@ def _after_last_marker(region: str, strict: bool = False) -> str | None:
                len(line))
     answer = _MATH_SPAN.sub(_span_text, line[:cut]).strip()
     answer = _END_MARKS.sub("", re.sub(r"\.\s*$", "", answer)).strip()  # "\\frac{14}{3} \\quad \\blacksquare"
+    answer = re.sub(r"(?<=\S)\s+\((?=[^()]*(?<![\\a-zA-Z])[a-zA-Z]{2,})[^()]*\)$", "", answer)  # "3 (not 0)": a remark
     if not answer:
         return ""
     prose = _prose_words(answer) + _word_pairs(answer)  # "7 in all": short words side by side are prose too
@@ -204,9 +206,10 @@ def _after_last_marker(region: str, strict: bool = False) -> str | None:
     if not prose or re.search(r"(?i)\b(?:or|and|but|either|perhaps|maybe)\b", answer):
         return answer  # no words to drop, or alternatives the hedge check must see ("18 or perhaps 19")
     before_prose = answer[: min(word.start() for word in prose)]
-    rest = answer[len(before_prose):]
-    if "=" in rest and re.search(r"\b(?:times|plus|minus|divided|of)\b|[-+*/×·]|\\(?:times|cdot|div)", rest):
-        before_prose = ""  # a calculation after the value ("$5$ times $3$ = 15"): its result, below
+    result = re.fullmatch(r"(?:times|plus|minus|divided by|multiplied by)\s[^=]*=\s*(\S+)(?:\s+[a-zA-Z]+)?",
+                          answer[len(before_prose):])
+    if result:
+        return result.group(1)  # a calculation that goes on from the value ("$5$ times $3$ = 15"): its result
     span = _span_text(opening) if opening else ""
     if span and before_prose.strip() == span and not _has_prose(span) and not re.fullmatch(r"[a-zA-Z]", span):
         return span  # "$2n+1$ for odd n", "$1, -2$ in all cases": the span the marker opens on, not a digit in it
@@ -1065,9 +1068,10 @@ def normalize_gold(gold: str) -> str:
     """normalize, and the ways a gold lists values: "6 \\text{ and } 8", "19, 46, and 82", "-12; -11" (a European
     gold's list, its tuples too: "(0; -2)"), and a named tuple "(p, q) = (3, 2)" is its value."""
     gold = normalize(_gold_text(gold))
-    if re.fullmatch(r"[^a-zA-Z]+(?:,? and [^a-zA-Z]+)+", re.sub(r"\\[a-zA-Z]+", "", gold)):
+    thousands = re.search(r"(?:\band|;)\s*\d{3}(?![\d.])", gold)  # "6 and 100" would read as 6, 100: as 6,100
+    if not thousands and re.fullmatch(r"[^a-zA-Z]+(?:,? and [^a-zA-Z]+)+", re.sub(r"\\[a-zA-Z]+", "", gold)):
         gold = re.sub(r",? and ", ", ", gold)
-    if ";" in gold and "=" not in gold:
+    if not thousands and ";" in gold and "=" not in gold:
         gold = re.sub(r"\s*;\s*", ", ", gold)
     return re.sub(r"^\((?:[a-zA-Z]\s*,\s*)+[a-zA-Z]\)\s*=\s*(?=\()", "", gold)
 
