@@ -197,7 +197,8 @@ def _after_last_marker(region: str, strict: bool = False) -> str | None:
                len(line))
     answer = _MATH_SPAN.sub(_span_text, line[:cut]).strip()
     answer = _END_MARKS.sub("", re.sub(r"\.\s*$", "", answer)).strip()  # "\\frac{14}{3} \\quad \\blacksquare"
-    answer = re.sub(r"(?<=\S)\s+\((?=[^()]*(?<![\\a-zA-Z])[a-zA-Z]{2,})[^()]*\)$", "", answer)  # "3 (not 0)": a remark
+    answer = re.sub(r"(?<=\S)\s+\((?=[^()]*(?<![\\a-zA-Z])[a-zA-Z]{2,})(?![^()]*\b(?:or|and|maybe|perhaps)\b)[^()]*\)$",
+                    "", answer)  # "3 (not 0)" is 3: a remark; "3 (or 4)" stays a hedge
     if not answer:
         return ""
     prose = _prose_words(answer) + _word_pairs(answer)  # "7 in all": short words side by side are prose too

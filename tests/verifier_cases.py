@@ -815,6 +815,7 @@ CASES = [
     ("He earns USD1,250 per month.", "250", False, "a thousands group of a number glued to a word is no number"),
     ("Final answer: 3 (not 0)", "0", False, "a remark in parentheses after a marker's value is no part of it"),
     ("Final answer: 3 (not 0)", "3", True, "the value before a remark"),
+    ("Final answer: 3 (or 4)", "3", False, "a hedge in parentheses is still a hedge"),
     ("The area is 25 cm^2.", "25", True, "an exponent of a unit is no number"),
     ("#### 10,\\!080", "10080", True, "a LaTeX thin space is no sentence end"),
     ("The answer is $6$ given that x = 2.", "6", True, "a condition after the value is no calculation"),
