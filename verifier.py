@@ -147,7 +147,8 @@ _ANSWER_END = re.compile(r"\.(?:\s|$)|(?<!\\)[;!?]|,\s+(?!and\b|or\b)(?=[a-z]{2,
 # a number in prose: thousands groups (1 234 567), a mixed number (2 1/2, 2½, 2 ½), a fraction, a decimal
 _NUMBER = (r"-?(?<![a-zA-Z\d.^])(?<!\d,)"  # not glued to a word, an exponent or a thousands group: QX7B, m^2, USD1,250
            r"(?:\d{1,3}(?: \d{3})+(?![\d.])|\d+ \d+/\d+(?![\d/-])|\d+ ?[½⅓⅔¼¾⅕⅙⅛]|"
-           r"\d[\d,]*(?:\.\d+)?(?:/\d+)?|\.\d+|[½⅓⅔¼¾⅕⅙⅛])")
+           r"\d[\d,]*(?:\.\d+)?(?:/\d+)?|\.\d+|[½⅓⅔¼¾⅕⅙⅛])"
+           r"(?:\^\s*(?:\{-?\d+\}|-?\d+))?")  # with its power: 2^{10}
 
 
 def answer_region(text: str) -> str | None:
@@ -197,7 +198,8 @@ def _after_last_marker(region: str, strict: bool = False) -> str | None:
                len(line))
     answer = _MATH_SPAN.sub(_span_text, line[:cut]).strip()
     answer = _END_MARKS.sub("", re.sub(r"\.\s*$", "", answer)).strip()  # "\\frac{14}{3} \\quad \\blacksquare"
-    answer = re.sub(r"(?<=\S)\s+\((?=[^()]*(?<![\\a-zA-Z])[a-zA-Z]{2,})(?![^()]*\b(?:or|and|maybe|perhaps)\b)[^()]*\)$",
+    answer = re.sub(r"(?<=\S)\s+\((?=[^()]*(?<![\\a-zA-Z])[a-zA-Z]{3,})"
+                    r"(?![^()]*\b(?:or|and|but|maybe|perhaps|possibly|either)\b)[^()]*\)$",
                     "", answer)  # "3 (not 0)" is 3: a remark; "3 (or 4)" stays a hedge
     if not answer:
         return ""
@@ -207,10 +209,10 @@ def _after_last_marker(region: str, strict: bool = False) -> str | None:
     if not prose or re.search(r"(?i)\b(?:or|and|but|either|perhaps|maybe)\b", answer):
         return answer  # no words to drop, or alternatives the hedge check must see ("18 or perhaps 19")
     before_prose = answer[: min(word.start() for word in prose)]
-    result = re.fullmatch(r"(?:times|plus|minus|divided by|multiplied by)\s[^=]*=\s*(\S+)(?:\s+[a-zA-Z]+)?",
-                          answer[len(before_prose):])
-    if result:
-        return result.group(1)  # a calculation that goes on from the value ("$5$ times $3$ = 15"): its result
+    if re.match(r"(?:times|plus|minus|divided by|multiplied by)\s[^=]*=", answer[len(before_prose):]):
+        result = re.match(r"\s*(\\[a-zA-Z]+(?:\{[^{}]*\})*|" + _NUMBER + ")", answer.rsplit("=", 1)[-1])
+        if result:  # a calculation that goes on from the value ("$5$ times $3$ = 15 apples"): its result
+            return _prose_power(result.group(1))
     span = _span_text(opening) if opening else ""
     if span and before_prose.strip() == span and not _has_prose(span) and not re.fullmatch(r"[a-zA-Z]", span):
         return span  # "$2n+1$ for odd n", "$1, -2$ in all cases": the span the marker opens on, not a digit in it
@@ -218,8 +220,13 @@ def _after_last_marker(region: str, strict: bool = False) -> str | None:
         return re.sub(r"(?:[\s-]+[a-zA-Z]{1,3})*[\s-]*$", "", before_prose).strip()  # "\\frac{1}{2} of the total"
     number = re.search(_NUMBER, answer.rsplit("=", 1)[-1])  # the result of a calculation, else the first value
     if number:
-        return number.group()  # "She has 6 apples left", "clearly 18", "The total is 12 + 25 = 37 apples"
+        return _prose_power(number.group())  # "She has 6 apples left", "clearly 18", "The total is 12 + 25 = 37 apples"
     return answer if len(answer.split()) <= 3 else None
+
+
+def _prose_power(number: str) -> str:
+    """A power written in prose, 2^10, is 1024: its exponent braced, as LaTeX would read only the 1."""
+    return re.sub(r"\^\s*(-?\d+)$", r"^{\1}", number)
 
 
 def _stated_after_boxes(text: str) -> str | None:
@@ -346,7 +353,7 @@ def _sentence_answer(sentence: str) -> str | None:
     else:
         return text.rsplit("=", 1)[-1].strip()
     numbers = re.findall(_NUMBER, source)
-    return numbers[-1].rstrip(",") if numbers else None
+    return _prose_power(numbers[-1].rstrip(",")) if numbers else None
 
 
 def _last_math_in_final_sentence(region: str) -> str | None:
@@ -363,7 +370,7 @@ def _last_math_in_final_sentence(region: str) -> str | None:
             return _span_text(spans[-1]) or None
     text = re.sub(r"\b(Mr|Mrs|Ms|Dr|St|vs|etc|approx)\.", r"\1", region.strip().rstrip("."))
     for sentence in reversed(re.split(r"(?<=[.!?])\s+(?=[A-Z\\$])|\n", text)):
-        if re.search(_NUMBER, sentence) or "\\" in sentence and re.search(r"\d", sentence):  # "\\frac43" too
+        if re.search(r"\d", sentence):  # the last sentence with a digit answers, or nothing does ("the area is s^2")
             return _sentence_answer(sentence)
     return None
 
