@@ -145,10 +145,9 @@ _MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$((?:\\\$|[^$])+?)\$|\\\((.+?)\\
 _ANSWER_END = re.compile(r"\.(?:\s|$)|(?<!\\)[;!?]|,\s+(?!and\b|or\b)(?=[a-z]{2,}|i\.e\.|e\.g\.)|"
                          r"\s(?:which|since|because|as|so|where|when|for|if|with|at)\s")
 # a number in prose: thousands groups (1 234 567), a mixed number (2 1/2, 2½, 2 ½), a fraction, a decimal
-_NUMBER = (r"-?(?<![a-zA-Z\d.^])(?<!\d,)"  # not glued to a word, an exponent or a thousands group: QX7B, m^2, USD1,250
+_NUMBER = (r"-?(?<![a-zA-Z\d.^])(?<!\d,)(?<!\^\{)"  # not glued to a word, a power, a thousands group: QX7B, m^2
            r"(?:\d{1,3}(?: \d{3})+(?![\d.])|\d+ \d+/\d+(?![\d/-])|\d+ ?[½⅓⅔¼¾⅕⅙⅛]|"
-           r"\d[\d,]*(?:\.\d+)?(?:/\d+)?|\.\d+|[½⅓⅔¼¾⅕⅙⅛])"
-           r"(?:\^\s*(?:\{-?\d+\}|-?\d+))?")  # with its power: 2^{10}
+           r"\d[\d,]*(?:\.\d+)?(?:/\d+)?|\.\d+|[½⅓⅔¼¾⅕⅙⅛])")
 
 
 def answer_region(text: str) -> str | None:
@@ -198,9 +197,12 @@ def _after_last_marker(region: str, strict: bool = False) -> str | None:
                len(line))
     answer = _MATH_SPAN.sub(_span_text, line[:cut]).strip()
     answer = _END_MARKS.sub("", re.sub(r"\.\s*$", "", answer)).strip()  # "\\frac{14}{3} \\quad \\blacksquare"
-    answer = re.sub(r"(?<=\S)\s+\((?=[^()]*(?<![\\a-zA-Z])[a-zA-Z]{3,})"
-                    r"(?![^()]*\b(?:or|and|but|maybe|perhaps|possibly|either)\b)[^()]*\)$",
-                    "", answer)  # "3 (not 0)" is 3: a remark; "3 (or 4)" stays a hedge
+    remark = re.search(r"(?<=\S)\s+\(([^()]*)\)$", answer)
+    if remark and re.search(r"(?i)\b(?:or|and|but|maybe|perhaps|possibly|probably|could|might|actually|either)\b",
+                            remark.group(1)):
+        return answer  # "3 (or 4)", "3 (actually 4)": a hedge or a correction, which states no one value
+    if remark and re.search(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}", remark.group(1)):
+        answer = answer[: remark.start()]  # "3 (not 0)", "12 (rounded)": a remark
     if not answer:
         return ""
     prose = _prose_words(answer) + _word_pairs(answer)  # "7 in all": short words side by side are prose too
@@ -210,23 +212,25 @@ def _after_last_marker(region: str, strict: bool = False) -> str | None:
         return answer  # no words to drop, or alternatives the hedge check must see ("18 or perhaps 19")
     before_prose = answer[: min(word.start() for word in prose)]
     if re.match(r"(?:times|plus|minus|divided by|multiplied by)\s[^=]*=", answer[len(before_prose):]):
-        result = re.match(r"\s*(\\[a-zA-Z]+(?:\{[^{}]*\})*|" + _NUMBER + ")", answer.rsplit("=", 1)[-1])
-        if result:  # a calculation that goes on from the value ("$5$ times $3$ = 15 apples"): its result
-            return _prose_power(result.group(1))
+        result = re.sub(r"(?:\s+[a-zA-Z]{2,})+$", "", answer.rsplit("=", 1)[-1]).strip()  # units dropped
+        if result and not _has_prose(result) and not _word_pairs(result):
+            return result  # a calculation that goes on from the value ("$5$ times $3$ = 15 apples"): its result
     span = _span_text(opening) if opening else ""
     if span and before_prose.strip() == span and not _has_prose(span) and not re.fullmatch(r"[a-zA-Z]", span):
         return span  # "$2n+1$ for odd n", "$1, -2$ in all cases": the span the marker opens on, not a digit in it
     if "\\" in before_prose:
         return re.sub(r"(?:[\s-]+[a-zA-Z]{1,3})*[\s-]*$", "", before_prose).strip()  # "\\frac{1}{2} of the total"
     number = re.search(_NUMBER, answer.rsplit("=", 1)[-1])  # the result of a calculation, else the first value
+    if number and not _raised(answer.rsplit("=", 1)[-1], number):
+        return number.group()  # "She has 6 apples left", "clearly 18", "The total is 12 + 25 = 37 apples"
     if number:
-        return _prose_power(number.group())  # "She has 6 apples left", "clearly 18", "The total is 12 + 25 = 37 apples"
+        return ""  # "2^10 - 1 subsets": a power, which prose does not spell well enough to read
     return answer if len(answer.split()) <= 3 else None
 
 
-def _prose_power(number: str) -> str:
-    """A power written in prose, 2^10, is 1024: its exponent braced, as LaTeX would read only the 1."""
-    return re.sub(r"\^\s*(-?\d+)$", r"^{\1}", number)
+def _raised(text: str, number: re.Match) -> bool:
+    """A number in prose with a power after it (2^10, 3 x 10^5): not the value, and prose powers are not read."""
+    return bool(re.match(r"\s*\^", text[number.end():]))
 
 
 def _stated_after_boxes(text: str) -> str | None:
@@ -352,8 +356,10 @@ def _sentence_answer(sentence: str) -> str | None:
         source = " ".join(words)
     else:
         return text.rsplit("=", 1)[-1].strip()
-    numbers = re.findall(_NUMBER, source)
-    return _prose_power(numbers[-1].rstrip(",")) if numbers else None
+    numbers = list(re.finditer(_NUMBER, source))
+    if not numbers or _raised(source, numbers[-1]):
+        return None
+    return numbers[-1].group().rstrip(",")
 
 
 def _last_math_in_final_sentence(region: str) -> str | None:
