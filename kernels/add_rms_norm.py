@@ -8,7 +8,10 @@ A residual add fused with the RMSNorm that follows it, forward and backward: the
 x, delta (..., D) of one shape, weight (D,) -> (h, y), as torch's x + delta and model.RMSNorm compute them: h in the
 promoted dtype of x and delta, rounded before it is normalised; y in h's dtype when h and the weight share a dtype,
 else in their promoted dtype (under autocast: an fp32 residual stream, bf16 attention output, fp32 weight -> fp32).
-The kernels compute in fp32 and round once per output. The backward gives
+The kernels compute in fp32 and round once per output. (rms_norm rounds the normed value to h's dtype before a
+wider weight, as transformers does; the kernel does not, so for an h narrower than the weight, a mix the model never
+hands it since under autocast its stream is fp32, the two differ by up to one rounding step of h's dtype.) The
+backward gives
 
     d_h = rstd * (weight * d_y - h_hat * mean(h_hat * weight * d_y)) + d_h_out,   h_hat = h * rstd
     d_x = d_delta = d_h,   d_weight = sum over rows of d_y * h_hat

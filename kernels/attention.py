@@ -378,17 +378,19 @@ class FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _triton_fits(q, k, causal, attn_mask):
-    return (attn_mask is None and causal and q.shape[-1] <= 128 and q.shape[2] == k.shape[2] and q.stride(-1) == 1
-            and k.stride(-1) == 1)
+def _triton_fits(q, k, v, causal, attn_mask):
+    return (attn_mask is None and causal and q.shape[-1] <= 128 and q.shape[2] == k.shape[2]
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1)
 
 
 def attention(q, k, v, causal=True, cu_seqlens=None, attn_mask=None, scale=None, return_lse=False, backend=None):
     """Public entry the model calls. backend: "auto" (default; Triton when the inputs allow it), "triton", "torch";
     the ATTENTION_BACKEND environment variable sets the default."""
-    if choose_backend("ATTENTION_BACKEND", q, backend, _triton_fits(q, k, causal, attn_mask)) == "triton":
+    if choose_backend("ATTENTION_BACKEND", q, backend, _triton_fits(q, k, v, causal, attn_mask)) == "triton":
         if attn_mask is not None or not causal:
             raise ValueError("the Triton attention kernel is causal self-attention without an explicit mask")
+        # the kernels read rows of q, k and v with unit stride; a forced backend may hand any layout
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         cu = cu_seqlens.to(torch.int32) if cu_seqlens is not None else None
         out, lse = FlashAttention.apply(q, k, v, causal, cu, scale)
         return (out, lse) if return_lse else out

@@ -156,6 +156,8 @@ def decode_attention_triton(q, k_cache, v_cache, block_table, lengths, scale=Non
     block_table = as_block_table(block_table)
     if block_table.stride(1) != 1:
         raise ValueError("decode_attention wants a block table with a unit last stride")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("decode_attention wants q and the key and value caches with a unit last stride")
     n_kv_head, block_size = k_cache.shape[1], k_cache.shape[2]
     max_len = block_table.shape[1] * block_size
     group = n_head // n_kv_head

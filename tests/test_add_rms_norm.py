@@ -107,6 +107,33 @@ def test_triton_normalises_the_rounded_sum_and_keeps_each_gradient_in_full_preci
 
 
 @needs_triton
+def test_triton_reads_x_and_delta_each_with_its_own_row_stride_and_leaves_broadcasts_to_the_reference():
+    """Every other test builds x and delta alike, so a kernel that stepped through delta's rows with x's stride
+    would pass them. A delta that broadcasts (one row for all) is no input of the kernel: the reference takes it."""
+    x, _, weight = inputs((6, 64), torch.float32, torch.float32, torch.float32, seed=5, device=DEVICE)
+    delta = torch.randn(6, 73, generator=torch.Generator().manual_seed(6)).to(DEVICE)[:, :64]
+    assert delta.stride(0) != x.stride(0)
+    h, y = add_rms_norm(x, delta, weight, 1e-6, backend="triton")
+    expected_h, expected_y = textbook(x.cpu(), delta.cpu(), weight.cpu(), 1e-6)
+    assert (h.double().cpu() - expected_h).abs().max() < 1e-5 and (y.double().cpu() - expected_y).abs().max() < 1e-5
+    row = delta[0]
+    h, y = add_rms_norm(x, row, weight, 1e-6, backend="triton")
+    expected_h, expected_y = textbook(x.cpu(), row.cpu().expand(6, 64), weight.cpu(), 1e-6)
+    assert (h.double().cpu() - expected_h).abs().max() < 1e-5 and (y.double().cpu() - expected_y).abs().max() < 1e-5
+
+
+def test_reference_rounds_the_normed_value_to_the_input_dtype_before_a_wider_weight():
+    """Qwen3's q_norm/k_norm under autocast (bf16 heads, fp32 weight): transformers computes
+    weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype), so the model must round where it rounds."""
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    weight = torch.rand(64, generator=torch.Generator().manual_seed(8)) + 0.5
+    xf = x.float()
+    expected = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    y = rms_norm(x, weight, 1e-6)
+    assert y.dtype == torch.float32 and (y - expected).abs().max() <= 1e-6 * expected.abs().max()
+
+
+@needs_triton
 def test_triton_takes_no_rows():
     x, delta, weight = (t.requires_grad_() for t in inputs((0, 32), torch.float32, torch.float32, torch.float32,
                                                             device=DEVICE))

@@ -42,6 +42,8 @@ def test_reference_matches_naive_with_explicit_masks():
     mask = document_causal_mask(cu, 20)
     assert mask[7, 6] == False and mask[8, 7] == False and mask[19, 8] and not mask[8, 9]  # noqa: E712
     assert torch.allclose(attention_ref(q, k, v, cu_seqlens=cu), naive(q, k, v, mask, 16 ** -0.5)[0], atol=1e-12)
+    # packed without lse runs one attention per document, a path of its own that must pass the scale on
+    assert torch.allclose(attention_ref(q, k, v, cu_seqlens=cu, scale=0.3), naive(q, k, v, mask, 0.3)[0], atol=1e-12)
 
 
 def poisoned_empty(monkeypatch):
@@ -117,17 +119,53 @@ def test_triton_honours_an_explicit_scale_and_a_gradient_with_a_non_unit_last_st
         assert (ours.double().cpu() - ref).abs().max() < 1e-4, name
 
 
+@needs_triton_run
+@pytest.mark.parametrize("v_layout", ["fused", "transposed"])
+def test_triton_reads_q_k_and_v_each_in_its_own_layout(v_layout):
+    """In the model k comes out of the rope as a tensor of its own while q and v are views of the fused qkv output,
+    so k's and v's strides differ; a kernel that read v with k's strides, or assumed v's last stride is 1 (a forced
+    backend may hand any layout), would still pass every test whose q, k and v share one layout."""
+    torch.manual_seed(11)
+    batch, heads, kv_heads, length, head_dim = 2, 4, 2, 45, 32
+    fused = torch.randn(batch, length, (heads + 2 * kv_heads + 3) * head_dim, device=DEVICE)  # spare columns
+    q = fused[..., : heads * head_dim].view(batch, length, heads, head_dim).transpose(1, 2)
+    k = torch.randn(batch, kv_heads, length, head_dim, device=DEVICE)
+    if v_layout == "fused":
+        v = fused[..., (heads + kv_heads) * head_dim: (heads + 2 * kv_heads) * head_dim]
+        v = v.view(batch, length, kv_heads, head_dim).transpose(1, 2)
+    else:
+        v = torch.randn(batch, kv_heads, head_dim, length, device=DEVICE).transpose(-1, -2)
+    assert k.stride() != v.stride() and (v_layout == "fused") == (v.stride(-1) == 1)
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = attention(*inputs, backend="triton")
+    grad_out = torch.randn(out.shape, device=DEVICE)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    reference = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref_out = attention_ref(*reference)
+    expected, _ = naive(*[t.detach() for t in reference], torch.ones(length, length, dtype=torch.bool).tril(),
+                        head_dim ** -0.5)
+    assert torch.allclose(ref_out, expected, atol=1e-12)
+    ref_grads = torch.autograd.grad(ref_out, reference, grad_out.double().cpu())
+    assert (out.double().cpu() - expected).abs().max() < 2e-5
+    for name, ours, ref in zip("qkv", grads, ref_grads):
+        assert (ours.double().cpu() - ref).abs().max() < 1e-4, name
+
+
 def test_auto_takes_the_kernel_only_for_inputs_it_handles():
     """_triton_fits is auto's word on a GPU (kernels.choose_backend): causal self-attention without an explicit mask,
     head dims up to 128 (the kernel's tiles), unit last strides; anything else must go to the reference."""
     fits = attention_module._triton_fits
     q, kv = torch.randn(1, 4, 8, 128), torch.randn(1, 2, 8, 128)
-    assert fits(q, kv, True, None)
-    assert not fits(torch.randn(1, 4, 8, 256), torch.randn(1, 2, 8, 256), True, None)  # wider than the tiles
-    assert not fits(q, kv, False, None)
-    assert not fits(q, kv, True, torch.ones(1, 1, 8, 8, dtype=torch.bool))
-    assert not fits(q[:, :, -1:], kv, True, None)  # a query shorter than the keys (decoding): not self-attention
-    assert not fits(torch.randn(1, 4, 128, 8).transpose(-1, -2), kv, True, None)
+    assert fits(q, kv, kv, True, None)
+    wide = torch.randn(1, 2, 8, 256)
+    assert not fits(torch.randn(1, 4, 8, 256), wide, wide, True, None)  # wider than the tiles
+    assert not fits(q, kv, kv, False, None)
+    assert not fits(q, kv, kv, True, torch.ones(1, 1, 8, 8, dtype=torch.bool))
+    assert not fits(q[:, :, -1:], kv, kv, True, None)  # a query shorter than the keys (decoding): not self-attention
+    column_major = torch.randn(1, 2, 128, 8).transpose(-1, -2)
+    assert not fits(torch.randn(1, 4, 128, 8).transpose(-1, -2), kv, kv, True, None)
+    assert not fits(q, column_major, kv, True, None)
+    assert not fits(q, kv, column_major, True, None)
 
 
 def test_dispatcher_uses_the_reference_on_cpu_and_refuses_unknown_backends():

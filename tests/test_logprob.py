@@ -122,6 +122,53 @@ def test_cpu_path_under_autocast_takes_the_logits_in_the_autocast_dtype():
         assert ours.dtype == torch.float32 and (ours - naive).abs().max() < 1e-2 * max(1.0, naive.abs().max().item())
 
 
+def test_cpu_paths_stay_finite_and_exact_for_logits_in_the_hundreds():
+    """Logits of a few hundred (a sharp distribution at a low temperature) overflow exp in fp32 unless each row's
+    max is taken out first: the log-probs, the entropy and the exact KL must match float64 and stay finite."""
+    hidden, weight, targets = inputs(9, 16, 50, torch.float32, seed=4)
+    hidden = (hidden.detach() * 60).requires_grad_()
+    assert (hidden @ weight.T).abs().max() > 200
+    logp, entropy = token_logprobs_ref(hidden, weight, targets, 1.0, return_entropy=True, chunk_size=4)
+    h64, w64 = hidden.detach().double(), weight.detach().double()
+    ref_logp, ref_entropy = token_logprobs_naive(h64, w64, targets, 1.0, return_entropy=True)
+    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
+    assert (logp.double() - ref_logp).abs().max() < 1e-3 and (entropy.double() - ref_entropy).abs().max() < 1e-3
+    ref_hidden = (inputs(9, 16, 50, torch.float32, seed=5)[0].detach() * 60)
+    kl = logprob_module.kl_full(hidden, weight, ref_hidden, weight.detach(), 1.0, chunk_size=4)
+    logp_all, logq_all = (torch.log_softmax(h @ w64.T, -1) for h in (h64, ref_hidden.double()))
+    naive = (logp_all.exp() * (logp_all - logq_all)).sum(-1)
+    assert torch.isfinite(kl).all() and (kl.double() - naive).abs().max() < 1e-3 * max(1.0, naive.abs().max().item())
+
+
+def test_kl_full_under_autocast_takes_the_logits_in_the_autocast_dtype():
+    """As for the log-probs: under CPU bf16 autocast the exact KL must come from bf16 logits, as the naive
+    formula's autocast matmuls give them (~1e-2 away from fp32 ones)."""
+    hidden, weight, _ = inputs(19, 32, 70, torch.float32, seed=6)
+    ref_hidden, ref_weight, _ = inputs(19, 32, 70, torch.float32, seed=7)
+    ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = logprob_module.kl_full(hidden, weight, ref_hidden, ref_weight, 0.7, chunk_size=6)
+        logp = torch.log_softmax((hidden @ weight.T).float() / 0.7, -1)
+        logq = torch.log_softmax((ref_hidden @ ref_weight.T).float() / 0.7, -1)
+    naive = (logp.exp() * (logp - logq)).sum(-1)
+    assert (ours - naive).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton_run)])
+def test_a_custom_ignore_index_is_honoured(backend):
+    """ignore_index is a public argument (the trainers pass the default): positions holding it score 0 on both
+    paths and the others match naive."""
+    hidden, weight, targets = inputs(12, 16, 40, torch.float32, seed=8, device=DEVICE if backend == "triton" else "cpu")
+    targets = targets.clamp(min=0)
+    targets[::3] = -1
+    logp, entropy = token_logprobs(hidden, weight, targets, 0.8, return_entropy=True, ignore_index=-1, backend=backend)
+    h64, w64 = (t.detach().double().cpu() for t in (hidden, weight))
+    ref_logp, ref_entropy = token_logprobs_naive(h64, w64, targets.cpu(), 0.8, return_entropy=True, ignore_index=-1)
+    assert (logp[targets == -1] == 0).all() and (entropy[targets == -1] == 0).all()
+    assert (logp.double().cpu() - ref_logp).abs().max() < 1e-4
+    assert (entropy.double().cpu() - ref_entropy).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
 @pytest.mark.parametrize("ref_requires_grad", [False, True])  # True: the checkpointed fallback
 def test_kl_full_values_and_gradients_match_naive(direction, ref_requires_grad):

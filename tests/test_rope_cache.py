@@ -91,6 +91,26 @@ def test_triton_matches_reference_in_float64(dtype, tolerance, n_head, n_kv_head
         assert (ours.double().cpu() - reference).abs().max() < tolerance
 
 
+def column_major(t):
+    """t's values with its last two dimensions laid out the other way round: a last stride other than 1."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+@pytest.mark.parametrize("bad", ["q", "k", "v", "cos", "value_cache_layout"])
+def test_triton_refuses_layouts_it_cannot_read(bad):
+    """The kernel reads every row with unit stride, cos and sin with one stride, and writes both caches at one
+    offset: anything else must be refused, not read at the wrong addresses."""
+    q, k, v, cos, signed_sin, k_cache, v_cache, slot_ids, positions = case(torch.float32, 4, 2, 16, "cpu")
+    if bad in ("q", "k", "v"):
+        q, k, v = (column_major(t) if name == bad else t for name, t in zip("qkv", (q, k, v)))
+    elif bad == "cos":
+        cos = torch.cat((cos, cos), dim=-1)[:, :16]  # rows twice as far apart as signed_sin's
+    else:
+        v_cache = v_cache.transpose(1, 2).contiguous().transpose(1, 2)  # same shape, other strides
+    with pytest.raises(ValueError, match="unit last strides"):
+        rope_and_cache(q, k, v, cos, signed_sin, k_cache, v_cache, slot_ids, positions, backend="triton")
+
+
 @pytest.mark.skipif(not INTERPRETED, reason="the CPU run of the kernel decode path needs Triton's interpreter")
 @pytest.mark.parametrize("family, autocast_dtype, tolerance", [("qwen2", None, 1e-5), ("qwen3", torch.float16, 2e-3)])
 def test_model_decodes_the_same_through_the_kernels(tmp_path, monkeypatch, family, autocast_dtype, tolerance):
