@@ -146,9 +146,10 @@ def test_triton_reads_q_k_and_v_each_in_its_own_layout(v_layout):
                         head_dim ** -0.5)
     assert torch.allclose(ref_out, expected, atol=1e-12)
     ref_grads = torch.autograd.grad(ref_out, reference, grad_out.double().cpu())
-    assert (out.double().cpu() - expected).abs().max() < 2e-5
+    tolerance = 2e-5 if INTERPRETED else 2e-3  # a GPU takes fp32 products in TF32
+    assert (out.double().cpu() - expected).abs().max() < tolerance
     for name, ours, ref in zip("qkv", grads, ref_grads):
-        assert (ours.double().cpu() - ref).abs().max() < 1e-4, name
+        assert (ours.double().cpu() - ref).abs().max() < 5 * tolerance, name
 
 
 def test_auto_takes_the_kernel_only_for_inputs_it_handles():

@@ -126,22 +126,24 @@ def test_triton_reads_the_key_and_the_value_cache_each_in_its_own_layout():
     out = decode_attention(to(q), to(k), to(v), to(slots), to(lengths), backend="triton")
     assert (out.double().cpu() - expected).abs().max() < 1e-5
     column_major = torch.randn(5, 2, 16, 40, generator=generator).transpose(-1, -2)
-    with pytest.raises(ValueError, match="unit last stride"):
-        decode_attention(to(q), to(k), to(column_major), to(slots), to(lengths), backend="triton")
+    strided_q = torch.randn(3, 16, 4, generator=generator).transpose(-1, -2)
+    for bad in ((strided_q, k, v), (q, column_major, v), (q, k, column_major)):
+        with pytest.raises(ValueError, match="unit last stride"):
+            decode_attention(*map(to, bad), to(slots), to(lengths), backend="triton")
 
 
 @pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()), reason="needs a GPU or TRITON_INTERPRET=1")
 def test_triton_reaches_blocks_past_2_to_the_31_elements_through_an_int32_table():
     """A block's offset is its index times the block stride: past 2^31 elements (a large paged cache on a big card)
-    it must be computed in int64 even when the table is int32. torch.empty's pages cost no memory until written,
-    so the cache of 2^31 + 4096 fp16 elements holds only the few blocks used."""
+    it must be computed in int64 even when the table is int32 (an int32 product wraps to a negative offset, before
+    the cache). torch.empty's pages cost no memory until written, so the cache of 2^31 + 4096 fp16 elements holds
+    only the few blocks used."""
     n_blocks = 2 ** 21 + 4  # 1024 elements a block: the last blocks start past 2^31
     cache = torch.empty(n_blocks, 1, 16, 64, dtype=torch.float16, device=DEVICE)
     generator = torch.Generator().manual_seed(0)
     table = torch.tensor([[n_blocks - 3, n_blocks - 1], [1, n_blocks - 2]], dtype=torch.int32)
     used = table.flatten().long()
     cache[used.to(DEVICE)] = torch.randn(len(used), 1, 16, 64, generator=generator).half().to(DEVICE)
-    cache[0] = (torch.randn(1, 16, 64, generator=generator) * 50).half().to(DEVICE)  # where a wrapped offset lands
     q = torch.randn(2, 2, 64, generator=generator).half()
     lengths = torch.tensor([30, 20], dtype=torch.int32)
     small = cache[used.to(DEVICE)].cpu()  # the same keys in a cache of four blocks
