@@ -2056,6 +2056,20 @@ MUTANTS = [
            r'return re.sub(r"^\((?:[a-zA-Z]\s*,\s*)+[a-zA-Z]\)\s*=\s*(?=\()", "", gold)',
            "return gold",
            [VERIFIER_CASES]),
+    # the fp32 kernel tests' GPU tolerances (2026-12-02): a GPU's TF32 products must fit in them, checked on the CPU
+    mutant("gpu_fp32_attention_tolerance_below_tf32", "tests/test_attention.py",
+           "FP32_GPU_TOLERANCE = 1.5e-2",
+           "FP32_GPU_TOLERANCE = 2e-3",
+           ["tests/test_attention.py::test_the_gpu_fp32_tolerance_covers_tf32_products"]),
+    mutant("gpu_fp32_logprob_tolerance_below_tf32", "tests/test_logprob.py",
+           "FP32_GPU_TOLERANCE = 4e-2",
+           "FP32_GPU_TOLERANCE = 1e-4",
+           ["tests/test_logprob.py::test_the_gpu_fp32_tolerance_covers_tf32_logits"]),
+    mutant("tf32_emulation_keeps_every_bit", "tests/conftest.py",
+           "& ~0x1FFF).view(torch.float32)",
+           "& ~0x0).view(torch.float32)",
+           ["tests/test_logprob.py::test_the_gpu_fp32_tolerance_covers_tf32_logits",
+            "tests/test_attention.py::test_the_gpu_fp32_tolerance_covers_tf32_products"]),
 ]
 
 

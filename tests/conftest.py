@@ -41,6 +41,13 @@ def write_hf_checkpoint(path, family="qwen2", seed=0, **overrides):
     return hf_model
 
 
+def tf32_truncated(x):
+    """x as a GPU's TF32 tensor-core product reads an fp32 input: the low 13 of its 23 mantissa bits dropped (rounding
+    would halve the error), in float64. The kernel tests' fp32 tolerances on a GPU are checked against products of
+    such inputs."""
+    return (x.float().view(torch.int32) & ~0x1FFF).view(torch.float32).double()
+
+
 def record_update_grad_norms(monkeypatch, trainer) -> list:
     """The global gradient norm at each optimizer.step of a run of `trainer` (train_sft or train_grpo): what the
     update sees, after clipping (the logged grad norm is the one before)."""
