@@ -2070,6 +2070,11 @@ MUTANTS = [
            "& ~0x0).view(torch.float32)",
            ["tests/test_logprob.py::test_the_gpu_fp32_tolerance_covers_tf32_logits",
             "tests/test_attention.py::test_the_gpu_fp32_tolerance_covers_tf32_products"]),
+    # generated conversations through the real chat templates against transformers (needs ../shared beside the copy)
+    mutant("template_clock_frozen", "data.py",
+           'env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)',
+           'env.globals["strftime_now"] = lambda fmt: "26 Jul 2024"',
+           [DATA + "test_real_chat_templates_and_ids_match_transformers_on_generated_conversations"]),
 ]
 
 

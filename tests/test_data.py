@@ -234,6 +234,45 @@ def test_real_chat_templates_match_transformers(name):
         chat["ids_no_special"]
 
 
+CONTENT_PIECES = ["What is 1+1?", "  leading", "trailing  ", "\n", "\n\n", "\r\n", "\t tab", "", " ", "x^2 + y^2 = z^2",
+                  "\\boxed{42}", "$\\frac{1}{2}$", "<think>\nreasoning\n</think>\n\n", "<think>", "</think>",
+                  "ünïcødé 数学 🙂", "{{ not jinja }}", "{% raw %}", "<|im_end|>", "<|eot_id|>", "<｜end▁of▁sentence｜>",
+                  "<tool_call>", "'quotes' \"double\"", "Step 1: 3 * 4 = 12.", "a" * 50]
+
+
+def random_conversation(rng):
+    """An optional system message, one to three user/assistant turns of pieces real traces hold (whitespace at
+    either end, LaTeX, think tags, special-token text, braces a template engine might read), the last assistant
+    message dropped more often than not."""
+    content = lambda: "".join(rng.choice(CONTENT_PIECES) for _ in range(rng.randint(0, 5)))
+    messages = [{"role": "system", "content": content()}] if rng.random() < 0.4 else []
+    for _ in range(rng.randint(1, 3)):
+        messages += [{"role": "user", "content": content()}, {"role": "assistant", "content": content()}]
+    return messages[:-1] if rng.random() < 0.6 else messages
+
+
+@requires_shared("assets", "tokenizers")
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_real_chat_templates_and_ids_match_transformers_on_generated_conversations(name):
+    """Beyond the fixed conversations above: 150 generated ones per tokenizer, rendered by ours and by transformers'
+    apply_chat_template (with and without the generation prompt, Qwen3's enable_thinking either way, Llama's date
+    from the clock), must give the same text and, tokenized, the same ids."""
+    import random
+
+    transformers = pytest.importorskip("transformers")
+    path = os.path.join(SHARED, "assets", "tokenizers", name)
+    ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    rng = random.Random(name)
+    for _ in range(150):
+        messages = random_conversation(rng)
+        kwargs = dict(add_generation_prompt=messages[-1]["role"] == "user" and rng.random() < 0.8)
+        if name == "qwen3" and rng.random() < 0.5:
+            kwargs["enable_thinking"] = rng.random() < 0.5
+        rendered = ours.apply_chat_template(messages, **kwargs)
+        assert rendered == theirs.apply_chat_template(messages, tokenize=False, **kwargs), (messages, kwargs)
+        assert ours.encode(rendered) == theirs(rendered, add_special_tokens=False)["input_ids"], rendered
+
+
 @requires_shared("assets", "tokenizers")
 @pytest.mark.parametrize("name", TOKENIZERS)
 def test_real_loss_mask_ends_on_a_stop_token(name):
