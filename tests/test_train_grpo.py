@@ -622,6 +622,101 @@ def test_fsdp_with_dynamic_sampling_is_refused_before_it_can_hang():
         train_grpo.main(["--dynamic_sampling=true", "--parallel=fsdp"])
 
 
+# --- the loss against TRL's: an implementation we did not write -----------------------------------------------
+
+TRL_SETTINGS = {  # TRL's loss_type and ours' flags for the same objective (TRL 1.16, requirements-peers.txt)
+    "grpo-k3-kl": ("grpo", dict(loss_agg="seq-mean-token-mean", beta=0.04)),
+    "dr_grpo": ("dr_grpo", dict(loss_agg="seq-mean-token-sum-norm", beta=0.0)),
+    "bnpo-k3-kl-entropy": ("bnpo", dict(loss_agg="token-mean", beta=0.04, entropy_coef=0.01)),
+    "dapo": ("dapo", dict(loss_agg="token-mean", beta=0.0)),
+}
+
+
+@pytest.mark.parametrize("setting, layout", [(name, "padded") for name in TRL_SETTINGS]
+                         + [("grpo-k3-kl", "shared"), ("grpo-k3-kl", "packed")])
+def test_a_micro_step_gives_trls_loss_and_gradients(tmp_path, monkeypatch, setting, layout):
+    """TRL's GRPOTrainer._compute_loss and our micro_step on the same float64 checkpoint, completions, advantages and
+    pi_old / reference log-probs (apart from the current ones, so that ratios clip on both sides and the k3 KL is not
+    0): the same loss and the same gradient of every parameter, at temperature 0.7, with prompts of two lengths (TRL
+    left-pads them, ours right-pads, shares or packs) and completions of 1 to 12 tokens. TRL's defaults that ours
+    does not have are off: the KL's importance weight (use_bias_correction_kl). TRL's entropy bonus is a token mean
+    whatever the loss type, ours is aggregated like the loss: they agree for the token-mean losses, where it is
+    tested. The two transformers differ by TRL's fp32 RMSNorm inside a float64 model: ~1e-7."""
+    pytest.importorskip("trl")
+    import random
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from trl import GRPOConfig, GRPOTrainer
+
+    from bench.grpo_step import build_checkpoint
+    from model import Transformer, to_hf_state
+
+    loss_type, flags = TRL_SETTINGS[setting]
+    group_size, max_new_tokens, temperature, pad = 4, 12, 0.7, 1
+    build_checkpoint(str(tmp_path / "model"), "char")
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"), dtype=torch.float64).train()
+    ours = Transformer.from_pretrained(str(tmp_path / "model"), dtype=torch.float64).train()
+    args = GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, num_generations=group_size,
+                      gradient_accumulation_steps=1, max_completion_length=max_new_tokens, temperature=temperature,
+                      beta=flags["beta"], loss_type=loss_type, epsilon=0.2, epsilon_high=0.28,
+                      entropy_coef=flags.get("entropy_coef", 0.0), use_bias_correction_kl=False, use_cpu=True,
+                      bf16=False, report_to="none", save_strategy="no", disable_tqdm=True)
+    trainer = GRPOTrainer(model=theirs, reward_funcs=lambda completions, **unused: [0.0] * len(completions),
+                          args=args, train_dataset=Dataset.from_list([{"prompt": "1+1"}] * 8),
+                          processing_class=PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "model")))
+    trainer.current_gradient_accumulation_steps = 1  # set by TRL's training loop
+
+    rng = random.Random(0)
+    samples = []
+    for prompt in ([rng.randrange(3, 128) for _ in range(5)], [rng.randrange(3, 128) for _ in range(9)]):
+        for _ in range(group_size):
+            tokens = [rng.randrange(3, 128) for _ in range(rng.randint(1, max_new_tokens))]
+            samples.append(Sample(prompt, tokens, [0.0] * len(tokens), len(tokens) == max_new_tokens, False, 0.0, ""))
+    batch = train_grpo.collate(samples, pad, torch.device("cpu"), layout)
+    mask = batch.completion_mask
+    with torch.no_grad():
+        current = train_grpo.training_logprobs(ours, batch, slice(None), temperature)
+    generator = torch.Generator().manual_seed(0)
+    noise = lambda scale: scale * torch.randn(current.shape, generator=generator, dtype=torch.float64)
+    batch.old_logprobs, batch.ref_logprobs = (current + noise(0.3)) * mask, (current + noise(0.5)) * mask
+    batch.advantages = torch.randn(len(samples), generator=generator, dtype=torch.float64)
+    cfg = config(temperature=temperature, mu=2, kl_estimator="k3", kl_direction="reverse", kl_in="loss",
+                 eps_low=0.2, eps_high=0.28, max_new_tokens=max_new_tokens, **{"entropy_coef": 0.0, **flags})
+    losses, real_policy_loss = [], train_grpo.policy_loss
+    monkeypatch.setattr(train_grpo, "policy_loss", lambda *a, **k: losses.append(real_policy_loss(*a, **k)[0])
+                        or real_policy_loss(*a, **k))
+    stats = train_grpo.micro_step(ours, object() if cfg.beta else None, batch, slice(None), cfg, len(samples),
+                                  int(mask.sum()), 1, diagnostics=False)
+    assert stats["clip_low"] > 0 and stats["clip_high"] > 0  # both sides of the clip are exercised
+
+    # TRL's inputs: prompts left-padded, completions right-padded, the same log-probs at the completion tokens
+    prompt_len, rows = max(len(s.prompt) for s in samples), len(samples)
+    inputs = dict(prompt_ids=torch.full((rows, prompt_len), pad), prompt_mask=torch.zeros(rows, prompt_len, dtype=int),
+                  completion_ids=torch.full((rows, max_new_tokens), pad),
+                  completion_mask=torch.zeros(rows, max_new_tokens, dtype=int),
+                  old_per_token_logps=torch.zeros(rows, max_new_tokens, dtype=torch.float64),
+                  ref_per_token_logps=torch.zeros(rows, max_new_tokens, dtype=torch.float64),
+                  advantages=batch.advantages, num_items_in_batch=mask.sum().double())
+    for row, s in enumerate(samples):
+        inputs["prompt_ids"][row, prompt_len - len(s.prompt):] = torch.tensor(s.prompt)
+        inputs["prompt_mask"][row, prompt_len - len(s.prompt):] = 1
+        inputs["completion_ids"][row, : len(s.tokens)] = torch.tensor(s.tokens)
+        inputs["completion_mask"][row, : len(s.tokens)] = 1
+        completion = slice(len(s.prompt), len(s.prompt) + len(s.tokens))
+        inputs["old_per_token_logps"][row, : len(s.tokens)] = batch.old_logprobs[row, completion]
+        inputs["ref_per_token_logps"][row, : len(s.tokens)] = batch.ref_logprobs[row, completion]
+    trl_loss = trainer._compute_loss(theirs, inputs)
+    trl_loss.backward()
+
+    assert abs(losses[0].item() - trl_loss.item()) < 1e-6 * max(1.0, abs(trl_loss.item()))
+    ours_grads = to_hf_state({name: p.grad for name, p in ours.named_parameters()}, ours.config)
+    trl_grads = {name: p.grad for name, p in theirs.named_parameters()}
+    assert ours_grads.keys() == trl_grads.keys()
+    for name, grad in trl_grads.items():
+        assert (ours_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name
+
+
 def test_collate_marks_the_completion_and_its_stop_token_only():
     samples = [Sample(prompt, tokens, [-0.5] * len(tokens), False, False, 0.0, "")
                for prompt, tokens in [([5, 6, 7], [8, 9, 2]), ([5], [3, 2]), ([4, 4], [9])]]
