@@ -622,9 +622,114 @@ def test_fsdp_with_dynamic_sampling_is_refused_before_it_can_hang():
         train_grpo.main(["--dynamic_sampling=true", "--parallel=fsdp"])
 
 
-# --- the loss against TRL's: an implementation we did not write -----------------------------------------------
+# --- scoring and the loss against TRL's: an implementation we did not write --------------------------------------
+# TRL 1.16 (requirements-peers.txt) on the same float64 checkpoints: the two transformers differ by transformers'
+# RMSNorm, which computes in fp32 inside a float64 model (~1e-7)
 
-TRL_SETTINGS = {  # TRL's loss_type and ours' flags for the same objective (TRL 1.16, requirements-peers.txt)
+TRL_GROUP_SIZE, TRL_MAX_NEW_TOKENS, TRL_TEMPERATURE, TRL_PAD = 4, 12, 0.7, 1
+
+
+def trl_trainer(path, reward_funcs, kind="grpo", **config):
+    """TRL's GRPOTrainer (or RLOOTrainer) over the checkpoint at path/model (written by bench/grpo_step.py, 128
+    character ids), on CPU in float64, with batches of 8 completions, TRL_GROUP_SIZE per prompt."""
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    config_class, trainer_class = ((trl.GRPOConfig, trl.GRPOTrainer) if kind == "grpo" else
+                                   (trl.RLOOConfig, trl.RLOOTrainer))
+    model = AutoModelForCausalLM.from_pretrained(str(path / "model"), dtype=torch.float64).train()
+    args = config_class(output_dir=str(path / "trl"), per_device_train_batch_size=8, num_generations=TRL_GROUP_SIZE,
+                        max_completion_length=TRL_MAX_NEW_TOKENS, temperature=TRL_TEMPERATURE, use_cpu=True,
+                        bf16=False, report_to="none", save_strategy="no", disable_tqdm=True, **config)
+    return trainer_class(model=model, reward_funcs=reward_funcs, args=args,
+                         train_dataset=Dataset.from_list([{"prompt": "1+1"}] * 8),
+                         processing_class=PreTrainedTokenizerFast.from_pretrained(str(path / "model")))
+
+
+def trl_samples(seed=0):
+    """Two prompts of 5 and 9 tokens, TRL_GROUP_SIZE completions each of 1 to TRL_MAX_NEW_TOKENS random tokens."""
+    import random
+
+    rng = random.Random(seed)
+    samples = []
+    for prompt in ([rng.randrange(3, 128) for _ in range(5)], [rng.randrange(3, 128) for _ in range(9)]):
+        for _ in range(TRL_GROUP_SIZE):
+            tokens = [rng.randrange(3, 128) for _ in range(rng.randint(1, TRL_MAX_NEW_TOKENS))]
+            samples.append(Sample(prompt, tokens, [0.0] * len(tokens), len(tokens) == TRL_MAX_NEW_TOKENS, False,
+                                  rng.choice([0.0, 0.5, 1.0, 1.25]), ""))
+    return samples
+
+
+def at_completion_tokens(padded, samples):
+    """(B, T) values at (prompt + completion) positions -> (B, TRL_MAX_NEW_TOKENS), TRL's layout."""
+    out = torch.zeros(len(samples), TRL_MAX_NEW_TOKENS, dtype=padded.dtype)
+    for row, s in enumerate(samples):
+        out[row, : len(s.tokens)] = padded[row, len(s.prompt): len(s.prompt) + len(s.tokens)]
+    return out
+
+
+SCORING_SETTINGS = {  # TRL's trainer and config, ours' flags for the same scoring
+    "grpo-group-std": ("grpo", dict(scale_rewards="group"), dict(scale_rewards="group")),
+    "grpo-batch-std": ("grpo", dict(scale_rewards="batch"), dict(scale_rewards="batch")),
+    "dr-grpo-no-std": ("grpo", dict(scale_rewards="none"), dict(scale_rewards="none")),
+    # TRL's RLOO: the leave-one-out baseline, and the KL in the reward as the per-sequence sum of k1
+    "rloo-k1-kl-in-reward": ("rloo", dict(beta=0.05, normalize_advantages=False),
+                             dict(advantage="rloo", scale_rewards="none", beta=0.05, kl_in="reward", kl_estimator="k1")),
+}
+
+
+@pytest.mark.parametrize("setting, layout", [(name, "padded") for name in SCORING_SETTINGS]
+                         + [("grpo-group-std", "shared"), ("grpo-group-std", "packed"),
+                            ("rloo-k1-kl-in-reward", "shared")])
+def test_scoring_gives_trls_advantages_and_reference_and_pi_old_log_probs(tmp_path, setting, layout):
+    """TRL's _generate_and_score_completions (its generation replaced by our fixed completions, its reward function
+    returning their rewards, one group's all equal) and our score_batch with a reference model: the same advantages
+    (GRPO's group std, the batch std, none: Dr. GRPO; RLOO with beta x the summed k1 KL taken from the reward) and
+    the same reference and pi_old log-probs at every completion token, at temperature 0.7."""
+    pytest.importorskip("trl")
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from bench.grpo_step import build_checkpoint
+    from model import Transformer
+
+    kind, trl_config, flags = SCORING_SETTINGS[setting]
+    build_checkpoint(str(tmp_path / "model"), "char", seed=0)
+    build_checkpoint(str(tmp_path / "reference"), "char", seed=1)
+    samples = trl_samples()
+    for s in samples[TRL_GROUP_SIZE:]:
+        s.reward = 1.0
+    if kind == "grpo":  # pi_old's log-probs come with --mu=2 (TRL: num_iterations=2)
+        trl_config = dict(trl_config, beta=0.04, num_iterations=2, gradient_accumulation_steps=2)
+        flags = dict(flags, beta=0.04, mu=2, kl_estimator="k3", kl_in="loss")
+    trainer = trl_trainer(tmp_path, lambda completions, **unused: [s.reward for s in samples], kind, **trl_config)
+    trainer.ref_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "reference"), dtype=torch.float64).eval()
+    add_fused_lm_head(trainer.ref_model, temperature=TRL_TEMPERATURE)  # as TRL's init does to its own
+    # TRL 1.16's _generate: GRPO's returns prompt ids, completion ids, tool mask, texts, sampler log-probs, extra
+    # fields, images and tool images; RLOO's the first two and the texts
+    generated = ([s.prompt for s in samples], [s.tokens for s in samples], None, ["text"] * len(samples), None, {},
+                 None, None)
+    trainer._generate = lambda prompts: generated if kind == "grpo" else (generated[0], generated[1], generated[3])
+    theirs = trainer._generate_and_score_completions([{"prompt": "1+1"}] * len(samples))
+
+    model, reference = (Transformer.from_pretrained(str(tmp_path / name), dtype=torch.float64)
+                        for name in ("model", "reference"))
+    batch = train_grpo.collate(samples, TRL_PAD, torch.device("cpu"), layout)
+    train_grpo.score_batch(batch, samples, model, reference, config(
+        temperature=TRL_TEMPERATURE, group_size=TRL_GROUP_SIZE, **flags), torch.device("cpu"))
+    assert (batch.advantages - theirs["advantages"]).abs().max() < 1e-6  # both float32
+    assert batch.advantages[:TRL_GROUP_SIZE].ne(0).all()
+    old_logprobs, mask = at_completion_tokens(batch.old_logprobs, samples), theirs["completion_mask"]
+    if kind == "rloo":  # each sequence's summed pi_old log-prob in float32, and no reference's: that is in the reward
+        assert (old_logprobs.sum(1) - theirs["old_logps"]).abs().max() < 1e-6 * theirs["old_logps"].abs().max()
+        return
+    assert batch.advantages[TRL_GROUP_SIZE:].eq(0).all()
+    assert (old_logprobs - theirs["old_per_token_logps"] * mask).abs().max() < 1e-6
+    assert (at_completion_tokens(batch.ref_logprobs, samples) - theirs["ref_per_token_logps"] * mask).abs().max() < 1e-6
+
+
+TRL_SETTINGS = {  # TRL's loss_type and ours' flags for the same objective
     "grpo-k3-kl": ("grpo", dict(loss_agg="seq-mean-token-mean", beta=0.04)),
     "dr_grpo": ("dr_grpo", dict(loss_agg="seq-mean-token-sum-norm", beta=0.0)),
     "bnpo-k3-kl-entropy": ("bnpo", dict(loss_agg="token-mean", beta=0.04, entropy_coef=0.01)),
@@ -635,54 +740,37 @@ TRL_SETTINGS = {  # TRL's loss_type and ours' flags for the same objective (TRL 
 @pytest.mark.parametrize("setting, layout", [(name, "padded") for name in TRL_SETTINGS]
                          + [("grpo-k3-kl", "shared"), ("grpo-k3-kl", "packed")])
 def test_a_micro_step_gives_trls_loss_and_gradients(tmp_path, monkeypatch, setting, layout):
-    """TRL's GRPOTrainer._compute_loss and our micro_step on the same float64 checkpoint, completions, advantages and
+    """TRL's GRPOTrainer._compute_loss and our micro_step on the same checkpoint, completions, advantages and
     pi_old / reference log-probs (apart from the current ones, so that ratios clip on both sides and the k3 KL is not
     0): the same loss and the same gradient of every parameter, at temperature 0.7, with prompts of two lengths (TRL
     left-pads them, ours right-pads, shares or packs) and completions of 1 to 12 tokens. TRL's defaults that ours
     does not have are off: the KL's importance weight (use_bias_correction_kl). TRL's entropy bonus is a token mean
     whatever the loss type, ours is aggregated like the loss: they agree for the token-mean losses, where it is
-    tested. The two transformers differ by TRL's fp32 RMSNorm inside a float64 model: ~1e-7."""
+    tested."""
     pytest.importorskip("trl")
-    import random
-
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-    from trl import GRPOConfig, GRPOTrainer
-
     from bench.grpo_step import build_checkpoint
     from model import Transformer, to_hf_state
 
     loss_type, flags = TRL_SETTINGS[setting]
-    group_size, max_new_tokens, temperature, pad = 4, 12, 0.7, 1
     build_checkpoint(str(tmp_path / "model"), "char")
-    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"), dtype=torch.float64).train()
-    ours = Transformer.from_pretrained(str(tmp_path / "model"), dtype=torch.float64).train()
-    args = GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8, num_generations=group_size,
-                      gradient_accumulation_steps=1, max_completion_length=max_new_tokens, temperature=temperature,
-                      beta=flags["beta"], loss_type=loss_type, epsilon=0.2, epsilon_high=0.28,
-                      entropy_coef=flags.get("entropy_coef", 0.0), use_bias_correction_kl=False, use_cpu=True,
-                      bf16=False, report_to="none", save_strategy="no", disable_tqdm=True)
-    trainer = GRPOTrainer(model=theirs, reward_funcs=lambda completions, **unused: [0.0] * len(completions),
-                          args=args, train_dataset=Dataset.from_list([{"prompt": "1+1"}] * 8),
-                          processing_class=PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "model")))
+    trainer = trl_trainer(tmp_path, lambda completions, **unused: [0.0] * len(completions), loss_type=loss_type,
+                          beta=flags["beta"], epsilon=0.2, epsilon_high=0.28, use_bias_correction_kl=False,
+                          entropy_coef=flags.get("entropy_coef", 0.0), gradient_accumulation_steps=1)
     trainer.current_gradient_accumulation_steps = 1  # set by TRL's training loop
+    theirs = trainer.model
+    ours = Transformer.from_pretrained(str(tmp_path / "model"), dtype=torch.float64).train()
 
-    rng = random.Random(0)
-    samples = []
-    for prompt in ([rng.randrange(3, 128) for _ in range(5)], [rng.randrange(3, 128) for _ in range(9)]):
-        for _ in range(group_size):
-            tokens = [rng.randrange(3, 128) for _ in range(rng.randint(1, max_new_tokens))]
-            samples.append(Sample(prompt, tokens, [0.0] * len(tokens), len(tokens) == max_new_tokens, False, 0.0, ""))
-    batch = train_grpo.collate(samples, pad, torch.device("cpu"), layout)
+    samples = trl_samples()
+    batch = train_grpo.collate(samples, TRL_PAD, torch.device("cpu"), layout)
     mask = batch.completion_mask
     with torch.no_grad():
-        current = train_grpo.training_logprobs(ours, batch, slice(None), temperature)
+        current = train_grpo.training_logprobs(ours, batch, slice(None), TRL_TEMPERATURE)
     generator = torch.Generator().manual_seed(0)
     noise = lambda scale: scale * torch.randn(current.shape, generator=generator, dtype=torch.float64)
     batch.old_logprobs, batch.ref_logprobs = (current + noise(0.3)) * mask, (current + noise(0.5)) * mask
     batch.advantages = torch.randn(len(samples), generator=generator, dtype=torch.float64)
-    cfg = config(temperature=temperature, mu=2, kl_estimator="k3", kl_direction="reverse", kl_in="loss",
-                 eps_low=0.2, eps_high=0.28, max_new_tokens=max_new_tokens, **{"entropy_coef": 0.0, **flags})
+    cfg = config(temperature=TRL_TEMPERATURE, mu=2, kl_estimator="k3", kl_direction="reverse", kl_in="loss",
+                 eps_low=0.2, eps_high=0.28, max_new_tokens=TRL_MAX_NEW_TOKENS, **{"entropy_coef": 0.0, **flags})
     losses, real_policy_loss = [], train_grpo.policy_loss
     monkeypatch.setattr(train_grpo, "policy_loss", lambda *a, **k: losses.append(real_policy_loss(*a, **k)[0])
                         or real_policy_loss(*a, **k))
@@ -692,20 +780,18 @@ def test_a_micro_step_gives_trls_loss_and_gradients(tmp_path, monkeypatch, setti
 
     # TRL's inputs: prompts left-padded, completions right-padded, the same log-probs at the completion tokens
     prompt_len, rows = max(len(s.prompt) for s in samples), len(samples)
-    inputs = dict(prompt_ids=torch.full((rows, prompt_len), pad), prompt_mask=torch.zeros(rows, prompt_len, dtype=int),
-                  completion_ids=torch.full((rows, max_new_tokens), pad),
-                  completion_mask=torch.zeros(rows, max_new_tokens, dtype=int),
-                  old_per_token_logps=torch.zeros(rows, max_new_tokens, dtype=torch.float64),
-                  ref_per_token_logps=torch.zeros(rows, max_new_tokens, dtype=torch.float64),
+    inputs = dict(prompt_ids=torch.full((rows, prompt_len), TRL_PAD),
+                  prompt_mask=torch.zeros(rows, prompt_len, dtype=torch.long),
+                  completion_ids=torch.full((rows, TRL_MAX_NEW_TOKENS), TRL_PAD),
+                  completion_mask=torch.zeros(rows, TRL_MAX_NEW_TOKENS, dtype=torch.long),
+                  old_per_token_logps=at_completion_tokens(batch.old_logprobs, samples),
+                  ref_per_token_logps=at_completion_tokens(batch.ref_logprobs, samples),
                   advantages=batch.advantages, num_items_in_batch=mask.sum().double())
     for row, s in enumerate(samples):
         inputs["prompt_ids"][row, prompt_len - len(s.prompt):] = torch.tensor(s.prompt)
         inputs["prompt_mask"][row, prompt_len - len(s.prompt):] = 1
         inputs["completion_ids"][row, : len(s.tokens)] = torch.tensor(s.tokens)
         inputs["completion_mask"][row, : len(s.tokens)] = 1
-        completion = slice(len(s.prompt), len(s.prompt) + len(s.tokens))
-        inputs["old_per_token_logps"][row, : len(s.tokens)] = batch.old_logprobs[row, completion]
-        inputs["ref_per_token_logps"][row, : len(s.tokens)] = batch.ref_logprobs[row, completion]
     trl_loss = trainer._compute_loss(theirs, inputs)
     trl_loss.backward()
 
