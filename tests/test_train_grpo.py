@@ -674,8 +674,8 @@ SCORING_SETTINGS = {  # TRL's trainer and config, ours' flags for the same scori
     "grpo-batch-std": ("grpo", dict(scale_rewards="batch"), dict(scale_rewards="batch")),
     "dr-grpo-no-std": ("grpo", dict(scale_rewards="none"), dict(scale_rewards="none")),
     # TRL's RLOO: the leave-one-out baseline, and the KL in the reward as the per-sequence sum of k1
-    "rloo-k1-kl-in-reward": ("rloo", dict(beta=0.05, normalize_advantages=False),
-                             dict(advantage="rloo", scale_rewards="none", beta=0.05, kl_in="reward", kl_estimator="k1")),
+    "rloo-k1-kl-in-reward": ("rloo", dict(beta=0.05, normalize_advantages=False), dict(
+        advantage="rloo", scale_rewards="none", beta=0.05, kl_in="reward", kl_estimator="k1")),
 }
 
 
