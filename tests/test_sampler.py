@@ -252,6 +252,47 @@ def test_generate_first_token_frequencies(tmp_path, temperature, top_k, top_p):
     assert chi_square < 24.3, (counts, expected)  # the 99.9% quantile for up to 7 degrees of freedom
 
 
+def test_truncation_draws_and_log_probs_match_transformers_warpers_on_random_logits():
+    """transformers' TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper (generate's order) are an
+    implementation we did not write: on 300 random rows (2 to 60 tokens, logits of every spread, temperatures, top-k
+    and top-p of every kind, all at once too) sample_next must keep their support, return their log-prob of each
+    drawn token, and, fed 400 evenly spaced uniforms, draw each token as often as its probability says (inverse
+    CDF: within one draw of probability x 400)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    generator = torch.Generator().manual_seed(0)
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=generator))]
+    draws = 400
+    uniform = (torch.arange(draws, dtype=torch.float64) + 0.5) / draws
+    for _ in range(300):
+        vocab = int(torch.randint(2, 61, (1,), generator=generator))
+        logits = torch.randn(1, vocab, generator=generator) * pick([0.3, 1.0, 3.0, 8.0])
+        temperature, top_k, top_p = pick([0.3, 0.7, 1.0, 1.6]), pick([0, 1, 3, 10, vocab]), pick([1.0, 0.95, 0.8, 0.3])
+        warped = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        warped = TopKLogitsWarper(top_k)(None, warped) if top_k else warped
+        warped = TopPLogitsWarper(top_p)(None, warped) if top_p < 1 else warped
+        expected = torch.log_softmax(warped.double(), -1)[0]
+        tokens, logprobs = sample_next(logits.expand(draws, vocab), temperature, top_k, top_p, uniform=uniform)
+        case = (vocab, temperature, top_k, top_p)
+        assert expected[tokens].isfinite().all(), case
+        assert (logprobs.double() - expected[tokens]).abs().max() < 1e-5, case
+        counts = torch.bincount(tokens, minlength=vocab).double()
+        assert (counts - expected.exp() * draws).abs().max() <= 1 + 1e-6, case
+
+
+def test_tokens_of_tiny_probability_keep_their_share_of_the_draws():
+    """One token holds all but 1e-6 of the mass, 31,999 share the rest (3e-11 each): in a float32 running sum their
+    steps vanish below the first token's rounding, so a draw could never reach them. The inverse CDF sums in float64:
+    the top 1e-6 of the uniforms must land on the tail, spread over it in order."""
+    vocab, draws = 32_000, 200
+    logits = torch.full((1, vocab), math.log(1e-6 / (vocab - 1)))
+    logits[0, 0] = 0.0
+    uniform = 1 - 1e-6 * (torch.arange(draws, dtype=torch.float64) + 0.5) / draws  # within the tail's share
+    tokens, _ = sample_next(logits.expand(draws, vocab), 1.0, uniform=uniform)
+    assert (tokens > 0).all() and len(set(tokens.tolist())) > draws * 0.9
+    assert (tokens.diff() <= 0).all()  # smaller uniforms, earlier tokens
+
+
 def test_raw_logprobs_are_untruncated_temperature_one():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     token, logprob = sample_next(logits, 0.5, 2, 1.0, torch.Generator().manual_seed(0), logprobs_mode="raw")
