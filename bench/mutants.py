@@ -2129,6 +2129,15 @@ MUTANTS = [
            "cdf = logprobs.double().exp_().cumsum_(dim=-1)",
            "cdf = logprobs.exp().cumsum(dim=-1).double()",
            [SAMPLER + "test_tokens_of_tiny_probability_keep_their_share_of_the_draws"]),
+    # the model against transformers on generated configs, matrices scaled so that the rope is felt
+    mutant("llama3_rope_interpolation_swapped", "model.py",
+           "interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq",
+           "interpolated = smooth * inv_freq / factor + (1 - smooth) * inv_freq",
+           [MODEL + "test_logits_match_transformers_on_generated_configs"]),
+    mutant("rope_exponent_over_the_wrong_dimension", "model.py",
+           "inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.int64).float() / dim))",
+           "inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.int64).float() / (dim + 2)))",
+           [MODEL + "test_logits_match_transformers_on_generated_configs"]),
     # generated conversations through the real chat templates against transformers (needs ../shared beside the copy)
     mutant("template_clock_frozen", "data.py",
            'env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)',
