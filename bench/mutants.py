@@ -2135,8 +2135,8 @@ MUTANTS = [
            "interpolated = smooth * inv_freq / factor + (1 - smooth) * inv_freq",
            [MODEL + "test_logits_match_transformers_on_generated_configs"]),
     mutant("rope_exponent_over_the_wrong_dimension", "model.py",
-           "inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.int64).float() / dim))",
-           "inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.int64).float() / (dim + 2)))",
+           "dtype=torch.int64).float() / dim))",
+           "dtype=torch.int64).float() / (dim + 2)))",
            [MODEL + "test_logits_match_transformers_on_generated_configs"]),
     # generated conversations through the real chat templates against transformers (needs ../shared beside the copy)
     mutant("template_clock_frozen", "data.py",
