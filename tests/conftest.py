@@ -18,8 +18,10 @@ TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_la
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 
-def write_hf_checkpoint(path, family="qwen2", seed=0, **overrides):
-    """Writes a random-weight transformers checkpoint of the given family to `path` and returns the HF model."""
+def write_hf_checkpoint(path, family="qwen2", seed=0, scale=None, **overrides):
+    """Writes a random-weight transformers checkpoint of the given family to `path` and returns the HF model. With
+    scale, the model is float64 and its matrices are that many times transformers' init: attention sharp enough that
+    the rope's base moves the logits, and no near-ties in a greedy argmax."""
     import transformers
 
     config_class, model_class = {
@@ -37,8 +39,33 @@ def write_hf_checkpoint(path, family="qwen2", seed=0, **overrides):
         for name, p in hf_model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
+            elif scale is not None and p.dim() == 2:
+                p.mul_(scale)
+    if scale is not None:
+        hf_model = hf_model.double()
     hf_model.save_pretrained(path)
     return hf_model
+
+
+def random_config(rng):
+    """A tiny config of a random family and shape: GQA groups of 1 to 3, 1 to 4 KV heads, head dims set apart from
+    the hidden size, 1 to 3 layers, rope bases far apart, Llama-3 rope scaling, attention biases, tied or not."""
+    family = rng.choice(["llama", "qwen2", "qwen3", "mistral"])
+    kv_heads, head_dim = rng.choice([1, 2, 4]), rng.choice([8, 16, 32])
+    heads = kv_heads * rng.choice([1, 2, 3])
+    config = dict(family=family, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  hidden_size=rng.choice([head_dim * heads, 48, 96]), intermediate_size=rng.choice([40, 64, 100]),
+                  num_hidden_layers=rng.choice([1, 2, 3]), rope_theta=rng.choice([500.0, 1e4, 1e6]),
+                  rms_norm_eps=rng.choice([1e-6, 1e-5, 1e-2]), tie_word_embeddings=rng.random() < 0.5,
+                  vocab_size=rng.choice([50, 300]))
+    if family != "qwen2" or rng.random() < 0.5:
+        config["head_dim"] = head_dim
+    if family == "llama" and rng.random() < 0.5:
+        config["rope_scaling"] = dict(rope_type="llama3", factor=rng.choice([2.0, 8.0]), low_freq_factor=1.0,
+                                      high_freq_factor=4.0, original_max_position_embeddings=rng.choice([16, 32]))
+    if family == "llama" and rng.random() < 0.3:
+        config["attention_bias"] = True
+    return config
 
 
 def tf32_truncated(x):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import write_hf_checkpoint
+from conftest import random_config, write_hf_checkpoint
 from model import Transformer
 import sampler
 from sampler import COLUMN_MAJOR_MIN_NEW_TOKENS, generate, sample_next
@@ -34,6 +34,29 @@ def test_greedy_matches_transformers_generate(checkpoint, packed):
                                           eos_token_id=None, pad_token_id=0)
         assert completion.tokens == reference[0, len(prompt):].tolist()
         assert completion.finish_reason == "length" and len(completion.tokens) == 70
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_greedy_matches_transformers_generate_on_generated_configs(tmp_path, seed):
+    """The whole decode path (prefill padded or packed, the paged cache with blocks of 4 or one per sequence, GQA,
+    qk-norm, rope scaling) on 4 random configs per seed (conftest.random_config), in float64 with sharp
+    distributions: token for token transformers' greedy generate, from prompts of 1, 7 and 23 tokens."""
+    import random
+
+    rng = random.Random(seed)
+    for case in range(4):
+        config = random_config(rng)
+        hf_model = write_hf_checkpoint(tmp_path / str(case), seed=case, scale=rng.choice([4.0, 8.0]), **config)
+        model = Transformer.from_pretrained(tmp_path / str(case), dtype=torch.float64)
+        prompts = [[rng.randrange(config["vocab_size"]) for _ in range(n)] for n in (1, 7, 23)]
+        completions = generate(model, prompts, max_new_tokens=30, temperature=0, block_size=rng.choice([4, None]),
+                               packed_prefill=rng.random() < 0.5)
+        for prompt, completion in zip(prompts, completions):
+            ids = torch.tensor([prompt])  # the mask given: without it a prompt's token 0 would be read as padding
+            with torch.no_grad():
+                reference = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30,
+                                              do_sample=False, eos_token_id=None, pad_token_id=0)
+            assert completion.tokens == reference[0, len(prompt):].tolist(), (config, prompt)
 
 
 def test_qwen3_greedy_matches_transformers_generate(tmp_path):
