@@ -26,7 +26,8 @@ The algorithm's choices, and how they differ from GRPO as published (DeepSeekMat
  6. KL (--beta > 0; with 0 no reference model is loaded): --kl_estimator k1|k2|k3|full, --kl_direction
     reverse|forward, --kl_in loss|reward. DeepSeekMath puts k3 in the loss, which estimates KL(pi||ref) but whose
     gradient is that of KL(ref||pi); see the table below. --ref_update_every K refreshes the reference. TRL 1.16
-    also weights the KL by pi/pi_old by default (use_bias_correction_kl); we do not (the same at mu=1).
+    also weights the KL by pi/pi_old by default (use_bias_correction_kl); we do not (at mu=1 the weight is 1, but
+    its gradient adds beta x KL x grad log pi to TRL's).
  7. DAPO options: --dynamic_sampling (drop groups with equal rewards and sample more prompts),
     --mask_truncated (no loss on completions cut by max_new_tokens). --entropy_coef adds an entropy bonus,
     aggregated like the loss (TRL's is a token mean for every loss type: the same for token-mean).

@@ -16,7 +16,8 @@ at full speed; others are padded to the next power of two inside the kernel).
 Why a kernel: a (T x T) score matrix per head does not fit for 8k-16k token traces (8k x 8k x 12 heads x 4 bytes =
 3 GB per layer), and padding ragged traces wastes most of the compute. The kernel keeps one (BLOCK_M x BLOCK_N) tile
 of scores in registers, with an online softmax, and walks only the documents' own causal blocks.
-Tolerance against attention_ref in float64: ~1e-5 (fp32 in), ~2e-3 (fp16/bf16 in).
+Tolerance against attention_ref in float64: ~1e-5 with fp32 in, in Triton's interpreter; ~5e-3 on a GPU, whose
+products of fp32 inputs are TF32; ~2e-3 with fp16/bf16 in.
 
 `attention` dispatches (kernels.choose_backend): ATTENTION_BACKEND=auto (default) takes Triton for CUDA tensors the
 kernel fits (causal, no explicit mask, head_dim <= 128), the reference otherwise; =triton / =torch, or the argument

@@ -16,8 +16,8 @@ DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 needs_triton_run = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
                                       reason="needs a GPU or TRITON_INTERPRET=1")
 # the kernel's logits from fp32 inputs: full fp32 in the interpreter, TF32 products on a GPU (tl.dot's default),
-# which move a log-prob by ~1e-2 (test_the_gpu_fp32_tolerance_covers_tf32_logits checks the figure on the CPU)
-FP32_GPU_TOLERANCE = 4e-2
+# which move log-probs and gradients by up to ~1.7e-2 (test_the_gpu_fp32_tolerance_covers_tf32_logits checks it)
+FP32_GPU_TOLERANCE = 5e-2
 FP32_TOLERANCE = 1e-4 if INTERPRETED else FP32_GPU_TOLERANCE
 
 
@@ -225,23 +225,33 @@ def test_triton_backward_in_chunks_of_a_few_rows_matches_naive(monkeypatch):
 
 
 def test_the_gpu_fp32_tolerance_covers_tf32_logits():
-    """The fp32 kernel tests pass on a GPU only if FP32_GPU_TOLERANCE covers what TF32 products move: their shapes
-    (inputs(), temperature 0.8) with the logits taken from TF32 inputs (tf32_truncated) against float64 must stay
-    within half of it, log-probs, entropies and gradients alike (check's bounds), for several draws."""
+    """The fp32 kernel tests pass on a GPU only if FP32_GPU_TOLERANCE covers what TF32 products move. The GPU path:
+    the forward kernel's logits from TF32 inputs give the log-probs, entropies and log-sum-exps; logprob_backward
+    recomputes the logits in full fp32 (cuBLAS; torch's matmuls keep TF32 off) and combines them with that lse and
+    entropy. Here the forward is emulated (tf32_truncated, float64 sums) and the real logprob_backward runs on fp32
+    CPU tensors; on the tests' shapes (inputs(), temperature 0.8) every result must stay within half of the
+    tolerance against float64 (check's bounds: gradients relative to their largest entry above 1), for several
+    draws."""
     worst = 0.0
     for seed in range(4):
         for N, D, V in [(70, 32, 300), (5, 80, 129), (64, 64, 128), (21, 24, 90), (12, 16, 40)]:
             hidden, weight, targets = inputs(N, D, V, torch.float32, seed=seed)
+            hidden, weight = hidden.detach(), weight.detach()
             upstream = torch.randn(2, N, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-            results = []
-            for as_read in (lambda t: t.detach().double(), tf32_truncated):
-                h, w = as_read(hidden).requires_grad_(), as_read(weight).requires_grad_()
-                logp, entropy = token_logprobs_naive(h, w, targets, 0.8, return_entropy=True)
-                grads = torch.autograd.grad((logp * upstream[0]).sum() + (entropy * upstream[1]).sum(), (h, w))
-                results.append((logp, entropy, *grads))
-            scales = [1.0, 1.0] + [max(1.0, grad.abs().max().item()) for grad in results[0][2:]]
-            worst = max(worst, *((ours - exact).abs().max().item() / scale
-                                 for exact, ours, scale in zip(*results, scales)))
+            h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+            logp, entropy = token_logprobs_naive(h64, w64, targets, 0.8, return_entropy=True)
+            exact = [logp, entropy, *torch.autograd.grad((logp * upstream[0]).sum() + (entropy * upstream[1]).sum(),
+                                                         (h64, w64))]
+            logits = tf32_truncated(hidden) @ tf32_truncated(weight).T / 0.8
+            valid = targets != IGNORE_INDEX
+            lse = logits.logsumexp(-1)
+            tf32_logp = torch.where(valid, logits.gather(1, targets.clamp(min=0)[:, None])[:, 0] - lse, 0.0)
+            tf32_entropy = torch.where(valid, lse - (logits.softmax(-1) * logits).sum(-1), 0.0)
+            grads = logprob_module.logprob_backward(hidden, weight, targets, lse.float(), tf32_entropy.float(),
+                                                    upstream[0].float(), upstream[1].float(), 0.8, IGNORE_INDEX)
+            scales = [1.0, 1.0] + [max(1.0, grad.abs().max().item()) for grad in exact[2:]]
+            worst = max(worst, *((ours.double() - truth).abs().max().item() / scale for ours, truth, scale
+                                 in zip((tf32_logp, tf32_entropy, *grads), exact, scales)))
     assert 1e-3 < worst < FP32_GPU_TOLERANCE / 2, worst  # the lower bound: TF32 is emulated at all
 
 

@@ -306,7 +306,7 @@ def test_truncation_draws_and_log_probs_match_transformers_warpers_on_random_log
 def test_tokens_of_tiny_probability_keep_their_share_of_the_draws():
     """One token holds all but 1e-6 of the mass, 31,999 share the rest (3e-11 each): in a float32 running sum their
     steps vanish below the first token's rounding, so a draw could never reach them. The inverse CDF sums in float64:
-    the top 1e-6 of the uniforms must land on the tail, spread over it in order."""
+    the top 1e-6 of the uniforms must land on the tail, spread over it in order, and those just below on the first."""
     vocab, draws = 32_000, 200
     logits = torch.full((1, vocab), math.log(1e-6 / (vocab - 1)))
     logits[0, 0] = 0.0
@@ -314,6 +314,8 @@ def test_tokens_of_tiny_probability_keep_their_share_of_the_draws():
     tokens, _ = sample_next(logits.expand(draws, vocab), 1.0, uniform=uniform)
     assert (tokens > 0).all() and len(set(tokens.tolist())) > draws * 0.9
     assert (tokens.diff() <= 0).all()  # smaller uniforms, earlier tokens
+    below = torch.tensor([1 - 1.001e-6, 1 - 2e-6, 0.5, 1e-9], dtype=torch.float64)
+    assert sample_next(logits.expand(4, vocab), 1.0, uniform=below)[0].eq(0).all()
 
 
 def test_raw_logprobs_are_untruncated_temperature_one():

@@ -718,7 +718,7 @@ def test_scoring_gives_trls_advantages_and_reference_and_pi_old_log_probs(tmp_pa
     batch = train_grpo.collate(samples, TRL_PAD, torch.device("cpu"), layout)
     train_grpo.score_batch(batch, samples, model, reference, config(
         temperature=TRL_TEMPERATURE, group_size=TRL_GROUP_SIZE, **flags), torch.device("cpu"))
-    assert (batch.advantages - theirs["advantages"]).abs().max() < 1e-6  # both float32
+    assert (batch.advantages - theirs["advantages"]).abs().max() < 1e-6
     assert batch.advantages[:TRL_GROUP_SIZE].ne(0).all()
     old_logprobs, mask = at_completion_tokens(batch.old_logprobs, samples), theirs["completion_mask"]
     if kind == "rloo":  # each sequence's summed pi_old log-prob in float32, and no reference's: that is in the reward
@@ -729,11 +729,13 @@ def test_scoring_gives_trls_advantages_and_reference_and_pi_old_log_probs(tmp_pa
     assert (at_completion_tokens(batch.ref_logprobs, samples) - theirs["ref_per_token_logps"] * mask).abs().max() < 1e-6
 
 
-TRL_SETTINGS = {  # TRL's loss_type and ours' flags for the same objective
-    "grpo-k3-kl": ("grpo", dict(loss_agg="seq-mean-token-mean", beta=0.04)),
-    "dr_grpo": ("dr_grpo", dict(loss_agg="seq-mean-token-sum-norm", beta=0.0)),
-    "bnpo-k3-kl-entropy": ("bnpo", dict(loss_agg="token-mean", beta=0.04, entropy_coef=0.01)),
-    "dapo": ("dapo", dict(loss_agg="token-mean", beta=0.0)),
+TRL_SETTINGS = {  # TRL's loss_type, ours' flags for the same objective, and the micro-batches of the batch
+    "grpo-k3-kl": ("grpo", dict(loss_agg="seq-mean-token-mean", beta=0.04), 2),
+    "dr_grpo": ("dr_grpo", dict(loss_agg="seq-mean-token-sum-norm", beta=0.0), 2),
+    "dapo": ("dapo", dict(loss_agg="token-mean", beta=0.0), 2),
+    # TRL's bnpo loss and its entropy bonus are token means of each micro-batch, ours of the whole batch: the same
+    # objective in one micro-batch only
+    "bnpo-k3-kl-entropy": ("bnpo", dict(loss_agg="token-mean", beta=0.04, entropy_coef=0.01), 1),
 }
 
 
@@ -742,21 +744,22 @@ TRL_SETTINGS = {  # TRL's loss_type and ours' flags for the same objective
 def test_a_micro_step_gives_trls_loss_and_gradients(tmp_path, monkeypatch, setting, layout):
     """TRL's GRPOTrainer._compute_loss and our micro_step on the same checkpoint, completions, advantages and
     pi_old / reference log-probs (apart from the current ones, so that ratios clip on both sides and the k3 KL is not
-    0): the same loss and the same gradient of every parameter, at temperature 0.7, with prompts of two lengths (TRL
-    left-pads them, ours right-pads, shares or packs) and completions of 1 to 12 tokens. TRL's defaults that ours
-    does not have are off: the KL's importance weight (use_bias_correction_kl). TRL's entropy bonus is a token mean
-    whatever the loss type, ours is aggregated like the loss: they agree for the token-mean losses, where it is
-    tested."""
+    0), over the batch's micro-batches (two of a prompt's 4 completions each, TRL's gradient accumulation): the same
+    summed loss and the same gradient of every parameter, at temperature 0.7, with prompts of two lengths (TRL
+    left-pads them, ours right-pads, shares or packs) and completions of 1 to 12 tokens. A TRL default that ours does
+    not have is off: the KL's importance weight (use_bias_correction_kl), which at mu=1 is 1 but has a gradient.
+    TRL's entropy bonus is a token mean whatever the loss type, ours is aggregated like the loss: they agree for a
+    token-mean loss in one micro-batch, where it is tested."""
     pytest.importorskip("trl")
     from bench.grpo_step import build_checkpoint
     from model import Transformer, to_hf_state
 
-    loss_type, flags = TRL_SETTINGS[setting]
+    loss_type, flags, micro_batches = TRL_SETTINGS[setting]
     build_checkpoint(str(tmp_path / "model"), "char")
     trainer = trl_trainer(tmp_path, lambda completions, **unused: [0.0] * len(completions), loss_type=loss_type,
                           beta=flags["beta"], epsilon=0.2, epsilon_high=0.28, use_bias_correction_kl=False,
-                          entropy_coef=flags.get("entropy_coef", 0.0), gradient_accumulation_steps=1)
-    trainer.current_gradient_accumulation_steps = 1  # set by TRL's training loop
+                          entropy_coef=flags.get("entropy_coef", 0.0), gradient_accumulation_steps=micro_batches)
+    trainer.current_gradient_accumulation_steps = micro_batches  # set by TRL's training loop
     theirs = trainer.model
     ours = Transformer.from_pretrained(str(tmp_path / "model"), dtype=torch.float64).train()
 
@@ -772,30 +775,41 @@ def test_a_micro_step_gives_trls_loss_and_gradients(tmp_path, monkeypatch, setti
     cfg = config(temperature=TRL_TEMPERATURE, mu=2, kl_estimator="k3", kl_direction="reverse", kl_in="loss",
                  eps_low=0.2, eps_high=0.28, max_new_tokens=TRL_MAX_NEW_TOKENS, **{"entropy_coef": 0.0, **flags})
     losses, real_policy_loss = [], train_grpo.policy_loss
-    monkeypatch.setattr(train_grpo, "policy_loss", lambda *a, **k: losses.append(real_policy_loss(*a, **k)[0])
-                        or real_policy_loss(*a, **k))
-    stats = train_grpo.micro_step(ours, object() if cfg.beta else None, batch, slice(None), cfg, len(samples),
-                                  int(mask.sum()), 1, diagnostics=False)
-    assert stats["clip_low"] > 0 and stats["clip_high"] > 0  # both sides of the clip are exercised
 
-    # TRL's inputs: prompts left-padded, completions right-padded, the same log-probs at the completion tokens
+    def recorded_policy_loss(*args, **kwargs):
+        loss, clip = real_policy_loss(*args, **kwargs)
+        losses.append(loss.item())
+        return loss, clip
+
+    monkeypatch.setattr(train_grpo, "policy_loss", recorded_policy_loss)
+    micro_rows = [slice(start, start + len(samples) // micro_batches)
+                  for start in range(0, len(samples), len(samples) // micro_batches)]
+    clips = [train_grpo.micro_step(ours, object() if cfg.beta else None, batch, rows, cfg, len(samples),
+                                   int(mask.sum()), 1, diagnostics=False) for rows in micro_rows]
+    assert sum(c["clip_low"] for c in clips) > 0 and sum(c["clip_high"] for c in clips) > 0  # both sides clip
+
+    # TRL's inputs: prompts left-padded, completions right-padded, the same log-probs at the completion tokens, and
+    # the whole batch's token count (TRL's num_items_in_batch)
     prompt_len, rows = max(len(s.prompt) for s in samples), len(samples)
     inputs = dict(prompt_ids=torch.full((rows, prompt_len), TRL_PAD),
                   prompt_mask=torch.zeros(rows, prompt_len, dtype=torch.long),
                   completion_ids=torch.full((rows, TRL_MAX_NEW_TOKENS), TRL_PAD),
                   completion_mask=torch.zeros(rows, TRL_MAX_NEW_TOKENS, dtype=torch.long),
                   old_per_token_logps=at_completion_tokens(batch.old_logprobs, samples),
-                  ref_per_token_logps=at_completion_tokens(batch.ref_logprobs, samples),
-                  advantages=batch.advantages, num_items_in_batch=mask.sum().double())
+                  ref_per_token_logps=at_completion_tokens(batch.ref_logprobs, samples), advantages=batch.advantages)
     for row, s in enumerate(samples):
         inputs["prompt_ids"][row, prompt_len - len(s.prompt):] = torch.tensor(s.prompt)
         inputs["prompt_mask"][row, prompt_len - len(s.prompt):] = 1
         inputs["completion_ids"][row, : len(s.tokens)] = torch.tensor(s.tokens)
         inputs["completion_mask"][row, : len(s.tokens)] = 1
-    trl_loss = trainer._compute_loss(theirs, inputs)
-    trl_loss.backward()
+    trl_loss = 0.0
+    for micro in micro_rows:
+        loss = trainer._compute_loss(theirs, {**{key: value[micro] for key, value in inputs.items()},
+                                              "num_items_in_batch": mask.sum().double()})
+        loss.backward()
+        trl_loss += loss.item()
 
-    assert abs(losses[0].item() - trl_loss.item()) < 1e-6 * max(1.0, abs(trl_loss.item()))
+    assert abs(sum(losses) - trl_loss) < 1e-6 * max(1.0, abs(trl_loss))
     ours_grads = to_hf_state({name: p.grad for name, p in ours.named_parameters()}, ours.config)
     trl_grads = {name: p.grad for name, p in theirs.named_parameters()}
     assert ours_grads.keys() == trl_grads.keys()
