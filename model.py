@@ -98,7 +98,8 @@ class ModelConfig:
                 raise ValueError(f"{source}: field '{required}' {problem}")
         archs = hf.get("architectures") or []
         if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"{source}: field 'architectures' is {archs}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+            raise ValueError(f"{source}: field 'architectures' is {archs}; "
+                             f"supported: {sorted(SUPPORTED_ARCHITECTURES)}")
         arch = archs[0]
         refuse = lambda name, why: ValueError(f"{source}: field '{name}' = {hf.get(name)!r} is not supported ({why})")
         if hf.get("use_sliding_window") or (arch == "MistralForCausalLM" and hf.get("sliding_window") is not None):
@@ -410,7 +411,8 @@ class SharedPrompts:
         lengths, self.prompt_index = completion_lengths[by_length], prompt_index[by_length]
         steps = torch.arange(Tc, device=device)
         self.completion_real = steps < lengths[:, None]  # (N, Tc), rows by length
-        self.input_ids = torch.cat([prompt_ids[self.prompt_real], completion_ids[by_length][self.completion_real]])[None]
+        self.input_ids = torch.cat([prompt_ids[self.prompt_real],
+                                    completion_ids[by_length][self.completion_real]])[None]
         starts = prompt_lengths[self.prompt_index]  # (N,): a completion's first position is its prompt's length
         self.position_ids = torch.cat([torch.arange(Tp, device=device).expand(P, Tp)[self.prompt_real],
                                        (starts[:, None] + steps)[self.completion_real]])[None]
@@ -462,7 +464,8 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
         self.layer_index = layer_index
-        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_head, self.n_kv_head = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
         dim = config.hidden_size
         # q_proj, k_proj and v_proj as one GEMM: their weights (and Qwen2's biases) concatenated along the output
         # dimension at load, split back into the Hugging Face tensors at save (fused_parts)
@@ -510,8 +513,9 @@ class Attention(nn.Module):
         (the same for every head). Rope and the cache write (ROPE_CACHE_BACKEND: one Triton kernel, or apply_rope
         over q's and k's heads at once and a write at each row's block and offset), then attention to each row's
         prefix (DECODE_ATTENTION_BACKEND: the split-KV kernel reading the blocks in place, or cached_decode_attention
-        over views of the cache when each row is one block, else over its blocks gathered). Positions past a row's own length may hold stale values; neither path lets the query see
-        them, and a later step overwrites them before they become visible. Returns (B, n_head, head_dim)."""
+        over views of the cache when each row is one block, else over its blocks gathered). Positions past a row's
+        own length may hold stale values; neither path lets the query see them, and a later step overwrites them
+        before they become visible. Returns (B, n_head, head_dim)."""
         B, H = qkv.shape[0], self.n_head
         qk, v = qkv.split((self.qkv_sizes[0] + self.qkv_sizes[1], self.qkv_sizes[2]), dim=-1)
         qk, v = qk.view(B, H + self.n_kv_head, self.head_dim), v.view(B, self.n_kv_head, self.head_dim)
@@ -768,10 +772,10 @@ def sequence_logprobs(model, input_ids, position_ids=None, cu_seqlens=None, temp
                       loss_mask=None, kl_reference=None, kl_direction="reverse"):
     """Per-token log-probs of the given tokens, aligned with them: out[:, t] = log p(x_t | x_<t), with out[:, 0] = 0
     and 0 for the first token of each packed document. `model` may be wrapped (DDP, FSDP2). No (tokens x vocab)
-    logits are held. input_ids (B, T) -> (B, T) float32, and the entropy of each predicting distribution. With
-    loss_mask (B, T), only the tokens it marks are scored (the LM head runs at their predecessors only); the others
-    read 0. With kl_reference (Transformer.forward's), the exact KL of each scored token's predicting distribution
-    to the reference's comes last, aligned the same way."""
+    logits are held. input_ids (B, T) -> (B, T) float32; with return_entropy, also the entropy of each predicting
+    distribution. With loss_mask (B, T), only the tokens it marks are scored (the LM head runs at their predecessors
+    only); the others read 0. With kl_reference (Transformer.forward's), the exact KL of each scored token's
+    predicting distribution to the reference's comes last, aligned the same way."""
     targets = torch.full_like(input_ids, IGNORE_INDEX)
     targets[:, :-1] = input_ids[:, 1:]  # position t predicts token t + 1
     if cu_seqlens is not None:  # the last token of a document does not predict the next document's first

@@ -1,5 +1,5 @@
 """
-GRPO: reinforcement learning on verifier rewards (recipes 1 and 3 of the mission).
+GRPO: reinforcement learning on verifier rewards (recipes 1 and 3 in README.md).
 
     torchrun --standalone --nproc_per_node=2 train_grpo.py        # the built-in demo on CPU: starts from the demo
                                                                    # SFT checkpoint (python train_sft.py makes it)
@@ -19,8 +19,8 @@ The algorithm's choices, and how they differ from GRPO as published (DeepSeekMat
     the leave-one-out baseline r_i - mean_{j!=i} r_j (RLOO).
  4. Update: PPO-clip on per-token ratios pi/pi_old with --eps_low and --eps_high (DAPO clip-higher); --mu epochs over
     the same rollouts with pi_old fixed (mu=1: pi_old is pi detached, the ratio is exactly 1 and nothing clips).
-    Log-probs are recomputed by the trainer at the sampling temperature over the full vocabulary: with top-p/top-k
-    < full the sampler drew from a truncated distribution, the ratio ignores that (the mismatch is logged).
+    Log-probs are recomputed by the trainer at the sampling temperature over the full vocabulary: with --top_p < 1
+    the sampler drew from a truncated distribution, the ratio ignores that (the mismatch is logged).
  5. Loss aggregation --loss_agg: seq-mean-token-mean (GRPO), token-mean (DAPO), seq-mean-token-sum-norm
     (Dr. GRPO: token sum / (sequences x max_new_tokens)); always normalised over the global batch (all ranks).
  6. KL (--beta > 0; with 0 no reference model is loaded): --kl_estimator k1|k2|k3|full, --kl_direction
@@ -110,13 +110,14 @@ class Config:
     # optimisation
     max_steps: int = 170
     lr: float = 5e-5
-    min_lr_ratio: float = 1.0
+    min_lr_ratio: float = 1.0  # the lr's floor as a fraction of --lr; 1.0: constant after warmup, no decay
     warmup_steps: int = 5
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    micro_batch_size: int = 128  # sequences per forward/backward on one rank
+    micro_batch_size: int = 128  # sequences per forward/backward on one rank (a multiple of --group_size keeps
+    # each group in one micro-batch, so that its prompt runs once with --share_prompts)
     pack: Literal["auto", "true", "false"] = "auto"  # the training passes on packed rows (no padding, varlen
-    # attention); auto: on CUDA only (the CPU attention of packed rows masks a (tokens x tokens) square)
+    # attention); auto: on CUDA only (on a CPU a packed row's attention runs document by document: slower)
     share_prompts: Literal["auto", "true", "false"] = "auto"  # the training passes run each prompt's forward once
     # for its group, the G completions reading its keys (model.SharedPrompts); auto: on the CPU only (not measured
     # on a GPU, where packed rows run through the varlen kernel)
@@ -249,11 +250,14 @@ class Batch:
     layout: Literal["padded", "packed", "shared"] = "padded"  # how the training passes read the rows
     advantages: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None  # when a KL estimate needs them
-    old_logprobs: torch.Tensor | None = None  # pi_old, for --mu > 1 (with mu = 1, pi_old is pi detached)
+    old_logprobs: torch.Tensor | None = None  # pi_old: the ratio's denominator for --mu > 1 (at mu = 1 the update
+    # uses pi detached), and the policy side of the KL penalty for --kl_in=reward
 
 
 def rollout(policy, tokenizer, task, problems, config, seed) -> list[Sample]:
-    """Samples a group per problem and scores it: the task's reward, the format reward, the overlong penalty."""
+    """Samples a group per problem and scores it: the task's reward, the format reward, the overlong penalty. In
+    generate's order: the group_size completions of problem 0, then those of problem 1, ...: every later step reads a
+    group as group_size consecutive rows."""
     prompts = [task.prompt(tokenizer, p, config.instruction) for p in problems]
     completions = generate(policy, prompts, config.max_new_tokens, temperature=config.temperature,
                            top_p=config.top_p, n=config.group_size, stop_token_ids=tokenizer.eos_token_ids, seed=seed,
@@ -277,9 +281,9 @@ def collect_rollouts(model, tokenizer, task, problems, config, step, rank, world
         # the same global draw on every rank, each taking its share: the data position is the step number,
         # whatever the number of ranks
         draw = np.random.RandomState(config.seed * 1_000_003 + step * 7919 + rounds)
-        batch = [problems[i] for i in draw.randint(0, len(problems), config.prompts_per_step)[rank::world_size]]
+        drawn = [problems[i] for i in draw.randint(0, len(problems), config.prompts_per_step)[rank::world_size]]
         with autocast_for(next(model.parameters()).device):
-            new = rollout(policy, tokenizer, task, batch, config,
+            new = rollout(policy, tokenizer, task, drawn, config,
                           seed=config.seed * 1_000_003 + step * 101 + rounds * 13 + rank)
         for start in range(0, len(new), config.group_size):
             group = new[start: start + config.group_size]
@@ -315,13 +319,15 @@ def training_logprobs(model, batch, rows, temperature, return_entropy=False, kl_
     with kl_reference the exact KL to it, from the same policy forward). Packed, the rows run as one packed row
     (documents back to back, no padding, positions restarting at 0); with shared prompts, each group's prompt runs
     once and its completions read its keys (shared_prompt_logprobs). Either way the results are put back in place,
-    and the values equal the padded pass's up to float rounding."""
+    and the values equal the padded pass's up to float rounding. Returns the log-probs (B, T), or the tuple
+    (log-probs, the entropy if return_entropy, the KL if kl_reference), in that order."""
     input_ids, mask, lengths = batch.input_ids[rows], batch.completion_mask[rows], batch.lengths[rows]
     head = dict(return_entropy=return_entropy, loss_mask=mask, kl_reference=kl_reference, kl_direction=kl_direction)
     if batch.layout == "shared":
         return shared_prompt_logprobs(model, input_ids, batch.prompt_lengths[rows], lengths, temperature, **head)
     if batch.layout == "padded":
         return sequence_logprobs(model, input_ids, temperature=temperature, **head)
+    # packed: the real tokens as one row, positions restarting at 0 in each document
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     real = positions < lengths[:, None]  # (B, T): the tokens that are not padding
     cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
@@ -337,16 +343,18 @@ def training_logprobs(model, batch, rows, temperature, return_entropy=False, kl_
 def score_batch(batch, samples, model, ref_model, config, device):
     """Fills in what the update needs before it starts: the reference's and pi_old's log-probs (each once, and
     only when used), the KL-in-reward penalty, and the advantages (the batch std over all ranks for
-    --scale_rewards=batch, which a rank without rollouts, batch None, joins too). Returns the KL-in-reward penalty's
-    KL summed over this rank's completion tokens (0 unless --kl_in=reward), for the log."""
+    --scale_rewards=batch, which a rank without rollouts, batch None, joins too). The rewards themselves were given
+    in rollout (tasks.score). With --mask_truncated it also zeroes the truncated completions in
+    batch.completion_mask, so main counts num_tokens after this call. Returns the KL-in-reward penalty's KL summed
+    over this rank's completion tokens (0 unless --kl_in=reward), for the log."""
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
     reward_kl = 0.0
     if batch is not None:
-        needs_estimate = ref_model is not None and config.kl_estimator != "full"
+        needs_ref_logprobs = ref_model is not None and config.kl_estimator != "full"
         kl_in_reward = ref_model is not None and config.kl_in == "reward"
-        exact = kl_in_reward and not needs_estimate  # the exact KL comes with pi_old's log-probs, one pass for both
+        exact = kl_in_reward and not needs_ref_logprobs  # the exact KL comes with pi_old's log-probs, one pass for both
         with torch.no_grad(), autocast_for(device):
-            if needs_estimate:
+            if needs_ref_logprobs:
                 batch.ref_logprobs = training_logprobs(ref_model, batch, slice(None), config.temperature)
             if config.mu > 1 or kl_in_reward:
                 result = training_logprobs(model, batch, slice(None), config.temperature,
@@ -380,9 +388,10 @@ def score_batch(batch, samples, model, ref_model, config, device):
 
 def update_policy(wrapped, model, ref_model, optimizer, batch, config, num_sequences, num_tokens, world_size,
                   device, step):
-    """--mu epochs of PPO-clip over this rank's rows in micro-batches, then the optimizer step. The loss is
-    normalised by the global counts, so the gradient does not depend on how the batch is split over ranks and
-    micro-steps (DDP averages over ranks: x world_size). Returns the summed diagnostics and the gradient norm."""
+    """--mu epochs of PPO-clip over this rank's rows: each epoch accumulates gradients over the micro-batches and
+    ends in one optimizer step (mu steps per batch of rollouts). The loss is normalised by the global counts, so the
+    gradient does not depend on how the batch is split over ranks and micro-steps (DDP averages over ranks:
+    x world_size). Returns the diagnostics (summed; ratio_max_dev the largest) and the last epoch's gradient norm."""
     stats = dict(clip_low=0, clip_high=0, kl=0.0, entropy=0.0, mismatch=0.0, ratio_max_dev=0.0)
     rows_per_step = config.micro_batch_size
     starts = list(range(0, len(batch.input_ids), rows_per_step)) if batch is not None else []
@@ -409,7 +418,8 @@ def update_policy(wrapped, model, ref_model, optimizer, batch, config, num_seque
 
 
 def micro_step(wrapped, ref_model, batch, rows, config, num_sequences, num_tokens, world_size, diagnostics):
-    """Forward, loss and backward of one micro-batch; returns its diagnostics (summed over completion tokens)."""
+    """Forward, loss and backward of one micro-batch; returns its diagnostics (summed over completion tokens, but
+    ratio_max_dev, the largest |ratio - 1|)."""
     kl_in_loss = ref_model is not None and config.kl_in == "loss"
     exact = kl_in_loss and config.kl_estimator == "full"  # from this forward's hidden states: no second pass
     wants_entropy = diagnostics or config.entropy_coef > 0  # logged in the first epoch, or trained on
@@ -453,7 +463,7 @@ def main(argv=None):
         share_prompts = device.type == "cpu" and config.pack != "true"
     else:
         share_prompts = config.share_prompts == "true"
-    pack = device.type == "cuda" and not share_prompts if config.pack == "auto" else config.pack == "true"
+    pack = (device.type == "cuda" and not share_prompts) if config.pack == "auto" else config.pack == "true"
     layout = "shared" if share_prompts else "packed" if pack else "padded"
     if config.prompts_per_step % world_size:
         raise SystemExit(f"prompts_per_step={config.prompts_per_step} must be a multiple of the {world_size} ranks")
@@ -483,7 +493,7 @@ def main(argv=None):
         # 1-2. rollouts of the current policy, scored by the task
         samples, rounds, equal_groups = collect_rollouts(model, tokenizer, task, problems, config, step, rank,
                                                          world_size)
-        times["rollout"], t0 = time.time() - t0, time.time()
+        times["rollout"], t0 = time.time() - t0, time.time()  # sampling and grading (logged as gen)
         # 3. the reference's and pi_old's log-probs, a KL-in-reward penalty, advantages within each group
         batch = collate(samples, tokenizer.pad_token_id, device, layout) if samples else None
         reward_kl = score_batch(batch, samples, model, ref_model, config, device)
@@ -504,6 +514,7 @@ def main(argv=None):
         done = step + 1
         metrics = step_metrics(samples, stats, rounds, equal_groups, num_tokens, config, world_size, device)
         metrics.update(step=done, lr=lr, grad_norm=grad_norm, **{f"time_{k}": v for k, v in times.items()})
+        # generated tokens per second of the whole step, not the sampler's own speed
         metrics["tokens_per_s"] = metrics.pop("generated") / max(sum(times.values()), 1e-9)
         if master and done % config.log_every == 0:
             print_step(metrics, config, (time.time() - start_time) / (done - start_step) * (config.max_steps - done))
@@ -524,14 +535,19 @@ def main(argv=None):
     return metrics if config.max_steps > start_step else {}
 
 
+# -----------------------------------------------------------------------------
+# set-up, logging and evaluation
+
+
 def step_metrics(samples, stats, rounds, equal_groups, num_tokens, config, world_size, device) -> dict:
     """The step's means over all ranks: rewards and accuracy of the rollouts, then per completion token the KL,
     entropy, clip fractions and the sampler/trainer log-prob mismatch."""
     gathered = [row for part in all_gather_objects([(s.reward, s.correct, s.truncated, len(s.tokens))
                                                     for s in samples]) for row in part]
     totals = {k: all_reduce_sum(v, device) for k, v in stats.items() if k != "ratio_max_dev"}
-    column_mean = lambda column: float(np.mean([row[column] for row in gathered])) if gathered else 0.0  # dynamic
-    per_token = lambda total: total / max(num_tokens, 1)  # sampling can leave a step with no rollouts at all
+    # both guard a step where --dynamic_sampling left no rollouts on any rank
+    column_mean = lambda column: float(np.mean([row[column] for row in gathered])) if gathered else 0.0
+    per_token = lambda total: total / max(num_tokens, 1)
     groups_drawn = all_reduce_sum(rounds * config.prompts_per_step // world_size, device)
     return dict(reward=column_mean(0), accuracy=column_mean(1), truncated=column_mean(2), length=column_mean(3),
                 zero_variance=all_reduce_sum(equal_groups, device) / max(1, groups_drawn),
