@@ -2151,6 +2151,11 @@ MUTANTS = [
            'env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)',
            'env.globals["strftime_now"] = lambda fmt: "26 Jul 2024"',
            [DATA + "test_real_chat_templates_and_ids_match_transformers_on_generated_conversations"]),
+    # generated id sequences decoded by the real tokenizers against transformers (needs ../shared beside the copy)
+    mutant("decode_keeps_special_tokens", "data.py",
+           "return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)",
+           "return self.tk.decode(list(ids), skip_special_tokens=False)",
+           [DATA + "test_real_tokenizers_decode_generated_ids_as_transformers_does"]),
 ]
 
 

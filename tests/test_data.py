@@ -275,6 +275,27 @@ def test_real_chat_templates_and_ids_match_transformers_on_generated_conversatio
 
 @requires_shared("assets", "tokenizers")
 @pytest.mark.parametrize("name", TOKENIZERS)
+def test_real_tokenizers_decode_generated_ids_as_transformers_does(name):
+    """The verifier grades decode(completion, skip_special_tokens=True): on 1,000 random id sequences (any id of
+    the vocabulary, special and added tokens one in ten, byte pieces that split a character included) the text
+    must be transformers' with and without skipping the special tokens (Llama-3's config asks for the clean-up of
+    spaces before punctuation, which transformers leaves out for byte-level BPE, as we do)."""
+    import random
+
+    transformers = pytest.importorskip("transformers")
+    path = os.path.join(SHARED, "assets", "tokenizers", name)
+    ours, theirs = Tokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    special = sorted(set(theirs.all_special_ids) | set(theirs.added_tokens_decoder))
+    rng = random.Random(name)
+    spaced = theirs("The answer is 5 . So , x = 3 ! I 'm sure .", add_special_tokens=False)["input_ids"]
+    for ids in [spaced] + [[rng.choice(special) if rng.random() < 0.1 else rng.randrange(len(theirs))
+                            for _ in range(rng.randint(1, 30))] for _ in range(1000)]:
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip), ids
+
+
+@requires_shared("assets", "tokenizers")
+@pytest.mark.parametrize("name", TOKENIZERS)
 def test_real_loss_mask_ends_on_a_stop_token(name):
     tok = Tokenizer.from_pretrained(os.path.join(SHARED, "assets", "tokenizers", name))
     kwargs = {"date_string": "26 Jul 2024"} if name.startswith("llama") else {}
