@@ -8,7 +8,7 @@ accuracy_vs_length.svg, with the mission's combined score: the mean over GSM8K, 
     python eval.py --model=path/to/hf_folder --benchmarks=gsm8k,math500,aime24 --data_dir=path/to/data --n=16
     torchrun --nproc_per_node=8 eval.py --model=... --benchmarks=aime24 --n=64 --max_new_tokens=32768
     python eval.py --task=my_task.py:ReverseWord --model=...        # a task of your own (README "Your own task")
-    python eval.py --download --data_dir=data                       # fetch the JSONL files (needs internet)
+    python eval.py --download=true --data_dir=data                  # fetch the JSONL files (needs internet)
     python eval.py --completions=vllm_out.jsonl --benchmarks=math500 --data_dir=data   # grade outputs made elsewhere
 
 A killed eval resumes where it stopped (completed problems are read back from the partial completion files).

@@ -2156,6 +2156,10 @@ MUTANTS = [
            "return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)",
            "return self.tk.decode(list(ids), skip_special_tokens=False)",
            [DATA + "test_real_tokenizers_decode_generated_ids_as_transformers_does"]),
+    # a documented command the script would refuse
+    mutant("readme_download_flag_without_value", "README.md",
+           "`eval.py --download=true --data_dir=data`", "`eval.py --download --data_dir=data`",
+           [COMMON + "test_every_documented_command_line_parses"]),
 ]
 
 

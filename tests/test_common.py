@@ -88,6 +88,36 @@ def test_every_scripts_choices_are_declared_once_on_its_config():
         parse_config(train_sft.Config, train_sft.PRESETS, ["--parallel=none"])
 
 
+def test_every_documented_command_line_parses():
+    """Each command of train_sft.py, train_grpo.py, make_traces.py or eval.py written in the READMEs or in a
+    script's docstring or messages must be accepted by that script's flags as written (a reader copies them)."""
+    import re
+
+    import eval as evaluation
+    import make_traces
+    import train_grpo
+    import train_sft
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    configs = {"train_sft": (train_sft.Config, train_sft.PRESETS),
+               "train_grpo": (train_grpo.Config, train_grpo.PRESETS),
+               "make_traces": (make_traces.Config, make_traces.PRESETS), "eval": (evaluation.EvalConfig, {})}
+    command = re.compile(r"(?:\b(?:python|torchrun)\b[^`'\"&#\n]*?\b|`)(train_sft|train_grpo|make_traces|eval)\.py"
+                         r"([^`'\"&#\n]*)")
+    checked = 0
+    for name in ["README.md", "experiments/README.md", "train_sft.py", "train_grpo.py", "make_traces.py", "eval.py"]:
+        with open(os.path.join(root, name)) as f:
+            text = f.read()
+        for match in command.finditer(text):
+            flags = [arg for arg in match.group(2).split() if arg.startswith("--")]
+            try:
+                parse_config(*configs[match.group(1)], flags)
+            except SystemExit as error:
+                pytest.fail(f"{name}: {match.group(0).strip()!r}: {error}")
+            checked += bool(flags)
+    assert checked >= 20
+
+
 def test_a_process_group_on_cpus_is_gloo_and_waits_hours_at_a_barrier(monkeypatch):
     """A rank may wait at a barrier while another samples a long chunk: the collectives' timeout must outlast that
     (the default is 10 minutes on NCCL, 30 on gloo)."""
