@@ -149,6 +149,8 @@ def main(argv=None):
     if config.completions:
         return grade_completions_main(config, tasks)
     rank, world_size, device = init_distributed()
+    # opened before any sampling: --wandb_project without wandb installed stops here, not after hours of it
+    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=rank == 0, config=config)
     if config.download and rank == 0:
         for name, task in tasks.items():
             if isinstance(task, Benchmark):  # not a .jsonl file that happens to be named gsm8k.jsonl
@@ -187,10 +189,7 @@ def main(argv=None):
             os.remove(partial_file(name))
     if rank != 0:
         return results
-    scores = {f"{name}/{key}": value for name, m in results.items() for key, value in m.items()
-              if isinstance(value, (int, float))}
-    MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), config=config).write(step=0, combined_score=score,
-                                                                                  **scores)
+    log_scores(log, results, score)
     print_table(results)
     if score is not None:
         print(f"combined score (mean of ours - DeepSeek-V3 on gsm8k, math500, aime24): {score:+.2f} points")
@@ -200,6 +199,15 @@ def main(argv=None):
 
 def first_set(value, default):
     return default if value is None else value
+
+
+def log_scores(log, results, score):
+    """One metrics.jsonl line (and Weights & Biases, when asked): every number of every benchmark, the combined
+    score."""
+    scores = {f"{name}/{key}": value for name, m in results.items() for key, value in m.items()
+              if isinstance(value, (int, float))}
+    log.write(step=0, combined_score=score, **scores)
+    log.close()
 
 
 # -----------------------------------------------------------------------------
@@ -267,7 +275,9 @@ def math_verify_pass_at_1(records) -> float | None:
 
 
 def grade_completions_main(config, tasks) -> dict:
-    """eval.py --completions=...: the same table, results.json and completions.jsonl, without a model."""
+    """eval.py --completions=...: the same table, results.json, completions.jsonl and metrics line, without a
+    model."""
+    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), config=config)
     problems = {name: check_problems(task.test_problems(), task)[: config.limit] for name, task in tasks.items()}
     records_by_benchmark = grade_completions_file(config.completions, tasks, problems)
     results = {}
@@ -283,6 +293,7 @@ def grade_completions_main(config, tasks) -> dict:
                   f"problems: its {name} score is of those only", file=sys.stderr)
     os.makedirs(config.out_dir, exist_ok=True)
     score = write_outputs(config, results, records_by_benchmark)
+    log_scores(log, results, score)
     print_table(results)
     for name, records in records_by_benchmark.items():
         graded_by_verifier = type(tasks[name]).grade is Task.grade  # a task with its own judge has no peer

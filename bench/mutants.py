@@ -2156,6 +2156,11 @@ MUTANTS = [
            "return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)",
            "return self.tk.decode(list(ids), skip_special_tokens=False)",
            [DATA + "test_real_tokenizers_decode_generated_ids_as_transformers_does"]),
+    # eval.py's Weights & Biases log: checked at start, and the graded completions' scores logged too
+    mutant("graded_completions_not_logged", "eval.py",
+           "    log_scores(log, results, score)\n    print_table(results)\n    for name, records",
+           "    print_table(results)\n    for name, records",
+           [EVAL_TESTS + "test_wandb_is_asked_for_before_any_sampling_and_graded_completions_are_logged_too"]),
     # a documented command the script would refuse
     mutant("readme_download_flag_without_value", "README.md",
            "`eval.py --download=true --data_dir=data`", "`eval.py --download --data_dir=data`",

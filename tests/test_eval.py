@@ -201,6 +201,27 @@ def test_completions_made_elsewhere_are_graded_without_a_model(tmp_path, capsys)
         pass
 
 
+def test_wandb_is_asked_for_before_any_sampling_and_graded_completions_are_logged_too(tmp_path, monkeypatch):
+    """Without wandb installed, --wandb_project stops eval.py at start (before the model is even read), not after
+    the sampling; with it, the graded completions' scores reach it and metrics.jsonl as a model's would."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("sampled before checking for wandb"))
+    with pytest.raises(SystemExit, match="wandb_project=r1: wandb is not installed"):
+        evaluation.main(["--wandb_project=r1", f"--model={tmp_path / 'no_model'}", f"--out_dir={tmp_path / 'a'}"])
+    logged = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: types.SimpleNamespace(log=lambda values, step=None: logged.append(values),
+                                                       finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    write_math500(tmp_path, [("p1", "What is 2 + 2?", "4")])
+    with open(tmp_path / "completions.jsonl", "w") as f:
+        f.write(json.dumps({"id": "p1", "completions": ["\\boxed{4}", "\\boxed{5}"]}) + "\n")
+    evaluation.main([f"--completions={tmp_path / 'completions.jsonl'}", "--benchmarks=math500", "--wandb_project=r1",
+                     f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'b'}"])
+    assert logged[0]["math500/pass@1"] == 50.0
+    assert [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")] == [dict(step=0, **logged[0])]
+
+
 @pytest.mark.parametrize("flag, message", [("--limit=0", "leave the flag out for every problem"),
                                            ("--max_new_tokens=0", "leave the flag out for the task's default"),
                                            ("--limit=-2", "must be greater than 0")])
