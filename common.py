@@ -381,9 +381,9 @@ def _checkpoint_step(path) -> int:
 
 # settings a resumed run may change: how it runs and reports, not what it computes (max_steps extends a run);
 # not --parallel or --device: FSDP and DDP save their optimizer state differently
-RESUME_MAY_CHANGE = {"resume", "overwrite", "max_steps", "activation_checkpointing",
-                     "micro_batch_size", "pack", "share_prompts", "cuda_graph", "out_dir", "log_every", "save_every", "sample_every",
-                     "eval_every", "eval_problems", "eval_data", "eval_max_new_tokens", "eval_temperature",
+RESUME_MAY_CHANGE = {"resume", "overwrite", "max_steps", "activation_checkpointing", "micro_batch_size", "pack",
+                     "share_prompts", "cuda_graph", "out_dir", "log_every", "save_every", "sample_every",
+                     "eval_every", "eval_problems", "eval_data", "data_dir", "eval_max_new_tokens", "eval_temperature",
                      "wandb_project", "wandb_run_name"}
 
 

@@ -77,6 +77,7 @@ class Config:
     eval_data: str = ""  # the held-out task for periodic evals (any --task value); "": the task's own held-out
     # problems (a JSONL file of training problems has none)
     eval_problems: int = 500  # the first N held-out problems (0: no held-out eval)
+    data_dir: str = "data"  # where a benchmark named by --task or --eval_data is read (eval.py's --data_dir)
     # model
     model: str = "out/sft_demo/final"  # policy initialisation (Hugging Face folder)
     # rollout
@@ -602,10 +603,10 @@ def check_config(config):
 def load_tasks(config, master):
     """(task, its training problems, the held-out task, its first --eval_problems problems). A JSONL file named by
     --data is training problems only: the held-out ones come from --eval_data."""
-    task = get_task(config.data, flag="--data") if config.data else get_task(config.task,
+    task = get_task(config.data, flag="--data") if config.data else get_task(config.task, config.data_dir,
                                                                              demo_problems=config.eval_problems)
     problems = check_problems(task.train_problems(config.seed), task)
-    eval_task = get_task(config.eval_data, demo_problems=config.eval_problems, flag="--eval_data") \
+    eval_task = get_task(config.eval_data, config.data_dir, demo_problems=config.eval_problems, flag="--eval_data") \
         if config.eval_data else task
     if not config.eval_problems or (eval_task is task and isinstance(task, JsonlTask)):
         if master and config.eval_problems:

@@ -144,6 +144,13 @@ def test_grpo_evaluates_the_first_eval_problems_of_the_held_out_task(tmp_path):
     held = write_jsonl(tmp_path / "held.jsonl", [{"problem": f"What is {i}+1?", "answer": str(i + 1)} for i in range(5)])
     heldout = train_grpo.load_tasks(train_grpo.Config(eval_data=str(held), eval_problems=3), master=False)[3]
     assert [problem["answer"] for problem in heldout] == ["1", "2", "3"]
+    # a benchmark by name, read from --data_dir
+    os.makedirs(tmp_path / "bench" / "math500")
+    write_jsonl(tmp_path / "bench" / "math500" / "test.jsonl",
+                [{"problem": f"What is {i}+2?", "answer": str(i + 2), "unique_id": str(i)} for i in range(4)])
+    heldout = train_grpo.load_tasks(train_grpo.Config(eval_data="math500", data_dir=str(tmp_path / "bench"),
+                                                      eval_problems=2), master=False)[3]
+    assert [problem["answer"] for problem in heldout] == ["2", "3"]
 
 
 def test_grpo_asks_held_out_problems_with_the_training_prompts_instruction(tmp_path, demo_model, monkeypatch):
