@@ -2161,6 +2161,11 @@ MUTANTS = [
            "    log_scores(log, results, score)\n    print_table(results)\n    for name, records",
            "    print_table(results)\n    for name, records",
            [EVAL_TESTS + "test_wandb_is_asked_for_before_any_sampling_and_graded_completions_are_logged_too"]),
+    # train_grpo.py --data_dir: where a held-out benchmark named by --eval_data is read
+    mutant("eval_data_ignores_data_dir", "train_grpo.py",
+           "get_task(config.eval_data, config.data_dir, demo_problems",
+           "get_task(config.eval_data, demo_problems",
+           [TASKS + "test_grpo_evaluates_the_first_eval_problems_of_the_held_out_task"]),
     # a documented command the script would refuse
     mutant("readme_download_flag_without_value", "README.md",
            "`eval.py --download=true --data_dir=data`", "`eval.py --download --data_dir=data`",
