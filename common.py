@@ -533,15 +533,21 @@ class MetricsLog:
             self.wandb = None
 
 
-def start_wandb(project, name, config):
-    """A Weights & Biases run (wandb.init) holding the run's config; an error naming the flag without wandb."""
+def import_wandb(project):
+    """The wandb module; an error naming the flag without it. A script that logs only at its end (eval.py) calls
+    this at start, so that a missing wandb does not surface after hours of work."""
     try:
         import wandb
     except ImportError:
         raise SystemExit(f"--wandb_project={project}: wandb is not installed (pip install wandb), or leave "
                          f"--wandb_project empty to log to metrics.jsonl only") from None
+    return wandb
+
+
+def start_wandb(project, name, config):
+    """A Weights & Biases run (wandb.init) holding the run's config."""
     values = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(vars(config))
-    return wandb.init(project=project, name=name or None, config=values)
+    return import_wandb(project).init(project=project, name=name or None, config=values)
 
 
 def format_eta(seconds):

@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from common import MetricsLog, check_values, init_distributed, parse_config
+from common import MetricsLog, check_values, import_wandb, init_distributed, parse_config
 from data import Tokenizer, read_jsonl
 from model import Transformer
 from tasks import BENCHMARK_FILES, Benchmark, Task, check_problems, evaluate, get_task, metrics, verdict_fields
@@ -149,8 +149,6 @@ def main(argv=None):
     if config.completions:
         return grade_completions_main(config, tasks)
     rank, world_size, device = init_distributed()
-    # opened before any sampling: --wandb_project without wandb installed stops here, not after hours of it
-    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), enabled=rank == 0, config=config)
     if config.download and rank == 0:
         for name, task in tasks.items():
             if isinstance(task, Benchmark):  # not a .jsonl file that happens to be named gsm8k.jsonl
@@ -189,7 +187,7 @@ def main(argv=None):
             os.remove(partial_file(name))
     if rank != 0:
         return results
-    log_scores(log, results, score)
+    log_scores(config, results, score)
     print_table(results)
     if score is not None:
         print(f"combined score (mean of ours - DeepSeek-V3 on gsm8k, math500, aime24): {score:+.2f} points")
@@ -201,11 +199,12 @@ def first_set(value, default):
     return default if value is None else value
 
 
-def log_scores(log, results, score):
+def log_scores(config, results, score):
     """One metrics.jsonl line (and Weights & Biases, when asked): every number of every benchmark, the combined
-    score."""
+    score. Opened only now, so that a failed eval leaves the last one's line in place."""
     scores = {f"{name}/{key}": value for name, m in results.items() for key, value in m.items()
               if isinstance(value, (int, float))}
+    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), config=config)
     log.write(step=0, combined_score=score, **scores)
     log.close()
 
@@ -277,7 +276,6 @@ def math_verify_pass_at_1(records) -> float | None:
 def grade_completions_main(config, tasks) -> dict:
     """eval.py --completions=...: the same table, results.json, completions.jsonl and metrics line, without a
     model."""
-    log = MetricsLog(os.path.join(config.out_dir, "metrics.jsonl"), config=config)
     problems = {name: check_problems(task.test_problems(), task)[: config.limit] for name, task in tasks.items()}
     records_by_benchmark = grade_completions_file(config.completions, tasks, problems)
     results = {}
@@ -293,7 +291,7 @@ def grade_completions_main(config, tasks) -> dict:
                   f"problems: its {name} score is of those only", file=sys.stderr)
     os.makedirs(config.out_dir, exist_ok=True)
     score = write_outputs(config, results, records_by_benchmark)
-    log_scores(log, results, score)
+    log_scores(config, results, score)
     print_table(results)
     for name, records in records_by_benchmark.items():
         graded_by_verifier = type(tasks[name]).grade is Task.grade  # a task with its own judge has no peer
@@ -328,6 +326,8 @@ def check_config(config) -> dict:
         if task.name in tasks:
             raise SystemExit(f"--benchmarks={config.benchmarks!r}: two tasks are named {task.name!r}")
         tasks[task.name] = task
+    if config.wandb_project:  # the scores are logged at the end: a missing wandb must stop the eval now
+        import_wandb(config.wandb_project)
     return tasks
 
 

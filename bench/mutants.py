@@ -2158,7 +2158,7 @@ MUTANTS = [
            [DATA + "test_real_tokenizers_decode_generated_ids_as_transformers_does"]),
     # eval.py's Weights & Biases log: checked at start, and the graded completions' scores logged too
     mutant("graded_completions_not_logged", "eval.py",
-           "    log_scores(log, results, score)\n    print_table(results)\n    for name, records",
+           "    log_scores(config, results, score)\n    print_table(results)\n    for name, records",
            "    print_table(results)\n    for name, records",
            [EVAL_TESTS + "test_wandb_is_asked_for_before_any_sampling_and_graded_completions_are_logged_too"]),
     # train_grpo.py --data_dir: where a held-out benchmark named by --eval_data is read
@@ -2166,6 +2166,14 @@ MUTANTS = [
            "get_task(config.eval_data, config.data_dir, demo_problems",
            "get_task(config.eval_data, demo_problems",
            [TASKS + "test_grpo_evaluates_the_first_eval_problems_of_the_held_out_task"]),
+    mutant("eval_checks_wandb_only_when_logging", "eval.py",
+           "    if config.wandb_project:  # the scores are logged at the end: a missing wandb must stop the eval now\n"
+           "        import_wandb(config.wandb_project)\n", "",
+           [EVAL_TESTS + "test_wandb_is_asked_for_before_any_sampling_and_graded_completions_are_logged_too"]),
+    mutant("eval_metrics_log_opened_before_the_work", "eval.py",
+           "    model.\"\"\"\n    problems = {",
+           "    model.\"\"\"\n    MetricsLog(os.path.join(config.out_dir, 'metrics.jsonl'))\n    problems = {",
+           [EVAL_TESTS + "test_wandb_is_asked_for_before_any_sampling_and_graded_completions_are_logged_too"]),
     # a documented command the script would refuse
     mutant("readme_download_flag_without_value", "README.md",
            "`eval.py --download=true --data_dir=data`", "`eval.py --download --data_dir=data`",

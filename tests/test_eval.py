@@ -203,7 +203,8 @@ def test_completions_made_elsewhere_are_graded_without_a_model(tmp_path, capsys)
 
 def test_wandb_is_asked_for_before_any_sampling_and_graded_completions_are_logged_too(tmp_path, monkeypatch):
     """Without wandb installed, --wandb_project stops eval.py at start (before the model is even read), not after
-    the sampling; with it, the graded completions' scores reach it and metrics.jsonl as a model's would."""
+    the sampling; with it, the graded completions' scores reach it and metrics.jsonl as a model's would, and an eval
+    that fails touches neither."""
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("sampled before checking for wandb"))
     with pytest.raises(SystemExit, match="wandb_project=r1: wandb is not installed"):
@@ -220,6 +221,13 @@ def test_wandb_is_asked_for_before_any_sampling_and_graded_completions_are_logge
                      f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'b'}"])
     assert logged[0]["math500/pass@1"] == 50.0
     assert [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")] == [dict(step=0, **logged[0])]
+    # a later eval into the same folder that fails leaves the last one's metrics line and starts no wandb run
+    with open(tmp_path / "broken.jsonl", "w") as f:
+        f.write('{"id": "nowhere", "completion": "4"}\n')
+    with pytest.raises(ValueError, match="no problem of --benchmarks has this row"):
+        evaluation.main([f"--completions={tmp_path / 'broken.jsonl'}", "--benchmarks=math500", "--wandb_project=r1",
+                         f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'b'}"])
+    assert len(logged) == 1 and len(open(tmp_path / "b" / "metrics.jsonl").readlines()) == 1
 
 
 @pytest.mark.parametrize("flag, message", [("--limit=0", "leave the flag out for every problem"),
