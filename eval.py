@@ -8,7 +8,7 @@ accuracy_vs_length.svg, with the mission's combined score: the mean over GSM8K, 
     python eval.py --model=path/to/hf_folder --benchmarks=gsm8k,math500,aime24 --data_dir=path/to/data --n=16
     torchrun --nproc_per_node=8 eval.py --model=... --benchmarks=aime24 --n=64 --max_new_tokens=32768
     python eval.py --task=my_task.py:ReverseWord --model=...        # a task of your own (README "Your own task")
-    python eval.py --download=true --data_dir=data                  # fetch the JSONL files (needs internet)
+    python eval.py --download=true --benchmarks=gsm8k,math500,aime24,amc23 --data_dir=data   # fetch them (internet)
     python eval.py --completions=vllm_out.jsonl --benchmarks=math500 --data_dir=data   # grade outputs made elsewhere
 
 A killed eval resumes where it stopped (completed problems are read back from the partial completion files).
@@ -46,7 +46,8 @@ class EvalConfig:
     demo_problems: int = 500  # held-out demo problems
     instruction: str | None = None  # appended to each problem; None: the task's own (the r1 instruction for math
     # benchmarks, none for the demo); "none": no instruction
-    download: bool = False  # fetch missing files from their official sources, then evaluate
+    download: bool = False  # fetch the named benchmarks' missing files from their official sources, then evaluate
+    # (only fetch when --model is no model folder)
     # model
     model: str = "out/sft_demo/final"  # Hugging Face folder
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
@@ -149,10 +150,21 @@ def main(argv=None):
     if config.completions:
         return grade_completions_main(config, tasks)
     rank, world_size, device = init_distributed()
-    if config.download and rank == 0:
-        for name, task in tasks.items():
-            if isinstance(task, Benchmark):  # not a .jsonl file that happens to be named gsm8k.jsonl
+    if config.download:
+        fetched = [name for name, task in tasks.items() if isinstance(task, Benchmark)]  # not a user's .jsonl
+        if not fetched:
+            fetchable = ",".join(name for name, (_, url) in BENCHMARK_FILES.items() if url)
+            raise SystemExit(f"--download=true: --benchmarks={config.benchmarks} names no benchmark file to fetch; "
+                             f"name them, e.g. --benchmarks={fetchable}")
+        if rank == 0:
+            for name in fetched:
                 download(name, config.data_dir)
+        if world_size > 1:
+            torch.distributed.barrier()  # every rank reads the files rank 0 fetched
+        if not os.path.exists(os.path.join(config.model, "config.json")):
+            print(f"{', '.join(fetched)} in {config.data_dir}; --model={config.model} is no model folder, so "
+                  f"nothing is evaluated")
+            return {}
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32}[config.dtype]
     if not os.path.exists(os.path.join(config.model, "config.json")):

@@ -139,7 +139,7 @@ class Benchmark(Task):
     def test_problems(self):
         if not os.path.exists(self.path):
             raise SystemExit(f"{self.path} is missing: see README 'Data' for where to get it, or run eval.py with "
-                             f"--download")
+                             f"--download=true --benchmarks={self.name}")
         return load_problems(self.path, self.name, gsm8k=self.name == "gsm8k")
 
 

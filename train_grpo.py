@@ -77,7 +77,8 @@ class Config:
     eval_data: str = ""  # the held-out task for periodic evals (any --task value); "": the task's own held-out
     # problems (a JSONL file of training problems has none)
     eval_problems: int = 500  # the first N held-out problems (0: no held-out eval)
-    data_dir: str = "data"  # where a benchmark named by --task or --eval_data is read (eval.py's --data_dir)
+    data_dir: str = "data"  # where a benchmark named by --eval_data is read (eval.py's --data_dir; benchmarks are
+    # test sets: held-out evals only)
     # model
     model: str = "out/sft_demo/final"  # policy initialisation (Hugging Face folder)
     # rollout

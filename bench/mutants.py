@@ -2174,9 +2174,15 @@ MUTANTS = [
            "    model.\"\"\"\n    problems = {",
            "    model.\"\"\"\n    MetricsLog(os.path.join(config.out_dir, 'metrics.jsonl'))\n    problems = {",
            [EVAL_TESTS + "test_wandb_is_asked_for_before_any_sampling_and_graded_completions_are_logged_too"]),
+    # eval.py --download=true without a model: fetch only
+    mutant("download_ignores_the_model_check", "eval.py",
+           '        if not os.path.exists(os.path.join(config.model, "config.json")):\n            print(f"{\',',
+           '        if False:\n            print(f"{\',',
+           [EVAL_TESTS + "test_download_fetches_the_named_benchmarks_and_evaluates_only_a_model"]),
     # a documented command the script would refuse
     mutant("readme_download_flag_without_value", "README.md",
-           "`eval.py --download=true --data_dir=data`", "`eval.py --download --data_dir=data`",
+           "    python eval.py --download=true --benchmarks=gsm8k,math500,aime24,amc23 --data_dir=data",
+           "    python eval.py --download --benchmarks=gsm8k,math500,aime24,amc23 --data_dir=data",
            [COMMON + "test_every_documented_command_line_parses"]),
 ]
 

@@ -201,6 +201,22 @@ def test_completions_made_elsewhere_are_graded_without_a_model(tmp_path, capsys)
         pass
 
 
+def test_download_fetches_the_named_benchmarks_and_evaluates_only_a_model(tmp_path, monkeypatch, capsys):
+    """The README's data command (no --model): each named benchmark is fetched and nothing is evaluated; with no
+    benchmark named there is nothing to fetch, which is said, naming the flags; a missing file says how to fetch it."""
+    fetched = []
+    monkeypatch.setattr(evaluation, "download", lambda name, data_dir: fetched.append((name, data_dir)))
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("evaluated without a model"))
+    assert evaluation.main(["--download=true", "--benchmarks=gsm8k,math500", f"--data_dir={tmp_path}",
+                            f"--model={tmp_path / 'none'}", f"--out_dir={tmp_path / 'out'}"]) == {}
+    assert fetched == [("gsm8k", str(tmp_path)), ("math500", str(tmp_path))]
+    assert "nothing is evaluated" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--download=true: --benchmarks=demo names no benchmark file to fetch"):
+        evaluation.main(["--download=true", f"--model={tmp_path / 'none'}"])
+    with pytest.raises(SystemExit, match=r"run eval.py with --download=true --benchmarks=aime24"):
+        get_task("aime24", str(tmp_path)).test_problems()
+
+
 def test_wandb_is_asked_for_before_any_sampling_and_graded_completions_are_logged_too(tmp_path, monkeypatch):
     """Without wandb installed, --wandb_project stops eval.py at start (before the model is even read), not after
     the sampling; with it, the graded completions' scores reach it and metrics.jsonl as a model's would, and an eval
