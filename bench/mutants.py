@@ -46,6 +46,8 @@ EVAL_COMBINED = (EVAL_TESTS +
 EVAL_COMPLETIONS = EVAL_TESTS + "test_completions_keep_their_length_finish_and_benchmark_and_follow_the_limit"
 EXPERIMENT_CACHE = "tests/test_experiments.py::test_cache_reads_a_run_back_only_while_its_inputs_are_the_same"
 EXPERIMENT_INIT = "tests/test_experiments.py::test_another_demo_model_makes_the_inits_and_the_runs_from_them_again"
+RECIPES = ("tests/test_experiments.py::"
+           "test_recipes_rows_come_from_each_seeds_own_runs_and_sum_the_walls_of_sft_then_grpo")
 HEADLINE = "tests/test_experiments.py::test_headline_runs_quick"
 PLOT_SERIES = "tests/test_experiments.py::test_plot_series_reads_every_line_keeps_a_steps_last_value_and_orders_by_step"
 
@@ -2179,6 +2181,15 @@ MUTANTS = [
            '        if not os.path.exists(os.path.join(config.model, "config.json")):\n            print(f"{\',',
            '        if False:\n            print(f"{\',',
            [EVAL_TESTS + "test_download_fetches_the_named_benchmarks_and_evaluates_only_a_model"]),
+    # recipes' rejection-sampling fine-tuning arm: GRPO's sampling budget, taught to the SFT checkpoint
+    mutant("rft_student_starts_from_the_init", "experiments/recipes.py",
+           'rft = exp.sft("2: SFT then RFT", seed, model=sft["final"]',
+           'rft = exp.sft("2: SFT then RFT", seed, model=exp.init(seed)',
+           [RECIPES]),
+    mutant("rft_samples_fewer_problems_than_grpo", "experiments/recipes.py",
+           "f\"--demo_problems={b['grpo_steps'] * b['prompts_per_step']}\"",
+           "f\"--demo_problems={b['grpo_steps']}\"",
+           [RECIPES]),
     # a documented command the script would refuse
     mutant("readme_download_flag_without_value", "README.md",
            "    python eval.py --download=true --benchmarks=gsm8k,math500,aime24,amc23 --data_dir=data",

@@ -358,7 +358,7 @@ class FakeRuns:
         monkeypatch.setattr(make_traces, "main", self.make_traces)
         monkeypatch.setattr(harness, "accuracy", self.accuracy)
         monkeypatch.setattr(harness, "drift", self.drift)
-        for question in ("kl_removal", "kl_form", "faked_traces", "extrapolation"):
+        for question in ("kl_removal", "kl_form", "faked_traces", "extrapolation", "recipes"):
             module = __import__(question)
             for name in ("accuracy", "drift"):
                 if hasattr(module, name):
@@ -624,7 +624,8 @@ def test_kl_removal_rows_measure_each_arms_own_run_against_its_sft(tmp_path, mon
 
 def test_recipes_rows_come_from_each_seeds_own_runs_and_sum_the_walls_of_sft_then_grpo(tmp_path, monkeypatch):
     """recipes with fake runs: recipe 1 starts from its own seed's init, recipe 3's wall time is the SFT's plus the
-    GRPO's (as is recipe 2 +RL's sequences'), and "3 minus 2" is recipe 3's accuracy minus recipe 2's per seed."""
+    GRPO's (as is recipe 2 +RL's sequences'), "3 minus 2" is recipe 3's accuracy minus recipe 2's per seed, and RFT
+    teaches the SFT checkpoint the traces it sampled itself on GRPO's number of problems."""
     fake = FakeRuns(tmp_path, monkeypatch)
     import recipes
 
@@ -641,6 +642,16 @@ def test_recipes_rows_come_from_each_seeds_own_runs_and_sum_the_walls_of_sft_the
         assert rows["2: SFT only", seed]["heldout_accuracy"] == fake.last_eval(sft)
         assert rows["3 minus 2 (paired by seed)", seed]["heldout_accuracy"] == \
             fake.last_eval(grpo) - fake.last_eval(sft)
+        # RFT: the SFT checkpoint samples GRPO's problems x group size, and is taught its own kept traces
+        asked = [call[1] for call in fake.calls if call[0] == "make_traces" and call[1][2] == str(seed)]
+        assert asked == [[fake.identity(os.path.join(sft, "final")), "never", str(seed), "4"]]
+        rft = os.path.join(out, "runs", "2:_SFT_then_RFT", f"seed{seed}")
+        assert fake.flags(rft)["model"] == fake.relative(os.path.join(sft, "final"))
+        assert fake.flags(rft)["data"] == fake.relative(
+            os.path.join(out, "runs", "2:_RFT_traces", f"seed{seed}", "traces", "traces.jsonl"))
+        rft_accuracy = fake.accuracy(os.path.join(rft, "final"), None, 8, seed=seed)  # measured: no eval of its own
+        assert rows["2: SFT then RFT", seed]["heldout_accuracy"] == rft_accuracy
+        assert rows["3 minus RFT (paired)", seed]["heldout_accuracy"] == fake.last_eval(grpo) - rft_accuracy
     import statistics
 
     gains = [rows["3 minus 2 (paired by seed)", seed]["heldout_accuracy"] for seed in (0, 1)]
